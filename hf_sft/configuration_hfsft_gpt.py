@@ -65,10 +65,14 @@ class HfSftGPTConfig(PretrainedConfig):
         hidden_dropout (`float`): dropout on embeddings and on each residual branch.
         initializer_range (`float`): std of the normal init.
         tie_word_embeddings (`bool`): share the LM head with the token embedding.
+        supervised_logits_in_training (`bool`, defaults to `True`): in a training-mode forward that gets `labels` and
+            `num_items_in_batch` (Trainer's training step, which reads only the loss), run the LM head on the
+            supervised positions alone; the returned `logits` then have shape (supervised tokens, vocab). Saves the
+            memory and compute of the full logits; `False` always returns logits for every position.
     """
 
     model_type = "hfsft_gpt"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
     attribute_map = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads"}
 
     def __init__(
@@ -94,6 +98,7 @@ class HfSftGPTConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         use_cache: bool = True,
         tie_word_embeddings: bool | None = None,
+        supervised_logits_in_training: bool = True,
         bos_token_id: int | None = 1,
         eos_token_id: int | None = 2,
         pad_token_id: int | None = 0,
@@ -124,6 +129,7 @@ class HfSftGPTConfig(PretrainedConfig):
         self.hidden_dropout = hidden_dropout
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        self.supervised_logits_in_training = supervised_logits_in_training
         self.head_dim = hidden_size // num_attention_heads if num_attention_heads else 0
         self._validate()
         tied = defaults["tie_word_embeddings"] if tie_word_embeddings is None else tie_word_embeddings

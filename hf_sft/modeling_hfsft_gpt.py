@@ -11,11 +11,13 @@ describes a padding-free packed batch). This file imports only torch, transforme
 it is the code that Hub users execute.
 """
 
+import inspect
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
@@ -25,6 +27,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
 from .configuration_hfsft_gpt import HfSftGPTConfig
+
+# transformers 5.24 renamed the KV-cache argument and output field `past_key_values` to `cache`; older 5.x releases
+# pass and read `past_key_values`. The forwards accept both, the outputs use the name this release reads.
+CACHE_FIELD = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+# Supervised-only loss: above this many logits (64 MiB in float32) the LM head and loss run in chunks.
+LOSS_CHUNK_ELEMENTS = 2**24
 
 
 class HfSftGPTRMSNorm(nn.Module):
@@ -117,6 +126,42 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def segmented_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    segment_lengths: list[int] | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Padding-free packed attention as one causal SDPA call per example (one packed row, no mask).
+
+    A block-diagonal mask sends SDPA to its slow masked kernel (on CPU about 8x slower than padding); causal calls on
+    the slices of each example use the fast flash kernel and compute the same outputs.
+    """
+    outputs = [
+        F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            dropout_p=dropout,
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=module.num_key_value_groups > 1,
+        )
+        for q, k, v in zip(
+            query.split(segment_lengths, dim=2),
+            key.split(segment_lengths, dim=2),
+            value.split(segment_lengths, dim=2),
+            strict=True,
+        )
+    ]
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None  # (B, T, nh, hs)
+
+
 class HfSftGPTAttention(nn.Module):
     """Multi-head (or grouped-query) causal self-attention with separate q/k/v projections."""
 
@@ -142,7 +187,7 @@ class HfSftGPTAttention(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         output_attentions: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -152,11 +197,13 @@ class HfSftGPTAttention(nn.Module):
         value = self.v_proj(hidden_states).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
         if position_embeddings is not None:
             query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
 
         attention_interface: Callable = eager_attention_forward
-        if not output_attentions:  # only the eager path materialises the weights
+        if kwargs.get("segment_lengths") is not None and not output_attentions:
+            attention_interface = segmented_sdpa_attention
+        elif not output_attentions:  # only the eager path materialises the weights
             attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, eager_attention_forward
             )
@@ -209,7 +256,7 @@ class HfSftGPTDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -217,7 +264,7 @@ class HfSftGPTDecoderLayer(GradientCheckpointingLayer):
             self.input_layernorm(hidden_states),
             attention_mask=attention_mask,
             position_embeddings=position_embeddings,
-            past_key_values=past_key_values,
+            cache=cache,
             **kwargs,
         )
         hidden_states = hidden_states + self.dropout(attn_output)
@@ -231,7 +278,7 @@ class HfSftGPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["HfSftGPTDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -277,16 +324,18 @@ class HfSftGPTModel(HfSftGPTPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        cache = past_key_values if cache is None else cache
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -301,19 +350,20 @@ class HfSftGPTModel(HfSftGPTPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         # A cache we create here is empty: the mask must not see it, or a packed batch (position_ids restarting per
         # example, no attention_mask) would not be recognised as packed.
-        mask_cache = past_key_values
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        mask_cache = cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            position_ids = self._default_position_ids(self.config, inputs_embeds, attention_mask, past_key_values)
+            position_ids = self._default_position_ids(self.config, inputs_embeds, attention_mask, cache)
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=mask_cache,
-            position_ids=position_ids,
-        )
+        layout = self._fast_training_layout(attention_mask, position_ids) if mask_cache is None else None
+        if layout is None:
+            # The cache goes by position: its keyword is `cache` from transformers 5.24, `past_key_values` before.
+            causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, mask_cache, position_ids)
+        else:
+            causal_mask = None  # SDPA's is_causal path, per packed example when segment lengths are given
+            if layout:
+                kwargs["segment_lengths"] = layout
         hidden_states = inputs_embeds
         position_embeddings = None
         if self.config.position_embedding_type == "learned":
@@ -329,7 +379,7 @@ class HfSftGPTModel(HfSftGPTPreTrainedModel):
                 hidden_states,
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
                 output_attentions=output_attentions,
                 position_ids=position_ids,
@@ -346,22 +396,54 @@ class HfSftGPTModel(HfSftGPTPreTrainedModel):
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden_states,
             attentions=all_attentions,
+            **{CACHE_FIELD: cache if use_cache else None},
         )
         return output if return_dict else output.to_tuple()
+
+    def _fast_training_layout(
+        self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor
+    ) -> list[int] | None:
+        """With SDPA, the batch layouts that need no attention mask, so SDPA takes its fast causal kernel.
+
+        Returns `[]` for a right-padded training batch (real tokens never attend to the pads that follow them, so plain
+        causal attention gives the real tokens the same outputs; pad positions are left unspecified, hence training
+        only), the example lengths for one padding-free packed row (attention then runs per example: exact for every
+        position), `None` when the mask is needed. Left padding, caches and custom positions keep the masked path.
+        """
+        if self.config._attn_implementation != "sdpa":
+            return None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or not self.training:
+                return None
+            real = attention_mask.bool()
+            positions = torch.arange(real.shape[1], device=real.device)
+            right_padded = real[:, 0].all() and not (real[:, 1:] & ~real[:, :-1]).any()
+            if right_padded and ((position_ids == positions) | ~real).all():
+                return []
+            return None
+        if position_ids.shape[0] != 1 or position_ids.shape[1] < 2:
+            return None
+        positions = position_ids[0]
+        starts = (positions == 0).nonzero().flatten()
+        if starts.numel() < 2 or starts[0] != 0:
+            return None
+        segment = (positions == 0).cumsum(0) - 1
+        if not (positions == torch.arange(positions.shape[0], device=positions.device) - starts[segment]).all():
+            return None
+        return torch.diff(starts, append=starts.new_tensor([positions.shape[0]])).tolist()
 
     @staticmethod
     def _default_position_ids(
         config: HfSftGPTConfig,
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None,
+        cache: Cache | None,
     ) -> torch.LongTensor:
         """Positions count real tokens only, so left padding does not shift learned positions."""
         seq_len = inputs_embeds.shape[1]
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_len = cache.get_seq_length() if cache is not None else 0
         if past_len + seq_len > config.max_position_embeddings and config.position_embedding_type == "learned":
             raise ValueError(
                 f"{past_len + seq_len} tokens exceed max_position_embeddings ({config.max_position_embeddings}), "
@@ -401,7 +483,7 @@ class HfSftGPTForCausalLM(HfSftGPTPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -409,6 +491,7 @@ class HfSftGPTForCausalLM(HfSftGPTPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         r"""
@@ -419,11 +502,12 @@ class HfSftGPTForCausalLM(HfSftGPTPreTrainedModel, GenerationMixin):
             logits_to_keep: an int keeps the last N positions (0 keeps all); a 1-D tensor keeps those positions.
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        cache = past_key_values if cache is None else cache
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -436,20 +520,51 @@ class HfSftGPTForCausalLM(HfSftGPTPreTrainedModel, GenerationMixin):
             hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
         else:
             hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-
         loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if labels is not None and self._supervised_logits_only(logits_to_keep, kwargs):
+            # Trainer reads only the loss of a training step: the LM head runs on supervised positions alone.
+            next_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]  # the label each position predicts
+            supervised = next_labels != -100
+            loss, logits = self._supervised_loss(hidden_states[supervised], next_labels[supervised])
+            loss = loss / kwargs["num_items_in_batch"]
+        else:
+            logits = self.lm_head(hidden_states)
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
         return output if return_dict else output.to_tuple()
+
+    def _supervised_loss(
+        self, hidden_states: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Summed cross-entropy of (N, D) hidden states against (N,) targets, and their (N, V) logits.
+
+        Past `LOSS_CHUNK_ELEMENTS` logits, the head and loss run in checkpointed chunks: the logits of one chunk at a
+        time exist (recomputed in backward), and the returned logits are None.
+        """
+        rows = max(1, LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
+        if hidden_states.shape[0] <= rows:
+            logits = self.lm_head(hidden_states)  # (N, V)
+            return F.cross_entropy(logits.float(), targets, reduction="sum"), logits
+        chunks = zip(hidden_states.split(rows), targets.split(rows), strict=True)
+        losses = [checkpoint(self._chunk_loss, hidden, target, use_reentrant=False) for hidden, target in chunks]
+        return torch.stack(losses).sum(), None
+
+    def _chunk_loss(self, hidden_states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.lm_head(hidden_states).float(), targets, reduction="sum")
+
+    def _supervised_logits_only(self, logits_to_keep: int | torch.Tensor, kwargs: dict) -> bool:
+        """Trainer's training step: training mode, `num_items_in_batch` given, all positions asked for."""
+        wanted = getattr(self.config, "supervised_logits_in_training", True)
+        keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        return wanted and self.training and keep_all and kwargs.get("num_items_in_batch") is not None
 
 
 __all__ = ["HfSftGPTPreTrainedModel", "HfSftGPTModel", "HfSftGPTForCausalLM"]

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 from transformers.cache_utils import DynamicCache
 
 from hf_sft import HfSftGPTConfig, HfSftGPTForCausalLM, HfSftGPTModel
+from hf_sft.modeling_hfsft_gpt import CACHE_FIELD
 
 VOCAB = 97
 
@@ -303,22 +304,25 @@ def test_assisted_and_prompt_lookup_decoding_equal_greedy(config):
     assert torch.equal(generate(model, prompt, do_sample=False, prompt_lookup_num_tokens=3, eos_token_id=None), greedy)
 
 
-def test_generation_continues_from_past_key_values(config):
+def test_generation_continues_from_a_given_cache(config):
     model = make_model(config)
     prompt = ids(1, 6)
     full = generate(model, prompt, max_new_tokens=10, eos_token_id=None)
-    cache = DynamicCache(config=model.config)
-    first = model.generate(prompt, max_new_tokens=4, past_key_values=cache, pad_token_id=0, eos_token_id=None)
-    resumed = model.generate(first, past_key_values=cache, max_new_tokens=6, pad_token_id=0, eos_token_id=None)
+    cache = {CACHE_FIELD: DynamicCache(config=model.config)}  # the keyword this transformers release uses
+    first = model.generate(prompt, max_new_tokens=4, pad_token_id=0, eos_token_id=None, **cache)
+    resumed = model.generate(first, max_new_tokens=6, pad_token_id=0, eos_token_id=None, **cache)
     assert torch.equal(resumed, full)
 
 
-def test_manual_cached_decoding_matches_full_forward(config):
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_manual_cached_decoding_matches_full_forward(config, keyword):
+    """Both names of the cache argument work: `cache` (transformers >= 5.24) and `past_key_values` (earlier 5.x)."""
     model = make_model(config)
     sequence = ids(2, 10)
     out = model(sequence[:, :6], use_cache=True)
-    step = model(sequence[:, 6:], past_key_values=out.past_key_values, use_cache=True)
+    step = model(sequence[:, 6:], use_cache=True, **{keyword: getattr(out, CACHE_FIELD)})
     torch.testing.assert_close(step.logits, model(sequence).logits[:, 6:], atol=1e-5, rtol=1e-5)
+    assert getattr(step, CACHE_FIELD).get_seq_length() == 10
 
 
 def test_generation_config_saves_and_loads(config, tmp_path):

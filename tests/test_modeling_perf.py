@@ -1,0 +1,176 @@
+"""The model's training fast paths give the exact masked/full-logits results; the benchmark scripts run."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_sft import modeling_hfsft_gpt
+from hf_sft.configuration_hfsft_gpt import HfSftGPTConfig
+from hf_sft.modeling_hfsft_gpt import HfSftGPTForCausalLM
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+CONFIGS = {
+    "nanogpt": {"family": "nanogpt"},
+    "llama_gqa": {"family": "llama", "num_key_value_heads": 2, "multiple_of": 16},
+}
+
+
+def make_model(name: str, **overrides) -> HfSftGPTForCausalLM:
+    torch.manual_seed(0)
+    config = HfSftGPTConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, **CONFIGS[name], **overrides
+    )
+    return HfSftGPTForCausalLM(config)
+
+
+def right_padded_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    input_ids = torch.randint(3, 97, (3, 12))
+    attention_mask = torch.ones(3, 12, dtype=torch.long)
+    attention_mask[1, 7:] = 0
+    attention_mask[2, 4:] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :2] = -100
+    return input_ids, attention_mask, labels
+
+
+def packed_row() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(2)
+    lengths = [5, 9, 3]
+    input_ids = torch.randint(3, 97, (1, sum(lengths)))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    labels = input_ids.clone()
+    labels[position_ids < 2] = -100
+    return input_ids, position_ids, labels
+
+
+def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return grads
+
+
+def test_fast_layout_is_chosen_only_where_it_is_exact():
+    model = make_model("nanogpt").train()
+    base = model.model
+    input_ids, attention_mask, _ = right_padded_batch()
+    positions = base._default_position_ids(model.config, base.embed_tokens(input_ids), attention_mask, None)
+    assert base._fast_training_layout(attention_mask, positions) == []
+    left = attention_mask.flip(-1)
+    assert base._fast_training_layout(left, positions) is None
+    _, packed_positions, _ = packed_row()
+    assert base._fast_training_layout(None, packed_positions) == [5, 9, 3]
+    assert base._fast_training_layout(None, packed_positions + 1) is None  # not restarting at 0: not packed
+    model.eval()
+    assert base._fast_training_layout(attention_mask, positions) is None
+    assert base._fast_training_layout(None, packed_positions) == [5, 9, 3]  # exact everywhere: eval too
+    model.train().config._attn_implementation = "eager"
+    assert base._fast_training_layout(attention_mask, positions) is None
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_right_padded_training_forward_equals_the_masked_one(name):
+    model = make_model(name)
+    input_ids, attention_mask, labels = right_padded_batch()
+    real = attention_mask.bool()
+    model.train()
+    fast = model(input_ids, attention_mask=attention_mask, labels=labels)
+    fast.loss.backward()
+    fast_grads = gradients(model)
+    model.config._attn_implementation = "eager"  # the masked reference path
+    masked = model(input_ids, attention_mask=attention_mask, labels=labels)
+    masked.loss.backward()
+    torch.testing.assert_close(fast.logits[real], masked.logits[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.loss, masked.loss)
+    for name, grad in gradients(model).items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_packed_training_forward_equals_examples_alone(name):
+    model = make_model(name).train()
+    input_ids, position_ids, labels = packed_row()
+    packed = model(input_ids, position_ids=position_ids, labels=labels)
+    packed.loss.backward()
+    packed_grads = gradients(model)
+    model.config._attn_implementation = "eager"  # block-diagonal mask from position_ids
+    masked = model(input_ids, position_ids=position_ids, labels=labels)
+    masked.loss.backward()
+    torch.testing.assert_close(packed.logits, masked.logits, atol=1e-5, rtol=1e-5)
+    for name, grad in gradients(model).items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    model.eval()
+    start = 0
+    for length in (5, 9, 3):
+        alone = model(input_ids[:, start : start + length]).logits
+        torch.testing.assert_close(alone, packed.logits[:, start : start + length], atol=1e-5, rtol=1e-5)
+        start += length
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_supervised_only_logits_give_the_full_loss_and_gradients(name, chunked, monkeypatch):
+    if chunked:  # 97-token vocabulary, 2 rows per chunk
+        monkeypatch.setattr(modeling_hfsft_gpt, "LOSS_CHUNK_ELEMENTS", 2 * 97)
+    model = make_model(name).train()
+    input_ids, attention_mask, labels = right_padded_batch()
+    num_items = torch.tensor(int((labels[:, 1:] != -100).sum()) + 5)  # as if other micro-batches had 5 more
+    out = model(input_ids, attention_mask=attention_mask, labels=labels, num_items_in_batch=num_items)
+    out.loss.backward()
+    supervised_grads = gradients(model)
+    model.config.supervised_logits_in_training = False
+    full = model(input_ids, attention_mask=attention_mask, labels=labels, num_items_in_batch=num_items)
+    full.loss.backward()
+    assert full.logits.shape == (3, 12, 97)
+    if chunked:
+        assert out.logits is None
+    else:
+        assert out.logits.shape == ((labels[:, 1:] != -100).sum(), 97)
+    torch.testing.assert_close(out.loss, full.loss)
+    for name, grad in gradients(model).items():
+        torch.testing.assert_close(supervised_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_full_logits_outside_trainers_training_step():
+    model = make_model("nanogpt")
+    input_ids, attention_mask, labels = right_padded_batch()
+    model.train()
+    assert model(input_ids, attention_mask=attention_mask, labels=labels).logits.shape == (3, 12, 97)
+    model.eval()
+    out = model(input_ids, attention_mask=attention_mask, labels=labels, num_items_in_batch=torch.tensor(10))
+    assert out.logits.shape == (3, 12, 97)
+
+
+def test_config_field_round_trips(tmp_path):
+    config = HfSftGPTConfig(supervised_logits_in_training=False)
+    config.save_pretrained(tmp_path)
+    assert HfSftGPTConfig.from_pretrained(tmp_path).supervised_logits_in_training is False
+    assert HfSftGPTConfig().supervised_logits_in_training is True
+
+
+def _run_script(*argv: str) -> str:
+    if not (SHARED / "data" / "dolly" / "dolly_sample.jsonl").is_file():
+        pytest.skip(f"needs the shared Dolly sample under {SHARED}")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_loss_memory_benchmark_tiny():
+    out = _run_script("scripts/benchmark_loss_memory.py", "--tiny")
+    assert "losses equal: True" in out
+    assert out.strip().splitlines()[-1].startswith("loss_path_ratio=")
+
+
+def test_throughput_benchmark_tiny(tmp_path):
+    out = _run_script("scripts/benchmark_throughput.py", "--tiny", "--work_dir", str(tmp_path))
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("ratio_vs_loop=") and " ratio_vs_trl=" in last and " mfu=" in last
+    assert "nan" not in last
