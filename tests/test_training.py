@@ -204,3 +204,16 @@ def test_bad_tokenizer_stops_before_training(tmp_path, capsys):
     bad.write_text("{not json")
     assert train(tmp_path / "out", "--tokenizer_path", str(bad), "--max_iters", "2") == 2
     assert "tok.json" in capsys.readouterr().err
+
+
+def test_field_map_reads_other_field_names(tmp_path):
+    demo = Path(__file__).resolve().parents[1] / "hf_sft" / "demo" / "demo_sample.jsonl"
+    renamed = tmp_path / "qa.jsonl"
+    with renamed.open("w") as out:
+        for line in demo.read_text().splitlines():
+            record = json.loads(line)
+            out.write(json.dumps({"question": record.pop("instruction"), "answer": record.pop("response")}) + "\n")
+    flags = ["--data_path", str(renamed), "--max_iters", "1", "--save_interval", "100"]
+    assert train(tmp_path / "unmapped", *flags) == 2  # no `instruction` field: refused before training
+    assert train(tmp_path / "mapped", *flags, "--field_map", "instruction=question,output=answer") == 0
+    assert (tmp_path / "mapped" / "model.safetensors").is_file()

@@ -80,6 +80,9 @@ class SFTArguments:
     data_path: str | None = field(
         default=None, metadata={"help": "Training data: .jsonl/.json file(s), comma-separated, or a Hub dataset id."}
     )
+    field_map: str | None = field(
+        default=None, metadata={"help": "Source field names, e.g. instruction=question,output=answer."}
+    )
     eval_data_path: str | None = field(default=None, metadata={"help": "Separate evaluation file (else --val_split)."})
     val_split: float = field(default=0.05, metadata={"help": "Fraction of the data held out for evaluation."})
     tokenizer_path: str | None = field(
@@ -104,7 +107,10 @@ class SFTArguments:
     )
     skip_bad_records: bool = field(default=False, metadata={"help": "Skip invalid records (and count them)."})
     num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
-    packing: bool = field(default=False, metadata={"help": "Padding-free packing of examples into one row."})
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Padding-free packing of each batch into one row; `--packing false` pads instead."},
+    )
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batches to a multiple of N (e.g. 8)."})
     device: str = field(
         default="cuda",
@@ -167,7 +173,9 @@ DEMO_OVERRIDES = {
     "logging_steps": 10,
     "val_split": 0.1,
     # From the training split: the demo shows what the model learned; held-out facts it cannot know.
-    "sample_instructions": "What month comes after March?|How many legs does a cat have?|What is the capital of Norway?",
+    "sample_instructions": (
+        "What month comes after March?|How many legs does a cat have?|What is the capital of Norway?"
+    ),
 }
 
 

@@ -47,7 +47,14 @@ def run(sft: SFTArguments, args: TrainingArguments) -> int:
     resume = resolve_resume_path(args.resume_from_checkpoint, output_dir)
     set_seed(args.seed)
 
-    from hf_sft.data import build_datasets, encode_prompt, install_chat_template, make_collator, resolve_max_seq_len
+    from hf_sft.data import (
+        build_datasets,
+        encode_prompt,
+        install_chat_template,
+        make_collator,
+        parse_field_map,
+        resolve_max_seq_len,
+    )
 
     model, tokenizer, base_description = load_model_and_tokenizer(sft)
     sync_special_token_ids(model, tokenizer)
@@ -55,6 +62,7 @@ def run(sft: SFTArguments, args: TrainingArguments) -> int:
     data = build_datasets(
         sft.data_path,
         tokenizer,
+        field_map=parse_field_map(sft.field_map),
         max_seq_len=resolve_max_seq_len(sft.max_seq_len, model.config.max_position_embeddings),
         length_policy=sft.length_policy,
         skip_bad_records=sft.skip_bad_records,

@@ -90,10 +90,11 @@ def load_model_and_tokenizer(sft: SFTArguments) -> tuple[torch.nn.Module, PreTra
 def _tokenizer_for_new_model(sft: SFTArguments, specials: dict) -> PreTrainedTokenizerFast:
     if sft.tokenizer_path:
         return load_tokenizer(sft.tokenizer_path, **specials)
-    from hf_sft.data import load_records
+    from hf_sft.data import load_records, parse_field_map, resolve_fields
     from hf_sft.demo import record_text, train_tokenizer
 
-    records = load_records(sft.data_path, skip_bad_records=sft.skip_bad_records).dataset  # validated first
+    fields = resolve_fields(parse_field_map(sft.field_map))
+    records = load_records(sft.data_path, fields, skip_bad_records=sft.skip_bad_records).dataset  # validated first
     logger.info("training a %d-token byte-level BPE tokenizer on %s", sft.tokenizer_vocab_size, sft.data_path)
     texts = map(record_text, records["instruction"], records["input"], records["output"])
     backend = train_tokenizer(texts, vocab_size=sft.tokenizer_vocab_size)
