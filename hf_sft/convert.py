@@ -1,20 +1,13 @@
 """Legacy pretraining checkpoints (nanoGPT, finetune_gpt.py, simple_llama) become `HfSftGPTForCausalLM` models.
 
-Three layouts are recognised by their top-level keys:
-
-- nanoGPT `train.py`: `{"model": state_dict, "model_args": {...}}`
-- `finetune_gpt.py`: `{"model_state_dict": state_dict, "model_args": {...}}` (same weights as nanoGPT)
-- simple_llama: `{"model_state_dict": state_dict, "config": <TrainingConfig>}`
-
-Every weight is mapped by an explicit plan (checkpoint key -> model keys, plus how to split or permute it), so a
-missing key, a left-over key or a wrong shape is reported under the checkpoint's own name before anything is loaded.
+`hf_sft.legacy_checkpoint` reads the file and works out the configuration; here every weight is mapped by an
+explicit plan (checkpoint key -> model keys, plus how to split or permute it), so a missing key, a left-over key or a
+wrong shape is reported under the checkpoint's own name before anything is loaded.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,58 +16,21 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from hf_sft.configuration_hfsft_gpt import HfSftGPTConfig
 from hf_sft.errors import UsageError
+from hf_sft.legacy_checkpoint import SOURCES, LegacyCheckpoint, describe, load_legacy_checkpoint
 from hf_sft.modeling_hfsft_gpt import HfSftGPTForCausalLM
-from hf_sft.safe_pickle import LegacyRecord, load_checkpoint
 from hf_sft.tokenizer import load_tokenizer
 
-SOURCES = {"nanogpt": "nanoGPT train.py", "finetune_gpt": "finetune_gpt.py", "simple_llama": "simple_llama"}
-_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrappers, in either nesting order
+__all__ = [
+    "SOURCES",
+    "LegacyCheckpoint",
+    "convert_checkpoint",
+    "convert_state_dict",
+    "convert_to_folder",
+    "load_legacy_checkpoint",
+]
+
 # (checkpoint key, model keys, transform of the checkpoint tensor into the model tensors)
 Plan = list[tuple[str, tuple[str, ...], Callable[[torch.Tensor], tuple[torch.Tensor, ...]]]]
-
-
-@dataclass
-class LegacyCheckpoint:
-    """A legacy checkpoint read without running its code.
-
-    Attributes:
-        path: the file it came from.
-        source: `"nanogpt"`, `"finetune_gpt"` or `"simple_llama"` (keys of `SOURCES`).
-        config: the matching model configuration (token ids not set yet: they come from the tokenizer).
-        state_dict: the original weights under their original names, wrapper prefixes stripped.
-    """
-
-    path: Path
-    source: str
-    config: HfSftGPTConfig
-    state_dict: dict[str, torch.Tensor]
-
-
-def load_legacy_checkpoint(path: str | Path) -> LegacyCheckpoint:
-    """Read a nanoGPT, finetune_gpt.py or simple_llama checkpoint and work out its model configuration.
-
-    Raises:
-        UsageError: unreadable or unsafe file, unknown layout, missing config fields, unsupported variant (MLA).
-    """
-    path = Path(path)
-    obj = load_checkpoint(path)
-    keys = sorted(obj) if isinstance(obj, dict) else []
-    if "model_args" in keys and ("model" in keys or "model_state_dict" in keys):
-        source = "nanogpt" if "model" in keys else "finetune_gpt"
-        state_dict = _strip_prefixes(obj["model" if source == "nanogpt" else "model_state_dict"], path)
-        config = _nanogpt_config(_fields(obj["model_args"], path), state_dict, path)
-    elif "model_state_dict" in keys and "config" in keys:
-        source = "simple_llama"
-        state_dict = _strip_prefixes(obj["model_state_dict"], path)
-        config = _simple_llama_config(_fields(obj["config"], path), state_dict, path)
-    else:
-        found = ", ".join(map(str, keys)) or type(obj).__name__
-        raise UsageError(
-            f"{path} is not a checkpoint layout hf_sft knows (found {found}); expected nanoGPT's "
-            "{'model', 'model_args'}, finetune_gpt.py's {'model_state_dict', 'model_args'} or simple_llama's "
-            "{'model_state_dict', 'config'}"
-        )
-    return LegacyCheckpoint(path=path, source=source, config=config, state_dict=state_dict)
 
 
 def convert_checkpoint(
@@ -179,16 +135,8 @@ def convert_state_dict(checkpoint: LegacyCheckpoint) -> dict[str, torch.Tensor]:
         if items
     ]
     if problems:
-        raise UsageError(f"{checkpoint.path} does not match {_describe(checkpoint)}: {'; '.join(problems)}")
+        raise UsageError(f"{checkpoint.path} does not match {describe(checkpoint)}: {'; '.join(problems)}")
     return converted
-
-
-def _describe(checkpoint: LegacyCheckpoint) -> str:
-    config = checkpoint.config
-    return (
-        f"a {SOURCES[checkpoint.source]} model ({config.family} family, {config.num_hidden_layers} layers, "
-        f"{config.num_attention_heads} heads, width {config.hidden_size}, vocab {config.vocab_size})"
-    )
 
 
 def _load_strict(model: HfSftGPTForCausalLM, weights: dict[str, torch.Tensor], checkpoint: LegacyCheckpoint) -> None:
@@ -197,85 +145,9 @@ def _load_strict(model: HfSftGPTForCausalLM, weights: dict[str, torch.Tensor], c
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
         raise UsageError(
-            f"{checkpoint.path}: the converted weights do not fill {_describe(checkpoint)} "
+            f"{checkpoint.path}: the converted weights do not fill {describe(checkpoint)} "
             f"(missing {_some(missing)}; unexpected {_some(result.unexpected_keys)})"
         )
-
-
-def _fields(record: Any, path: Path) -> dict[str, Any]:
-    if isinstance(record, LegacyRecord):
-        return record.to_dict()
-    if isinstance(record, dict):
-        return dict(record)
-    if hasattr(record, "__dict__"):  # a namespace or dataclass that torch itself knows how to load
-        return dict(vars(record))
-    raise UsageError(f"{path}: the model configuration is a {type(record).__name__}, not a set of fields")
-
-
-def _require(fields: dict[str, Any], names: tuple[str, ...], path: Path, what: str) -> None:
-    absent = [name for name in names if fields.get(name) is None]
-    if absent:
-        raise UsageError(f"{path}: {what} lacks {', '.join(absent)}; found {', '.join(sorted(fields)) or 'nothing'}")
-
-
-def _make_config(path: Path, **kwargs) -> HfSftGPTConfig:
-    try:
-        return HfSftGPTConfig(**kwargs)
-    except ValueError as err:
-        raise UsageError(f"{path}: its model configuration is not valid: {err}") from None
-
-
-def _nanogpt_config(args: dict[str, Any], state_dict: dict[str, torch.Tensor], path: Path) -> HfSftGPTConfig:
-    _require(args, ("n_layer", "n_head", "n_embd", "block_size"), path, "model_args")
-    wte = state_dict.get("transformer.wte.weight")
-    vocab_size = args.get("vocab_size") or (wte.shape[0] if wte is not None else None)
-    _require({"vocab_size": vocab_size}, ("vocab_size",), path, "model_args")
-    head = state_dict.get("lm_head.weight")
-    # nanoGPT ties lm_head to wte (both keys are saved, sharing one tensor); a variant that unties them keeps its head.
-    tied = head is None or wte is None or (head.shape == wte.shape and torch.equal(head, wte))
-    dropout = float(args.get("dropout") or 0.0)
-    return _make_config(
-        path,
-        family="nanogpt",
-        vocab_size=int(vocab_size),
-        hidden_size=int(args["n_embd"]),
-        num_hidden_layers=int(args["n_layer"]),
-        num_attention_heads=int(args["n_head"]),
-        max_position_embeddings=int(args["block_size"]),
-        use_bias=bool(args.get("bias", True)),
-        attention_dropout=dropout,
-        hidden_dropout=dropout,
-        tie_word_embeddings=tied,
-    )
-
-
-def _simple_llama_config(fields: dict[str, Any], state_dict: dict[str, torch.Tensor], path: Path) -> HfSftGPTConfig:
-    mla_keys = [k for k in state_dict if re.search(r"\.attention\.(?!qkv_linear\.|out\.)\w*(kv|latent|down|rope)", k)]
-    if fields.get("use_mla") or mla_keys:
-        raise UsageError(
-            f"{path} uses simple_llama's MLA (multi-head latent attention), which hf_sft does not support; "
-            "only checkpoints trained with use_mla=False (fused qkv_linear) can be converted"
-        )
-    _require(fields, ("n_embd", "n_heads", "n_layers"), path, "its TrainingConfig")
-    for key in ("embeddings.weight", "decoder_blocks.0.ffwd.w1.weight"):
-        if key not in state_dict:
-            raise UsageError(f"{path} does not match a simple_llama model: missing keys: {key}")
-    dropout = float(fields.get("dropout") or 0.0)
-    return _make_config(
-        path,
-        family="llama",
-        vocab_size=state_dict["embeddings.weight"].shape[0],  # TrainingConfig does not record it
-        hidden_size=int(fields["n_embd"]),
-        num_hidden_layers=int(fields["n_layers"]),
-        num_attention_heads=int(fields["n_heads"]),
-        intermediate_size=state_dict["decoder_blocks.0.ffwd.w1.weight"].shape[0],
-        multiple_of=int(fields.get("multiple_of") or 256),
-        max_position_embeddings=int(fields.get("max_seq_len") or 2048),
-        norm_eps=float(fields.get("eps") or 1e-5),
-        rope_theta=float(fields.get("theta") or 10000.0),
-        attention_dropout=dropout,
-        hidden_dropout=dropout,
-    )
 
 
 def _nanogpt_plan(config: HfSftGPTConfig) -> Plan:
@@ -359,18 +231,6 @@ def _fused_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
 def _is_ignored_buffer(key: str, tensor: Any) -> bool:
     # nanoGPT without flash attention saves its causal mask as a (1, 1, T, T) buffer named attn.bias.
     return key.endswith(".attn.bias") and getattr(tensor, "ndim", 0) == 4
-
-
-def _strip_prefixes(state_dict: Any, path: Path) -> dict[str, torch.Tensor]:
-    if not isinstance(state_dict, dict):
-        raise UsageError(f"{path}: the model weights are a {type(state_dict).__name__}, not a state dict")
-    stripped = {}
-    for key, value in state_dict.items():
-        name = key
-        while name.startswith(_PREFIXES):
-            name = name.split(".", 1)[1]
-        stripped[name] = value
-    return stripped
 
 
 def _some(items: list[str], limit: int = 6) -> str:
