@@ -167,7 +167,7 @@ DEMO_OVERRIDES = {
     "learning_rate": 1e-3,
     "warmup_steps": 20,
     "weight_decay": 0.0,
-    "max_steps": 200,
+    "max_steps": 300,
     "eval_steps": 25,
     "save_steps": 100,
     "logging_steps": 10,

@@ -51,7 +51,8 @@ def model_card(
     final_train = f"{train[-1][1]:.4f} (step {train[-1][0]})" if train else "n/a"
     final_eval = f"{evals[-1][1]:.4f} (step {evals[-1][0]})" if evals else "n/a"
     name = repo_id or "path/to/this/folder"
-    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in sorted(hyperparameters.items()))
+    # Enum values (lr_scheduler_type, ...) show as the strings one passes on the command line.
+    rows = "\n".join(f"| `{k}` | `{getattr(v, 'value', v)}` |" for k, v in sorted(hyperparameters.items()))
     sample_text = ""
     if samples:
         last = samples[-1]
