@@ -1,0 +1,102 @@
+"""What a run leaves behind: the final folder with its model card and loss plot, and its upload to the Hub."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+from transformers import Trainer, TrainingArguments
+
+from hf_sft.errors import UsageError
+from hf_sft.training.arguments import SFTArguments
+from hf_sft.training.report import LOSS_PLOT, model_card, plot_losses
+
+logger = logging.getLogger("hf_sft.train")
+
+_CARD_ARGS = (
+    "learning_rate",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "world_size",
+    "max_steps",
+    "num_train_epochs",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "max_grad_norm",
+    "warmup_steps",
+    "lr_scheduler_type",
+    "seed",
+    "bf16",
+    "fp16",
+)
+
+
+def save_final(trainer: Trainer, sft: SFTArguments, output_dir: Path, base: str, samples: list[dict]) -> None:
+    """Model (LoRA merged unless `--lora_save adapter`), tokenizer, loss plot, model card; then the push, if asked."""
+    model = trainer.model
+    if sft.use_lora and sft.lora_save == "merged":
+        model = model.merge_and_unload()
+    if not trainer.is_world_process_zero():
+        return
+    model.save_pretrained(output_dir)
+    trainer.processing_class.save_pretrained(output_dir)
+    history = trainer.state.log_history
+    plot_losses(history, output_dir / LOSS_PLOT)
+    hyper = {k: getattr(trainer.args, k) for k in _CARD_ARGS}
+    hyper.update({"max_seq_len": sft.max_seq_len, "packing": sft.packing, "use_lora": sft.use_lora})
+    repo_id = trainer.hub_model_id if trainer.args.push_to_hub else None
+    card = model_card(
+        base_model=base,
+        data=sft.data_path,
+        hyperparameters=hyper,
+        log_history=history,
+        samples=samples,
+        repo_id=repo_id,
+    )
+    (output_dir / "README.md").write_text(card, encoding="utf-8")
+    logger.info("final model written to %s", output_dir)
+    if repo_id:
+        push_final(trainer, output_dir, repo_id)
+
+
+def push_final(trainer: Trainer, output_dir: Path, repo_id: str) -> None:
+    """Upload the final folder with `hf_sft.hub`, not `Trainer.push_to_hub`, which would replace our model card."""
+    from hf_sft.hub import HubError, push_folder
+
+    pending = getattr(trainer, "push_in_progress", None)  # Trainer's own checkpoint uploads (--hub_strategy)
+    if pending is not None:
+        pending.wait_until_done()
+    try:
+        result = push_folder(
+            output_dir,
+            repo_id,
+            private=bool(trainer.args.hub_private_repo),
+            commit_message="End of training",
+            revision=trainer.args.hub_revision,
+        )
+    except HubError as err:
+        retry = f"hf-sft push {output_dir} --repo_id {repo_id}"
+        raise HubError(f"{err}. The model is saved: retry with `{retry}`") from None
+    logger.info("pushed %d files to %s: %s", len(result.files), result.repo_id, result.commit_url)
+
+
+def check_hub_args(args: TrainingArguments, sft: SFTArguments, output_dir: Path) -> TrainingArguments:
+    """`--push_to_hub`: check the token and the network before training, not after it; keep the token off disk."""
+    if args.hub_token:
+        # TrainingArguments is pickled whole into training_args.bin (each checkpoint): the token must not be in it.
+        os.environ["HF_TOKEN"] = args.hub_token
+        args = dataclasses.replace(args, hub_token=None)
+        logger.warning("--hub_token is passed on as HF_TOKEN and not saved; prefer HF_TOKEN or `hf auth login`")
+    if not args.push_to_hub:
+        return args
+    if sft.use_lora and sft.lora_save == "adapter":
+        raise UsageError("--push_to_hub uploads a full model: use --lora_save merged with it")
+    if args.process_index == 0:
+        from hf_sft.hub import check_hub
+
+        user = check_hub()
+        logger.info("will push to %s as %s", args.hub_model_id or f"{user}/{output_dir.resolve().name}", user)
+    return args
