@@ -1,6 +1,6 @@
 """Peak memory of the loss computation: LM head + cross-entropy on every position versus on supervised ones only.
 
-Setting (issue 6): vocabulary 32,000, batch 8, length 1,024, width 512. The labels come from real Dolly examples laid
+Setting: vocabulary 32,000, batch 8, length 1,024, width 512. The labels come from real Dolly examples laid
 end to end in each row (no padding, the layout where supervised-only saves the least): prompt tokens are -100, the
 response and EOS are supervised. Each path runs in a fresh process as Trainer runs a training step: forward through
 `HfSftGPTForCausalLM`'s head and loss (only the loss is kept), then backward. Reported: the peak RSS of the process,
