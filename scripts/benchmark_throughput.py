@@ -202,7 +202,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_len", type=int, default=512)
     parser.add_argument("--records", type=int, default=1500)
     parser.add_argument("--eval_records", type=int, default=32)
-    parser.add_argument("--hf_sft_args", default="", help="Extra flags for (a), e.g. '--packing false'.")
+    parser.add_argument(
+        "--hf_sft_args", default="", help="Extra flags for (a), given with '=': --hf_sft_args='--packing false'."
+    )
     parser.add_argument("--work_dir", default=None, help="Keep data, models and logs here (default: a temp dir).")
     parser.add_argument("--json", default=None, help="Also write all figures to this JSON file.")
     parser.add_argument("--worker", nargs=2, metavar=("STACK", "SPEC"), help=argparse.SUPPRESS)
