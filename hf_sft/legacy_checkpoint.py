@@ -72,6 +72,7 @@ def load_legacy_checkpoint(path: str | Path) -> LegacyCheckpoint:
 
 
 def describe(checkpoint: LegacyCheckpoint) -> str:
+    """The model a checkpoint holds, in words, for error messages."""
     config = checkpoint.config
     return (
         f"a {SOURCES[checkpoint.source]} model ({config.family} family, {config.num_hidden_layers} layers, "
