@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
+from hf_sft.data.lengths import LENGTH_POLICIES
 from hf_sft.errors import UsageError
 from hf_sft.training.arguments import parse_args
 
@@ -12,29 +13,30 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_seed_flags_and_defaults():
-    sft, args = parse_args(["--data_path", "d.jsonl"])
+    model_args, data_args, args = parse_args(["--data_path", "d.jsonl"])
     assert args.output_dir == "out/finetune"
     assert (args.per_device_train_batch_size, args.learning_rate, args.num_train_epochs) == (2, 3e-5, 1)
     assert (args.max_steps, args.gradient_accumulation_steps) == (-1, 8)
     assert (args.logging_steps, args.save_steps) == (10, 100)
-    assert sft.device == "cuda" and sft.dtype is None and not sft.demo
+    assert model_args.device == "cuda" and model_args.dtype is None and not args.demo
+    assert data_args.data_path == "d.jsonl" and args.packing and args.seed == 1337
 
 
 def test_seed_flag_names_map_onto_training_arguments():
     flags = ["--out_dir", "o", "--batch_size", "5", "--num_epochs", "3", "--max_iters", "7", "--log_interval", "2"]
     flags += ["--save_interval", "4", "--resume_from_ckpt_path", "latest", "--device", "cpu", "--dtype", "bfloat16"]
-    sft, args = parse_args(["--data_path", "d.jsonl", *flags])
+    model_args, _, args = parse_args(["--data_path", "d.jsonl", *flags])
     assert (args.output_dir, args.per_device_train_batch_size, args.num_train_epochs) == ("o", 5, 3)
     assert (args.max_steps, args.logging_steps, args.save_steps) == (7, 2, 4)
     assert args.resume_from_checkpoint == "latest"
-    assert (sft.device, sft.dtype) == ("cpu", "bfloat16")
+    assert (model_args.device, model_args.dtype) == ("cpu", "bfloat16")
 
 
 def test_command_line_overrides_yaml(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("data_path: a.jsonl\nbatch_size: 3\nlearning_rate: 1.0e-4\nout_dir: from_yaml\n")
-    sft, args = parse_args(["--config", str(config), "--batch_size", "9"])
-    assert sft.data_path == "a.jsonl" and args.output_dir == "from_yaml"
+    _, data_args, args = parse_args(["--config", str(config), "--batch_size", "9"])
+    assert data_args.data_path == "a.jsonl" and args.output_dir == "from_yaml"
     assert (args.per_device_train_batch_size, args.learning_rate) == (9, 1e-4)
 
 
@@ -55,18 +57,18 @@ def test_unknown_flag_is_a_usage_error():
 
 
 def test_no_arguments_is_the_demo_and_equals_demo_yaml():
-    sft, args = parse_args([])
-    sft_yaml, args_yaml = parse_args(["--config", str(CONFIGS / "demo.yaml")])
-    assert sft.demo and args.output_dir == "out/demo" and sft.device == "cpu"
-    assert {k: v for k, v in vars(sft).items() if k != "config"} == {
-        k: v for k, v in vars(sft_yaml).items() if k != "config"
+    model_args, data_args, args = parse_args([])
+    model_yaml, data_yaml, args_yaml = parse_args(["--config", str(CONFIGS / "demo.yaml")])
+    assert args.demo and args.output_dir == "out/demo" and model_args.device == "cpu"
+    assert (model_args, data_args) == (model_yaml, data_yaml)
+    assert {k: v for k, v in args.to_dict().items() if k != "config"} == {
+        k: v for k, v in args_yaml.to_dict().items() if k != "config"
     }
-    assert args.to_dict() == args_yaml.to_dict()
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_training_yaml_parses_and_opens_with_its_command(config):
-    sft, args = parse_args(["--config", str(config)])
+    _, _, args = parse_args(["--config", str(config)])
     assert args.output_dir.startswith("out/")
     header = config.read_text().split("\n\n")[0]
     assert header.startswith("#") and "scripts/train.py" in header
@@ -80,6 +82,11 @@ def test_every_accelerate_config_loads(config):
 
 
 def test_bare_hub_private_repo_flag_means_true():
-    assert parse_args(["--data_path", "d", "--hub_private_repo"])[1].hub_private_repo is True
-    assert parse_args(["--data_path", "d", "--hub_private_repo", "false"])[1].hub_private_repo is False
-    assert parse_args(["--data_path", "d"])[1].hub_private_repo is None
+    assert parse_args(["--data_path", "d", "--hub_private_repo"])[2].hub_private_repo is True
+    assert parse_args(["--data_path", "d", "--hub_private_repo", "false"])[2].hub_private_repo is False
+    assert parse_args(["--data_path", "d"])[2].hub_private_repo is None
+
+
+@pytest.mark.parametrize("policy", LENGTH_POLICIES)
+def test_training_takes_every_length_policy_of_the_data_pipeline(policy):
+    assert parse_args(["--data_path", "d", "--length_policy", policy])[1].length_policy == policy

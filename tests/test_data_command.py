@@ -1,6 +1,7 @@
-"""`hf-sft data` end to end: report sections, dump file, preview choice, options."""
+"""`hf-sft data` end to end: report sections, dump file, preview choice, options, the same counts as training."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from hf_sft.data.masking import IGNORE_INDEX
 from hf_sft.data.template import prompt_text
 
 FIXTURES = Path(__file__).parent / "fixtures"
+DEMO_DATA = Path(__file__).resolve().parents[1] / "hf_sft" / "demo" / "demo_sample.jsonl"
 SIMPLE_LLAMA_FLAGS = ["--bos_token", "<SOS>", "--eos_token", "<EOS>", "--pad_token", "<PAD>", "--unk_token", "<UNK>"]
 
 
@@ -21,6 +23,8 @@ def test_data_command_on_the_tiny_fixture(tmp_path, capsys):
         str(FIXTURES / "tiny_sft.jsonl"),
         "--tokenizer_path",
         str(FIXTURES / "tiny_bpe.json"),
+        "--val_split",
+        "0",
     ]
     status = main(
         [*argv, "--cache_dir", str(tmp_path), "--dump", str(dump), "--preview_index", "1", "--batch_size", "2"]
@@ -41,7 +45,16 @@ def test_data_command_on_dolly_with_simple_llama(shared_dir, tmp_path, capsys):
     data = shared_dir / "data" / "dolly" / "dolly_sample.jsonl"
     tokenizer = shared_dir / "data" / "tokenizers" / "simple_llama_bpe_8k.json"
     dump = tmp_path / "dump.jsonl"
-    argv = ["data", "--data_path", str(data), "--tokenizer_path", str(tokenizer), *SIMPLE_LLAMA_FLAGS]
+    argv = [
+        "data",
+        "--data_path",
+        str(data),
+        "--tokenizer_path",
+        str(tokenizer),
+        *SIMPLE_LLAMA_FLAGS,
+        "--val_split",
+        "0",
+    ]
     status = main([*argv, "--max_seq_len", "256", "--dump", str(dump), "--cache_dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert status == 0
@@ -69,3 +82,25 @@ def test_data_command_rejects_bad_options(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--length_policy", "squeeze"])
     assert exit_info.value.code == 2
+
+
+def _data_lines(output: str) -> list[str]:
+    return re.findall(r"(?:train|eval) data: \d+ examples .*", output)
+
+
+def test_data_and_train_report_the_same_counts_for_the_same_flags(tmp_path, capsys):
+    """New model (its --block_size cuts records), then a saved model folder whose positions cut them."""
+    data_flags = ["--data_path", str(DEMO_DATA), "--tokenizer_path", str(FIXTURES / "tiny_bpe.json")]
+    data_flags += ["--val_split", "0.1", "--length_policy", "drop"]
+    new_model = ["--block_size", "40", "--n_layer", "1", "--n_head", "2", "--n_embd", "16"]
+    train_flags = ["--device", "cpu", "--max_iters", "1", "--save_interval", "100", "--eval_interval", "100"]
+    for model_flags in (new_model, None):
+        if model_flags is None:  # the folder just trained: 40 positions, read from its config.json
+            model_flags = ["--pretrained_ckpt_path", str(tmp_path / "new")]
+        assert main(["data", *data_flags, *model_flags, "--cache_dir", str(tmp_path / "cache")]) == 0
+        reported = _data_lines(capsys.readouterr().out)
+        out = tmp_path / ("new" if model_flags is new_model else "folder")
+        assert main(["train", *data_flags, *model_flags, *train_flags, "--out_dir", str(out)]) == 0
+        logged = _data_lines((out / "train.log").read_text())
+        assert reported == logged and len(logged) == 2
+        assert "train data: " in logged[0] and "too_long" in logged[0]  # the model's positions did cut records

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from transformers import PretrainedConfig
 
 from hf_sft.data.lengths import LENGTH_POLICIES, check_length_policy, resolve_max_seq_len
 from hf_sft.data.masking import IGNORE_INDEX, Encoder, tokenize_and_mask
@@ -78,14 +79,14 @@ def test_truncate_cuts_the_tail_and_drops_rows_left_without_supervision():
 
 
 def test_resolve_max_seq_len():
-    assert resolve_max_seq_len(None, 512) == 512
-    assert resolve_max_seq_len(256, 512) == 256
-    assert resolve_max_seq_len(None, int(1e30)) is None  # a tokenizer's "no limit"
+    config = PretrainedConfig(max_position_embeddings=512)
+    assert resolve_max_seq_len(None, config) == 512
+    assert resolve_max_seq_len(256, config) == 256
     assert resolve_max_seq_len(None, None) is None
     with pytest.raises(UsageError, match="exceeds the model's maximum of 512"):
-        resolve_max_seq_len(1024, 512)
+        resolve_max_seq_len(1024, config)
     with pytest.raises(UsageError, match="at least 2"):
-        resolve_max_seq_len(0, 512)
+        resolve_max_seq_len(0, config)
 
 
 def test_unknown_policy_is_a_usage_error():

@@ -1,11 +1,14 @@
 """Validate and tokenise an instruction dataset exactly as training will, and show what the model will learn.
 
-Prints the kept and dropped counts (with reasons), token-length percentiles, the padding waste at a batch size with
-and without packing, and one example with its supervised tokens marked ([[...]], or green on a terminal).
+Takes the model and data flags of `hf-sft train` (the same `ModelArguments` and `DataArguments`), so the same flags
+give the same examples, and the same maximum length: `--max_seq_len`, else the model's positions (a new model's
+`--block_size` when no `--pretrained_ckpt_path` is given). Prints the kept and dropped counts (with reasons),
+token-length percentiles, the padding waste at a batch size with and without packing, and one example with its
+supervised tokens marked ([[...]], or green on a terminal).
 
 Examples:
-  hf-sft data --data_path data/dolly.jsonl --tokenizer_path data/tokenizer/custom_gpt_tokenizer.json
-  hf-sft data --data_path dolly.jsonl --tokenizer_path tok.json --max_seq_len 512 --dump tokens.jsonl
+  hf-sft data --data_path data/dolly.jsonl --pretrained_ckpt_path models/base
+  hf-sft data --data_path dolly.jsonl --tokenizer_path tok.json --max_seq_len 256 --dump tokens.jsonl
   hf-sft data --data_path chat.jsonl --tokenizer_path simple_llama_bpe_8k.json \\
       --bos_token '<SOS>' --eos_token '<EOS>' --pad_token '<PAD>' --unk_token '<UNK>'
 
@@ -22,54 +25,47 @@ HELP = "validate and tokenise a dataset; show counts, lengths, padding waste and
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data_path", required=True, help=".jsonl/.json file or Hub dataset id")
-    parser.add_argument("--tokenizer_path", required=True, help="tokenizers JSON file or HF tokenizer folder")
-    parser.add_argument("--max_seq_len", type=int, default=None, help="longest example in tokens (default: no limit)")
-    parser.add_argument(
-        "--length_policy",
-        default="drop",
-        choices=("drop", "truncate_input", "truncate"),
-        help="what to do with longer examples (default: drop)",
-    )
-    parser.add_argument("--skip_bad_records", action="store_true", help="skip invalid records and count them")
-    parser.add_argument(
-        "--field_map", default=None, help="source field names, e.g. instruction=question,output=answer"
-    )
-    parser.add_argument("--batch_size", type=int, default=8, help="batch size for the padding-waste figures")
-    parser.add_argument("--num_proc", type=int, default=None, help="processes for tokenisation")
-    parser.add_argument(
+    from hf_sft.training.arguments import DataArguments, ModelArguments, add_dataclass_arguments
+
+    add_dataclass_arguments(parser, DataArguments)
+    add_dataclass_arguments(parser, ModelArguments)
+    report = parser.add_argument_group("report")
+    report.add_argument("--batch_size", type=int, default=8, help="batch size for the padding-waste figures")
+    report.add_argument(
         "--dump", default=None, metavar="FILE.jsonl", help="write index, input_ids, labels per example"
     )
-    parser.add_argument("--preview_index", type=int, default=None, help="record index to preview (default: first)")
-    for name in ("bos", "eos", "pad", "unk"):
-        parser.add_argument(f"--{name}_token", default=None, help=f"{name.upper()} token string")
-    parser.add_argument("--cache_dir", default=None, help="datasets cache folder")
+    report.add_argument("--preview_index", type=int, default=None, help="record index to preview (default: first)")
+    report.add_argument("--seed", type=int, default=None, help="seed of the held-out split (default: training's)")
+    report.add_argument("--cache_dir", default=None, help="datasets cache folder")
 
 
 def run(args: argparse.Namespace) -> int:
     from hf_sft.data import build_datasets, parse_field_map, resolve_max_seq_len
-    from hf_sft.data.report import plural, render_preview, summary_lines, write_dump
+    from hf_sft.data.report import plural, render_preview, split_line, summary_lines, write_dump
     from hf_sft.errors import UsageError
-    from hf_sft.tokenizer import load_tokenizer
+    from hf_sft.training.arguments import DataArguments, ModelArguments, SFTTrainingArguments, from_namespace
+    from hf_sft.training.setup import base_config, load_run_tokenizer
 
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be positive, got {args.batch_size}")
-    tokenizer = load_tokenizer(
-        args.tokenizer_path,
-        bos_token=args.bos_token,
-        eos_token=args.eos_token,
-        pad_token=args.pad_token,
-        unk_token=args.unk_token,
-    )
-    max_seq_len = resolve_max_seq_len(args.max_seq_len, tokenizer.model_max_length)
+    model_args = from_namespace(ModelArguments, args)
+    data_args = from_namespace(DataArguments, args)
+    if not data_args.data_path:
+        raise UsageError("--data_path is required")
+    tokenizer = load_run_tokenizer(model_args, data_args)
+    max_seq_len = resolve_max_seq_len(data_args.max_seq_len, base_config(model_args, tokenizer))
+    seed = args.seed if args.seed is not None else SFTTrainingArguments.seed
     data = build_datasets(
-        args.data_path,
+        data_args.data_path,
         tokenizer,
-        field_map=parse_field_map(args.field_map),
+        field_map=parse_field_map(data_args.field_map),
         max_seq_len=max_seq_len,
-        length_policy=args.length_policy,
-        skip_bad_records=args.skip_bad_records,
-        num_proc=args.num_proc,
+        length_policy=data_args.length_policy,
+        skip_bad_records=data_args.skip_bad_records,
+        val_split=0.0 if data_args.eval_data_path else data_args.val_split,
+        eval_data_path=data_args.eval_data_path,
+        seed=seed,
+        num_proc=data_args.num_proc,
         cache_dir=args.cache_dir,
     )
     split = data.train
@@ -78,13 +74,18 @@ def run(args: argparse.Namespace) -> int:
         f"{name} {getattr(tokenizer, name)!r}={getattr(tokenizer, name + '_id')}"
         for name in ("bos_token", "eos_token", "pad_token")
     )
-    print(f"tokenizer: {args.tokenizer_path} (vocabulary {len(tokenizer)}; {specials})")
+    print(
+        f"tokenizer: {model_args.tokenizer_path or model_args.pretrained_ckpt_path or 'trained on the data'} "
+        f"(vocabulary {len(tokenizer)}; {specials})"
+    )
     n_skipped = sum(split.skipped.values())
     if n_skipped:
         print(f"skipped {plural(n_skipped, 'bad record')}:")
         print("\n".join(f"  {message}" for message in split.skipped_messages))
-    for line in summary_lines(split, max_seq_len, args.length_policy, args.batch_size):
+    for line in summary_lines(split, max_seq_len, data_args.length_policy, args.batch_size):
         print(line)
+    # The lines training logs for the same flags.
+    print("\n".join(split_line(role, part) for role, part in (("train", split), ("eval", data.eval)) if part))
 
     row = 0
     if args.preview_index is not None:
@@ -98,6 +99,6 @@ def run(args: argparse.Namespace) -> int:
     for line in render_preview(tokenizer, example["input_ids"], example["labels"], color=color):
         print(line)
     if args.dump:
-        written = write_dump(args.dump, split)
+        written = write_dump(args.dump, *(part for part in (split, data.eval) if part))
         print(f"\nwrote {plural(written, 'example')} to {args.dump}")
     return 0

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from hf_sft.data.masking import IGNORE_INDEX
 
 
 class PaddingCollator:

@@ -21,8 +21,6 @@ if TYPE_CHECKING:
     from hf_sft.data.template import PromptTemplate
 
 LENGTH_POLICIES = ("drop", "truncate_input", "truncate")
-# Sentinel that tokenizers use for "no limit" (transformers' VERY_LARGE_INTEGER is 1e30).
-_NO_LIMIT = 10**9
 
 
 @dataclass(frozen=True)
@@ -41,13 +39,16 @@ def check_length_policy(policy: str) -> str:
     return policy
 
 
-def resolve_max_seq_len(requested: int | None, model_max: int | None = None) -> int | None:
+def resolve_max_seq_len(requested: int | None, config=None) -> int | None:
     """The effective `max_seq_len`: the request, else the model's maximum, never beyond the model's maximum.
+
+    `hf-sft train` passes the loaded model's config and `hf-sft data` the same config read without the weights, so
+    both commands apply the same limit for the same flags.
 
     Args:
         requested: `--max_seq_len`, or `None`.
-        model_max: the model's `max_position_embeddings` (or a tokenizer's `model_max_length`); huge values mean
-            "no limit".
+        config: the model's `PretrainedConfig` (its `max_position_embeddings` is the maximum), or `None` for no
+            model limit.
 
     Returns:
         The limit in tokens, or `None` for no limit.
@@ -55,7 +56,7 @@ def resolve_max_seq_len(requested: int | None, model_max: int | None = None) -> 
     Raises:
         UsageError: `requested` is not positive or exceeds the model's maximum.
     """
-    model_max = model_max if model_max is not None and model_max < _NO_LIMIT else None
+    model_max = getattr(config, "max_position_embeddings", None)
     if requested is None:
         return model_max
     if requested < 2:

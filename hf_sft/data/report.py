@@ -65,6 +65,14 @@ def padding_report(lengths: Sequence[int], batch_size: int, seed: int = 0) -> li
     ]
 
 
+def split_line(role: str, split: TokenizedSplit) -> str:
+    """The one-line account of a split that training logs and `hf-sft data` prints: `train data: N examples ...`."""
+    dropped = ", ".join(f"{n} {reason}" for reason, n in split.dropped.items()) or "none"
+    skipped = sum(split.skipped.values())
+    line = f"{role} data: {len(split.index)} examples from {split.source}; dropped: {dropped}"
+    return line + (f"; skipped {plural(skipped, 'bad record')}" if skipped else "")
+
+
 def summary_lines(split: TokenizedSplit, max_seq_len: int | None, policy: str, batch_size: int) -> list[str]:
     """The counts, length percentiles and padding figures of one split, as printable lines."""
     n_skipped = sum(split.skipped.values())
@@ -133,18 +141,21 @@ def render_preview(tokenizer, input_ids: Sequence[int], labels: Sequence[int], c
     return ["".join(parts), f"tokens at the boundary (prompt | supervised): {boundary}"]
 
 
-def write_dump(path: str | Path, split: TokenizedSplit) -> int:
-    """Write `{"index", "input_ids", "labels"}` per kept example (labels unshifted, -100 where not supervised).
+def write_dump(path: str | Path, *splits: TokenizedSplit) -> int:
+    """Write `{"index", "input_ids", "labels"}` per kept example of `splits`, in input order.
+
+    `index` is the record's 0-based position in the input; labels are unshifted, -100 where not supervised.
 
     Returns:
         The number of lines written.
     """
-    rows = split.dataset.select_columns(["input_ids", "labels"])
-    written = 0
+    rows = []
+    for split in splits:
+        columns = split.dataset.select_columns(["input_ids", "labels"])
+        rows += [(index, row) for index, row in zip(split.index, columns, strict=True)]
+    rows.sort(key=lambda item: item[0])
     with Path(path).open("w", encoding="utf-8") as out:
-        for batch in rows.iter(batch_size=1000):
-            for input_ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
-                record = {"index": split.index[written], "input_ids": input_ids, "labels": labels}
-                out.write(json.dumps(record, separators=(",", ":")) + "\n")
-                written += 1
-    return written
+        for index, row in rows:
+            record = {"index": index, "input_ids": row["input_ids"], "labels": row["labels"]}
+            out.write(json.dumps(record, separators=(",", ":")) + "\n")
+    return len(rows)

@@ -1,19 +1,28 @@
-"""Training arguments: our own dataclass plus `TrainingArguments`, from YAML defaults and command-line overrides.
+"""Run arguments as transformers' example scripts split them: the model, the data, and the training run.
 
-Precedence, lowest first: our defaults (those of the seed `finetune_gpt.py`), the YAML file, the command line.
-The seed's flag names are accepted everywhere (YAML too) and renamed to their `TrainingArguments` equivalents.
+`ModelArguments` says where the model and its tokenizer come from, `DataArguments` what the examples are (both
+`hf-sft train` and `hf-sft data` parse it, so the two commands read the data the same way), and
+`SFTTrainingArguments` is `transformers.TrainingArguments` with our defaults and run extras, as TRL's `SFTConfig` is.
+Every default is stated once, in its `field(...)`.
+
+Precedence, lowest first: those defaults, the YAML file, the command line. The seed `finetune_gpt.py`'s flag names
+are accepted everywhere (YAML too) and renamed to their `TrainingArguments` equivalents.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_type_hints
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 
+from hf_sft.data.lengths import LENGTH_POLICIES
 from hf_sft.errors import UsageError
 
 # finetune_gpt.py flag -> TrainingArguments field
@@ -32,86 +41,28 @@ LEGACY_NAMES = {
     "beta2": "adam_beta2",
 }
 
-# Defaults of the seed script (DESIGN §1) and of nanoGPT-style fine-tuning where TrainingArguments differs.
-DEFAULTS = {
-    "output_dir": "out/finetune",
-    "per_device_train_batch_size": 2,
-    "per_device_eval_batch_size": 8,
-    "learning_rate": 3e-5,
-    "num_train_epochs": 1,
-    "max_steps": -1,
-    "gradient_accumulation_steps": 8,
-    "logging_steps": 10,
-    "save_steps": 100,
-    "eval_steps": 100,
-    "eval_strategy": "steps",
-    "save_strategy": "steps",
-    "weight_decay": 0.1,
-    "adam_beta1": 0.9,
-    "adam_beta2": 0.95,
-    "max_grad_norm": 1.0,
-    "warmup_steps": 0.03,
-    "lr_scheduler_type": "cosine_with_min_lr",
-    "logging_first_step": True,
-    "remove_unused_columns": False,
-    "save_total_limit": 3,
-    "report_to": "none",
-    "ddp_find_unused_parameters": False,
-    "seed": 1337,
-    # Padding-free packing (attention per example, exact losses): no compute spent on pad tokens; on Dolly it
-    # trains faster than dynamic padding on CPU (scripts/benchmark_throughput.py, README "Benchmarks").
-    "packing": True,
-}
-
-
-POLICIES = ["drop", "truncate_input"]
-SAVES = ["merged", "adapter"]
-
 
 @dataclass
-class SFTArguments:
-    """What the model, the data and the run are; everything about optimisation lives in `TrainingArguments`."""
+class ModelArguments:
+    """The base model and its tokenizer (a legacy checkpoint, a HF folder or Hub id, or a new model), and where
+    it runs.
 
-    config: str | None = field(default=None, metadata={"help": "YAML file whose keys give defaults for any flag."})
-    demo: bool = field(
-        default=False,
-        metadata={"help": "Run the built-in demo (implied when no arguments are given): demo data, tiny new model."},
-    )
-    data_path: str | None = field(
-        default=None, metadata={"help": "Training data: .jsonl/.json file(s), comma-separated, or a Hub dataset id."}
-    )
-    field_map: str | None = field(
-        default=None, metadata={"help": "Source field names, e.g. instruction=question,output=answer."}
-    )
-    eval_data_path: str | None = field(default=None, metadata={"help": "Separate evaluation file (else --val_split)."})
-    val_split: float = field(default=0.05, metadata={"help": "Fraction of the data held out for evaluation."})
-    tokenizer_path: str | None = field(
-        default=None,
-        metadata={"help": "tokenizers JSON or HF folder; default: the model folder's, or one trained on the data."},
-    )
+    `device` lives here rather than on the training arguments: `TrainingArguments.device` is a property that
+    `Trainer` reads, which a field of the same name would shadow.
+    """
+
     pretrained_ckpt_path: str | None = field(
         default=None,
         metadata={"help": "Base model: a legacy .pt/.pth (converted safely on the fly) or a HF folder/Hub id."},
+    )
+    tokenizer_path: str | None = field(
+        default=None,
+        metadata={"help": "tokenizers JSON or HF folder; default: the model folder's, or one trained on the data."},
     )
     bos_token: str | None = field(default=None, metadata={"help": "BOS token string (default [BOS])."})
     eos_token: str | None = field(default=None, metadata={"help": "EOS token string (default [EOS])."})
     pad_token: str | None = field(default=None, metadata={"help": "PAD token string (default [PAD], else EOS)."})
     unk_token: str | None = field(default=None, metadata={"help": "UNK token string (default [UNK])."})
-    max_seq_len: int | None = field(default=None, metadata={"help": "Longest example in tokens (default: model max)."})
-    length_policy: str = field(
-        default="drop",
-        metadata={
-            "help": "Examples longer than max_seq_len: 'drop' or 'truncate_input'.",
-            "choices": ["drop", "truncate_input"],
-        },
-    )
-    skip_bad_records: bool = field(default=False, metadata={"help": "Skip invalid records (and count them)."})
-    num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
-    packing: bool = field(
-        default=False,
-        metadata={"help": "Padding-free packing of each batch into one row; `--packing false` pads instead."},
-    )
-    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batches to a multiple of N (e.g. 8)."})
     device: str = field(
         default="cuda",
         metadata={"help": "cuda or cpu; cuda falls back to cpu with a warning.", "choices": ["cuda", "cpu"]},
@@ -123,7 +74,59 @@ class SFTArguments:
             "choices": ["bfloat16", "float16", "float32"],
         },
     )
+    model_family: str = field(
+        default="llama", metadata={"help": "New model only: nanogpt or llama.", "choices": ["nanogpt", "llama"]}
+    )
+    n_layer: int = field(default=4, metadata={"help": "New model only: layers."})
+    n_head: int = field(default=4, metadata={"help": "New model only: heads."})
+    n_embd: int = field(default=128, metadata={"help": "New model only: width."})
+    block_size: int = field(default=256, metadata={"help": "New model only: longest sequence."})
+    dropout: float = field(default=0.0, metadata={"help": "New model only: dropout on attention and residuals."})
+    tokenizer_vocab_size: int = field(default=1024, metadata={"help": "Tokenizer trained on the data: vocabulary."})
+
+    def special_tokens(self) -> dict[str, str | None]:
+        """The special-token overrides, as keyword arguments of `hf_sft.tokenizer.load_tokenizer`."""
+        return {name: getattr(self, name) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+
+
+@dataclass
+class DataArguments:
+    """What the examples are: the source, its fields, the split and the length limit."""
+
+    data_path: str | None = field(
+        default=None, metadata={"help": "Training data: a .jsonl/.json file or a Hub dataset id."}
+    )
+    field_map: str | None = field(
+        default=None, metadata={"help": "Source field names, e.g. instruction=question,output=answer."}
+    )
+    eval_data_path: str | None = field(default=None, metadata={"help": "Separate evaluation file (else --val_split)."})
+    val_split: float = field(default=0.05, metadata={"help": "Fraction of the data held out for evaluation."})
+    max_seq_len: int | None = field(default=None, metadata={"help": "Longest example in tokens (default: model max)."})
+    length_policy: str = field(
+        default="drop",
+        metadata={"help": "Examples longer than max_seq_len (hf_sft/data/lengths.py).", "choices": LENGTH_POLICIES},
+    )
+    skip_bad_records: bool = field(default=False, metadata={"help": "Skip invalid records (and count them)."})
+    num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
+
+
+@dataclass
+class SFTTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the seed script's defaults (DESIGN §1) and the extras of our runs."""
+
+    config: str | None = field(default=None, metadata={"help": "YAML file whose keys give defaults for any flag."})
+    demo: bool = field(
+        default=False,
+        metadata={"help": "Run the built-in demo (implied when no arguments are given): demo data, tiny new model."},
+    )
     min_lr: float | None = field(default=None, metadata={"help": "Floor of the cosine schedule (default lr / 10)."})
+    # Padding-free packing (attention per example, exact losses): no compute spent on pad tokens; on Dolly it
+    # trains faster than dynamic padding on CPU (scripts/benchmark_throughput.py, README "Benchmarks").
+    packing: bool = field(
+        default=True,
+        metadata={"help": "Padding-free packing of each batch into one row; `--packing false` pads instead."},
+    )
+    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batches to a multiple of N (e.g. 8)."})
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
@@ -138,20 +141,44 @@ class SFTArguments:
             "choices": ["merged", "adapter"],
         },
     )
-    model_family: str = field(
-        default="llama", metadata={"help": "New model only: nanogpt or llama.", "choices": ["nanogpt", "llama"]}
-    )
-    n_layer: int = field(default=4, metadata={"help": "New model only: layers."})
-    n_head: int = field(default=4, metadata={"help": "New model only: heads."})
-    n_embd: int = field(default=128, metadata={"help": "New model only: width."})
-    block_size: int = field(default=256, metadata={"help": "New model only: longest sequence."})
-    dropout: float = field(default=0.0, metadata={"help": "New model only: dropout on attention and residuals."})
-    tokenizer_vocab_size: int = field(default=1024, metadata={"help": "Tokenizer trained on the data: vocabulary."})
     sample_instructions: str | None = field(
         default=None, metadata={"help": "'|'-separated instructions answered at each evaluation (default: a few)."}
     )
     sample_max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per sample answer."})
 
+    # TrainingArguments fields whose defaults differ: the seed script's, and nanoGPT-style fine-tuning's.
+    output_dir: str | None = field(default="out/finetune", metadata={"help": "Final model and checkpoints."})
+    per_device_train_batch_size: int = field(default=2, metadata={"help": "Batch size per device."})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Evaluation batch size per device."})
+    learning_rate: float = field(default=3e-5, metadata={"help": "Peak learning rate."})
+    num_train_epochs: float = field(default=1, metadata={"help": "Epochs (unless max_steps > 0)."})
+    gradient_accumulation_steps: int = field(default=8, metadata={"help": "Batches per optimizer step."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    save_steps: float = field(default=100, metadata={"help": "Checkpoint every N steps."})
+    eval_steps: float | None = field(default=100, metadata={"help": "Evaluate every N steps."})
+    eval_strategy: IntervalStrategy | str = field(default="steps", metadata={"help": "When to evaluate."})
+    save_strategy: SaveStrategy | str = field(default="steps", metadata={"help": "When to checkpoint."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    warmup_steps: float = field(default=0.03, metadata={"help": "Warmup steps, or a ratio of all steps if < 1."})
+    lr_scheduler_type: SchedulerType | str = field(
+        default="cosine_with_min_lr", metadata={"help": "Learning-rate schedule; the floor is --min_lr."}
+    )
+    logging_first_step: bool = field(default=True, metadata={"help": "Log the first step too."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Our datasets hold exactly the model's columns: nothing to remove."}
+    )
+    save_total_limit: int | None = field(default=3, metadata={"help": "Complete checkpoints kept."})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "Trackers: none, tensorboard, ..."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "Every parameter takes part in each step."}
+    )
+    seed: int = field(default=1337, metadata={"help": "Random seed (also of the held-out split)."})
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, SFTTrainingArguments)
 
 DEMO_OVERRIDES = {
     "demo": True,
@@ -179,15 +206,15 @@ DEMO_OVERRIDES = {
 }
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[SFTArguments, TrainingArguments]:
-    """Parse YAML + command line into `(SFTArguments, TrainingArguments)`; no arguments means the demo."""
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, SFTTrainingArguments]:
+    """Parse YAML + command line into `(ModelArguments, DataArguments, SFTTrainingArguments)`; none: the demo."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((SFTArguments, TrainingArguments))
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
     for action in parser._actions:
         if action.dest == "hub_private_repo":  # `bool | None` in TrainingArguments: let the bare flag mean true
             action.nargs, action.const = "?", True
     argv = _rename_legacy_flags(argv)
-    defaults = dict(DEFAULTS)
+    defaults = {}
     if not argv or "--demo" in argv:
         defaults.update(DEMO_OVERRIDES)
     config_path = _peek_config(argv)
@@ -195,7 +222,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[SFTArguments, TrainingArg
         defaults.update(load_yaml(config_path, parser))
     parser.set_defaults(**defaults)
     try:
-        sft_args, training_args, leftover = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+        model_args, data_args, training_args, leftover = parser.parse_args_into_dataclasses(
+            argv, return_remaining_strings=True
+        )
     except ValueError as err:  # TrainingArguments.__post_init__ rejects inconsistent combinations
         raise UsageError(str(err)) from None
     if leftover:
@@ -203,7 +232,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[SFTArguments, TrainingArg
     if training_args.include_num_input_tokens_seen == "no":
         # Counts real tokens for the tokens/s figure; argparse cannot take this as a default (its type is bool).
         training_args = dataclasses.replace(training_args, include_num_input_tokens_seen="non_padding")
-    return sft_args, training_args
+    return model_args, data_args, training_args
+
+
+def add_dataclass_arguments(parser, dataclass_type) -> None:
+    """Add the flags of one of the argument dataclasses to a plain `argparse` (sub)parser, as HfArgumentParser does.
+
+    Read them back with `from_namespace`.
+    """
+    hints = get_type_hints(dataclass_type)
+    group = parser.add_argument_group(dataclass_type.__name__)
+    for item in dataclasses.fields(dataclass_type):
+        if item.init:
+            item = copy.copy(item)  # the type is resolved on a copy: the class's own fields stay untouched
+            item.type = hints[item.name]
+            HfArgumentParser._parse_dataclass_field(group, item)
+
+
+def from_namespace(dataclass_type, namespace):
+    """The dataclass instance whose fields are read from an `argparse.Namespace` (see `add_dataclass_arguments`)."""
+    return dataclass_type(**{item.name: getattr(namespace, item.name) for item in dataclasses.fields(dataclass_type)})
 
 
 def load_yaml(path: str | Path, parser: HfArgumentParser) -> dict:

@@ -7,10 +7,10 @@ import logging
 import os
 from pathlib import Path
 
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from hf_sft.errors import UsageError
-from hf_sft.training.arguments import SFTArguments
+from hf_sft.training.arguments import DataArguments, SFTTrainingArguments
 from hf_sft.training.report import LOSS_PLOT, model_card, plot_losses
 
 logger = logging.getLogger("hf_sft.train")
@@ -34,10 +34,10 @@ _CARD_ARGS = (
 )
 
 
-def save_final(trainer: Trainer, sft: SFTArguments, output_dir: Path, base: str, samples: list[dict]) -> None:
+def save_final(trainer: Trainer, data_args: DataArguments, output_dir: Path, base: str, samples: list[dict]) -> None:
     """Model (LoRA merged unless `--lora_save adapter`), tokenizer, loss plot, model card; then the push, if asked."""
-    model = trainer.model
-    if sft.use_lora and sft.lora_save == "merged":
+    model, args = trainer.model, trainer.args
+    if args.use_lora and args.lora_save == "merged":
         model = model.merge_and_unload()
     if not trainer.is_world_process_zero():
         return
@@ -46,11 +46,11 @@ def save_final(trainer: Trainer, sft: SFTArguments, output_dir: Path, base: str,
     history = trainer.state.log_history
     plot_losses(history, output_dir / LOSS_PLOT)
     hyper = {k: getattr(trainer.args, k) for k in _CARD_ARGS}
-    hyper.update({"max_seq_len": sft.max_seq_len, "packing": sft.packing, "use_lora": sft.use_lora})
+    hyper.update({"max_seq_len": data_args.max_seq_len, "packing": args.packing, "use_lora": args.use_lora})
     repo_id = trainer.hub_model_id if trainer.args.push_to_hub else None
     card = model_card(
         base_model=base,
-        data=sft.data_path,
+        data=data_args.data_path,
         hyperparameters=hyper,
         log_history=history,
         samples=samples,
@@ -83,7 +83,7 @@ def push_final(trainer: Trainer, output_dir: Path, repo_id: str) -> None:
     logger.info("pushed %d files to %s: %s", len(result.files), result.repo_id, result.commit_url)
 
 
-def check_hub_args(args: TrainingArguments, sft: SFTArguments, output_dir: Path) -> TrainingArguments:
+def check_hub_args(args: SFTTrainingArguments, output_dir: Path) -> SFTTrainingArguments:
     """`--push_to_hub`: check the token and the network before training, not after it; keep the token off disk."""
     if args.hub_token:
         # TrainingArguments is pickled whole into training_args.bin (each checkpoint): the token must not be in it.
@@ -92,7 +92,7 @@ def check_hub_args(args: TrainingArguments, sft: SFTArguments, output_dir: Path)
         logger.warning("--hub_token is passed on as HF_TOKEN and not saved; prefer HF_TOKEN or `hf auth login`")
     if not args.push_to_hub:
         return args
-    if sft.use_lora and sft.lora_save == "adapter":
+    if args.use_lora and args.lora_save == "adapter":
         raise UsageError("--push_to_hub uploads a full model: use --lora_save merged with it")
     if args.process_index == 0:
         from hf_sft.hub import check_hub

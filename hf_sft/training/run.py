@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import transformers
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, set_seed
 
 from hf_sft.errors import UsageError
-from hf_sft.training.arguments import SFTArguments, parse_args
+from hf_sft.training.arguments import DataArguments, ModelArguments, SFTTrainingArguments, parse_args
 from hf_sft.training.checkpoints import AtomicCheckpointCallback, PreemptionCallback, resolve_resume_path
 from hf_sft.training.feedback import (
     DEFAULT_SAMPLE_INSTRUCTIONS,
@@ -28,21 +28,21 @@ logger = logging.getLogger("hf_sft.train")
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line (or YAML) and train."""
-    sft, args = parse_args(argv)
-    return run(sft, args)
+    model_args, data_args, args = parse_args(argv)
+    return run(model_args, data_args, args)
 
 
-def run(sft: SFTArguments, args: TrainingArguments) -> int:
+def run(model_args: ModelArguments, data_args: DataArguments, args: SFTTrainingArguments) -> int:
     """Train as configured; returns the process exit status."""
-    if sft.demo:
-        _fill_demo_paths(sft)
-    if not sft.data_path:
+    if args.demo:
+        _fill_demo_paths(data_args)
+    if not data_args.data_path:
         raise UsageError("--data_path is required (or --demo, or no arguments at all, for the built-in demo)")
-    args = resolve_device_and_precision(sft, args)
+    args = resolve_device_and_precision(model_args, args)
     _check_world_size(args)
     output_dir = Path(args.output_dir)
     _setup_logging(args, output_dir)
-    args = check_hub_args(args, sft, output_dir)
+    args = check_hub_args(args, output_dir)
     logger.info("world size %d | device %s | precision %s", args.world_size, args.device, _precision_name(args))
     resume = resolve_resume_path(args.resume_from_checkpoint, output_dir)
     set_seed(args.seed)
@@ -56,34 +56,34 @@ def run(sft: SFTArguments, args: TrainingArguments) -> int:
         resolve_max_seq_len,
     )
 
-    model, tokenizer, base_description = load_model_and_tokenizer(sft)
+    model, tokenizer, base_description = load_model_and_tokenizer(model_args, data_args)
     sync_special_token_ids(model, tokenizer)
     install_chat_template(tokenizer)
     data = build_datasets(
-        sft.data_path,
+        data_args.data_path,
         tokenizer,
-        field_map=parse_field_map(sft.field_map),
-        max_seq_len=resolve_max_seq_len(sft.max_seq_len, model.config.max_position_embeddings),
-        length_policy=sft.length_policy,
-        skip_bad_records=sft.skip_bad_records,
-        val_split=0.0 if sft.eval_data_path else sft.val_split,
-        eval_data_path=sft.eval_data_path,
+        field_map=parse_field_map(data_args.field_map),
+        max_seq_len=resolve_max_seq_len(data_args.max_seq_len, model.config),
+        length_policy=data_args.length_policy,
+        skip_bad_records=data_args.skip_bad_records,
+        val_split=0.0 if data_args.eval_data_path else data_args.val_split,
+        eval_data_path=data_args.eval_data_path,
         seed=args.seed,
-        num_proc=sft.num_proc,
+        num_proc=data_args.num_proc,
     )
     _log_data(data)
     train_dataset = data.train.dataset
     eval_dataset = data.eval.dataset if data.eval is not None else None
-    if sft.use_lora:
-        model = _wrap_lora(model, sft)
+    if args.use_lora:
+        model = _wrap_lora(model, args)
 
     save_total_limit = args.save_total_limit
-    args = _finalise_training_args(args, sft, has_eval=eval_dataset is not None)
+    args = _finalise_training_args(args, has_eval=eval_dataset is not None)
     samples = SampleGenerationCallback(
         tokenizer,
         lambda instruction: encode_prompt(tokenizer, instruction),
-        sft.sample_instructions.split("|") if sft.sample_instructions else DEFAULT_SAMPLE_INSTRUCTIONS,
-        max_new_tokens=sft.sample_max_new_tokens,
+        args.sample_instructions.split("|") if args.sample_instructions else DEFAULT_SAMPLE_INSTRUCTIONS,
+        max_new_tokens=args.sample_max_new_tokens,
     )
     preemption = PreemptionCallback()
     trainer = Trainer(
@@ -91,7 +91,7 @@ def run(sft: SFTArguments, args: TrainingArguments) -> int:
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=make_collator(tokenizer.pad_token_id, sft.packing, sft.pad_to_multiple_of),
+        data_collator=make_collator(tokenizer.pad_token_id, args.packing, args.pad_to_multiple_of),
         processing_class=tokenizer,
         callbacks=[AtomicCheckpointCallback(save_total_limit), preemption, LogFileCallback(output_dir / "train.log")],
     )
@@ -110,37 +110,29 @@ def run(sft: SFTArguments, args: TrainingArguments) -> int:
         return 0
     if eval_dataset is not None and not _evaluated_at(trainer.state.log_history, trainer.state.global_step):
         trainer.evaluate()
-    save_final(trainer, sft, output_dir, base_description, samples.history)
+    save_final(trainer, data_args, output_dir, base_description, samples.history)
     return 0
 
 
 def _log_data(data) -> None:
+    from hf_sft.data.report import split_line
+
     for role, split in (("train", data.train), ("eval", data.eval)):
-        if split is None:
-            continue
-        dropped = ", ".join(f"{n} {reason}" for reason, n in split.dropped.items()) or "none"
-        skipped = sum(split.skipped.values())
-        logger.info(
-            "%s data: %d examples from %s; dropped: %s%s",
-            role,
-            len(split.index),
-            split.source,
-            dropped,
-            f"; skipped {skipped} bad record{'s' if skipped != 1 else ''}" if skipped else "",
-        )
+        if split is not None:
+            logger.info("%s", split_line(role, split))
 
 
 def _evaluated_at(history: list[dict], step: int) -> bool:
     return any("eval_loss" in entry and entry.get("step") == step for entry in history)
 
 
-def _fill_demo_paths(sft: SFTArguments) -> None:
+def _fill_demo_paths(data_args: DataArguments) -> None:
     from hf_sft.demo import DEMO_DATA
 
-    sft.data_path = sft.data_path or str(DEMO_DATA)
+    data_args.data_path = data_args.data_path or str(DEMO_DATA)
 
 
-def _check_world_size(args: TrainingArguments) -> None:
+def _check_world_size(args: SFTTrainingArguments) -> None:
     """`accelerate launch --num_processes 2` without a process group gives two separate runs: refuse that."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != args.world_size:
@@ -150,12 +142,12 @@ def _check_world_size(args: TrainingArguments) -> None:
         )
 
 
-def _finalise_training_args(args: TrainingArguments, sft: SFTArguments, has_eval: bool) -> TrainingArguments:
+def _finalise_training_args(args: SFTTrainingArguments, has_eval: bool) -> SFTTrainingArguments:
     import dataclasses
 
     kwargs = dict(args.lr_scheduler_kwargs or {})
     if args.lr_scheduler_type == "cosine_with_min_lr" and "min_lr" not in kwargs and "min_lr_rate" not in kwargs:
-        kwargs["min_lr"] = sft.min_lr if sft.min_lr is not None else args.learning_rate / 10
+        kwargs["min_lr"] = args.min_lr if args.min_lr is not None else args.learning_rate / 10
     changes = {
         "lr_scheduler_kwargs": kwargs,
         "save_total_limit": None,  # rotation is AtomicCheckpointCallback's, after a checkpoint is complete
@@ -165,16 +157,16 @@ def _finalise_training_args(args: TrainingArguments, sft: SFTArguments, has_eval
     return dataclasses.replace(args, **changes)
 
 
-def _wrap_lora(model, sft: SFTArguments):
+def _wrap_lora(model, args: SFTTrainingArguments):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise UsageError("--use_lora needs peft: pip install 'hf-sft[lora]'") from None
     config = LoraConfig(
-        r=sft.lora_r,
-        lora_alpha=sft.lora_alpha,
-        lora_dropout=sft.lora_dropout,
-        target_modules=[t.strip() for t in sft.lora_targets.split(",") if t.strip()],
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=[t.strip() for t in args.lora_targets.split(",") if t.strip()],
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config)
@@ -183,11 +175,11 @@ def _wrap_lora(model, sft: SFTArguments):
     return model
 
 
-def _precision_name(args: TrainingArguments) -> str:
+def _precision_name(args: SFTTrainingArguments) -> str:
     return "bf16 autocast" if args.bf16 else "fp16 autocast + grad scaler" if args.fp16 else "fp32"
 
 
-def _setup_logging(args: TrainingArguments, output_dir: Path) -> None:
+def _setup_logging(args: SFTTrainingArguments, output_dir: Path) -> None:
     """hf_sft's messages on stderr and in `<output_dir>/train.log` (rank 0); transformers' warnings go to both too."""
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     hf_sft_logger = logging.getLogger("hf_sft")
