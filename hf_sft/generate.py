@@ -113,20 +113,16 @@ def load_for_generation(model_dir: str | Path, device: str | None = None):
     return model.to(device).eval(), tokenizer
 
 
-def prompt_ids(tokenizer, instruction: str, input: str = "") -> list[int]:
-    """Token ids of the prompt, built with the template the model was trained with.
+def prompt_ids(tokenizer, instruction: str, input: str = "", template=None) -> list[int]:
+    """Token ids of the prompt, in the format the model was trained with.
 
-    The tokenizer's chat template is that template (training installs it); without one, the default template is used.
-    Either way the text is tokenised exactly as training tokenised prompts.
+    The format is the one the tokenizer's chat template names (training installs it; see
+    `hf_sft.data.template.format_of`), unless `template` is given. The text is tokenised exactly as training
+    tokenised prompts.
     """
-    from hf_sft.data import DEFAULT_TEMPLATE, encode_prompt
+    from hf_sft.data import encode_prompt, format_of
 
-    template = getattr(tokenizer, "chat_template", None)
-    if not template or template == DEFAULT_TEMPLATE.chat_template():
-        return encode_prompt(tokenizer, instruction, input)
-    message = {"role": "user", "content": instruction, "input": input}
-    text = tokenizer.apply_chat_template([message], tokenize=False)
-    return tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    return encode_prompt(tokenizer, instruction, input, template=template or format_of(tokenizer))
 
 
 @torch.no_grad()
@@ -138,6 +134,7 @@ def generate_response(
     max_new_tokens: int = 256,
     sampling: Sampling | None = None,
     use_cache: bool = True,
+    template=None,
 ) -> str:
     """The model's answer to one instruction: new tokens up to EOS, decoded without special tokens.
 
@@ -149,11 +146,12 @@ def generate_response(
         max_new_tokens: the most tokens to generate (fewer when the model's context would overflow).
         sampling: how to pick tokens; greedy by default.
         use_cache: use the KV cache (the result is the same without it, only slower).
+        template: the prompt format; default: the one the tokenizer's chat template names.
 
     Raises:
         UsageError: the prompt alone fills the model's context.
     """
-    ids = prompt_ids(tokenizer, instruction, input)
+    ids = prompt_ids(tokenizer, instruction, input, template)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and len(ids) >= limit:
         raise UsageError(f"the prompt is {len(ids)} tokens long; this model reads at most {limit}")

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 
 import hf_sft.data.masking as masking_module
 from hf_sft.data.masking import IGNORE_INDEX, Encoder, encode_prompt, tokenize_and_mask, unencodable_characters
-from hf_sft.data.template import install_chat_template, prompt_text
+from hf_sft.data.template import FORMATS, install_chat_template, prompt_text
 from hf_sft.tokenizer import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -65,13 +65,14 @@ def test_prefix_space_pretokenizer_does_not_add_a_second_space(tmp_path):
         assert ids[:n_prompt] == encode_prompt(tokenizer, record["instruction"])
 
 
-def test_prompt_ids_equal_the_chat_template_ids():
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_prompt_ids_equal_the_chat_template_ids(name):
     tokenizer = load_tokenizer(FIXTURES / "tiny_bpe.json")
-    install_chat_template(tokenizer)
+    install_chat_template(tokenizer, FORMATS[name])
     records = [{"instruction": "Summarise the text.", "input": "The cat sat.", "output": "A cat sat."}]
-    out = tokenize_and_mask(batch_of(records), Encoder.from_tokenizer(tokenizer))
+    out = tokenize_and_mask(batch_of(records), Encoder.from_tokenizer(tokenizer), FORMATS[name])
     message = {"role": "user", "content": "Summarise the text.", "input": "The cat sat."}
-    chat_ids = tokenizer.apply_chat_template([message], tokenize=True, return_dict=False)
+    chat_ids = tokenizer.apply_chat_template([message], add_generation_prompt=True, return_dict=False)
     assert out["input_ids"][0][: len(chat_ids)] == chat_ids
     assert out["labels"][0][len(chat_ids) - 1] == IGNORE_INDEX and out["labels"][0][len(chat_ids)] != IGNORE_INDEX
 
@@ -103,21 +104,37 @@ def test_encoder_pickles_for_multiprocess_map(tmp_path):
     assert clone.encode_responses([" Tope"]) == encoder.encode_responses([" Tope"])
 
 
-@pytest.mark.parametrize("tokenizer_file", list(DOLLY_TOKENIZERS))
-def test_every_dolly_record_is_masked_exactly(shared_dir, tokenizer_file):
+def dolly(shared_dir, tokenizer_file):
     tokenizer = load_tokenizer(shared_dir / "data" / "tokenizers" / tokenizer_file, **DOLLY_TOKENIZERS[tokenizer_file])
     lines = (shared_dir / "data" / "dolly" / "dolly_sample.jsonl").read_text(encoding="utf-8").splitlines()
-    records = [json.loads(line) for line in lines]
-    out = tokenize_and_mask(batch_of(records), Encoder.from_tokenizer(tokenizer), max_seq_len=2048)
-    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token
-    # simple_llama's vocabulary lacks every non-ASCII byte (and tab, '{', ...): its BPE drops those characters, so
-    # exact text is expected up to them (43 of the 198 records contain some).
-    texts = [text for record in records for text in (record["instruction"], record["context"], record["response"])]
-    lost = set(unencodable_characters(Encoder.from_tokenizer(tokenizer), texts))
-    assert bool(lost) == (tokenizer_file == "simple_llama_bpe_8k.json")
+    return tokenizer, [json.loads(line) for line in lines]
 
-    def representable(text):
-        return "".join(char for char in text if char not in lost)
+
+def representable_in(tokenizer, texts):
+    """simple_llama's vocabulary lacks every non-ASCII byte (and tab, '{', ...): its BPE drops those characters, so
+    exact text is expected up to them."""
+    lost = set(unencodable_characters(Encoder.from_tokenizer(tokenizer), texts))
+    return lambda text: "".join(char for char in text if char not in lost)
+
+
+def as_decoded(prompt: str, tokenizer) -> set[str]:
+    """A prompt as decoding its ids may show it: simple_llama's pre-tokenizer puts a space before the text at the
+    start and after a special token (inference tokenises the prompt the same way)."""
+    if tokenizer.bos_token != "<SOS>":
+        return {prompt}
+    return {prompt, " " + prompt, prompt.replace("<SOS>", "<SOS> ", 1)}
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("tokenizer_file", list(DOLLY_TOKENIZERS))
+def test_every_dolly_record_is_masked_exactly(shared_dir, tokenizer_file, name):
+    template = FORMATS[name]
+    tokenizer, records = dolly(shared_dir, tokenizer_file)
+    out = tokenize_and_mask(batch_of(records), Encoder.from_tokenizer(tokenizer), template, max_seq_len=2048)
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token
+    texts = [text for record in records for text in (record["instruction"], record["context"], record["response"])]
+    representable = representable_in(tokenizer, [*texts, template.chat_template()])
+    assert (representable("é{") == "é{") == (tokenizer_file != "simple_llama_bpe_8k.json")
 
     checked = 0
     for record, ids, labels, status in zip(records, out["input_ids"], out["labels"], out["status"], strict=True):
@@ -129,14 +146,56 @@ def test_every_dolly_record_is_masked_exactly(shared_dir, tokenizer_file):
         assert supervised == list(range(start, len(ids))), "supervised positions are one run to the end"
         assert ids[-1] == eos and eos not in ids[:-1]
         assert all(labels[i] == ids[i] for i in supervised)
-        # The template puts one space between "Response:" and the response; the response is otherwise exact.
-        assert tokenizer.decode(ids[start:-1]) == " " + representable(record["response"])
-        expected_prompt = prompt_text(record["instruction"], record["context"], bos_token=bos)
-        assert tokenizer.decode(ids[:start]) == representable(expected_prompt) and expected_prompt.endswith(
-            "Response:"
-        )
-        assert ("Input: " + record["context"] in expected_prompt) == bool(record["context"].strip())
+        # The supervised text is the format's answer text (seed: one space, then the response), exactly.
+        assert tokenizer.decode(ids[start:-1]) == representable(template.response_text(record["response"]))
+        expected_prompt = template.prompt_text(record["instruction"], record["context"], bos_token=bos)
+        assert tokenizer.decode(ids[:start]) in as_decoded(representable(expected_prompt), tokenizer)
+        if record["context"].strip():
+            assert record["context"] in expected_prompt
         # The prompt ids are what inference feeds the model for this prompt.
         assert ids[:start] == tokenizer(expected_prompt, add_special_tokens=False)["input_ids"]
         checked += 1
     assert checked == len(records) - out["status"].count("drop:too_long") and checked >= 190
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("tokenizer_file", list(DOLLY_TOKENIZERS))
+def test_multi_turn_labels_cover_exactly_the_assistant_turns(shared_dir, tokenizer_file, name):
+    """Dolly records chained three to a conversation (with a system turn): every boundary is exact."""
+    template = FORMATS[name]
+    tokenizer, records = dolly(shared_dir, tokenizer_file)
+    conversations = []
+    for start in range(0, 60, 3):
+        turns = [{"role": "system", "content": "Answer briefly."}]
+        for record in records[start : start + 3]:
+            turns += [
+                {"role": "user", "content": record["instruction"]},
+                {"role": "assistant", "content": record["response"]},
+            ]
+        conversations.append(turns)
+    out = tokenize_and_mask({"messages": conversations}, Encoder.from_tokenizer(tokenizer), template)
+    representable = representable_in(
+        tokenizer, [t["content"] for c in conversations for t in c] + [template.chat_template()]
+    )
+    install_chat_template(tokenizer, template)
+    for turns, ids, labels in zip(conversations, out["input_ids"], out["labels"], strict=True):
+        runs, current = [], []
+        for position, label in enumerate(labels):
+            if label != IGNORE_INDEX:
+                current.append(position)
+            elif current:
+                runs.append(current)
+                current = []
+        runs += [current] if current else []
+        answers = [turn["content"] for turn in turns if turn["role"] == "assistant"]
+        assert len(runs) == len(answers) == 3
+        for run, answer in zip(runs, answers, strict=True):
+            assert ids[run[-1]] == tokenizer.eos_token_id and all(labels[i] == ids[i] for i in run)
+            assert tokenizer.decode(ids[run[0] : run[-1]]) == representable(template.response_text(answer))
+        # The whole example is the conversation as the saved chat template renders it.
+        whole = tokenizer.apply_chat_template(turns, tokenize=False)
+        assert tokenizer.decode(ids) in as_decoded(representable(whole), tokenizer)
+        # Each answer's prompt is what inference would feed the model at that turn.
+        for run, turn in zip(runs, [i for i, t in enumerate(turns) if t["role"] == "assistant"], strict=True):
+            prompt = tokenizer.apply_chat_template(turns[:turn], tokenize=False, add_generation_prompt=True)
+            assert tokenizer.decode(ids[: run[0]]) in as_decoded(representable(prompt), tokenizer)

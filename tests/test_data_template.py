@@ -1,4 +1,4 @@
-"""The prompt template: seed format, configurable, and identical as the tokenizer's chat template."""
+"""Prompt formats: seed text, built-ins as saved chat templates, user Jinja files, the format a folder keeps."""
 
 import doctest
 from pathlib import Path
@@ -7,11 +7,18 @@ import pytest
 from transformers import AutoTokenizer
 
 import hf_sft.data.template as template_module
-from hf_sft.data.template import DEFAULT_TEMPLATE, PromptTemplate, install_chat_template, prompt_text
+from hf_sft.data.template import FORMATS, SEED, format_of, get_format, install_chat_template, prompt_text
 from hf_sft.errors import UsageError
 from hf_sft.tokenizer import load_tokenizer
 
 TINY_TOKENIZER = Path(__file__).parent / "fixtures" / "tiny_bpe.json"
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Pick one.", "input": "Tope or Rope"},
+    {"role": "assistant", "content": "Tope"},
+    {"role": "user", "content": "Why?"},
+    {"role": "assistant", "content": "It is a shark."},
+]
 
 
 def test_doctests():
@@ -24,71 +31,74 @@ def test_seed_format_with_and_without_input():
     )
     assert prompt_text("Name a fish.", "", bos_token="[BOS]") == "[BOS] Instruction: Name a fish. Response:"
     assert prompt_text("Name a fish.", " \n ", bos_token="[BOS]") == "[BOS] Instruction: Name a fish. Response:"
-    assert DEFAULT_TEMPLATE.response_text("Tope") == " Tope"
+    assert SEED.response_text("Tope") == " Tope"
 
 
-@pytest.mark.parametrize(
-    "messages, expected",
-    [
-        ([{"role": "user", "content": "Name a fish."}], "[BOS] Instruction: Name a fish. Response:"),
-        ([{"role": "user", "content": "Pick one.", "input": "Tope or Rope"}], None),
-        ([{"role": "user", "content": "Pick one.", "input": "  "}], None),
-        ([{"role": "user", "content": "Pick one.", "input": None}], None),
-    ],
-)
-def test_chat_template_gives_the_inference_prompt(messages, expected):
+@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("user_input", ["Tope or Rope", "  ", None, ""])
+def test_saved_chat_template_gives_the_training_prompt(tmp_path, name, user_input):
     tokenizer = load_tokenizer(TINY_TOKENIZER)
-    install_chat_template(tokenizer)
-    user = messages[0]
-    expected = expected or prompt_text(user["content"], user.get("input") or "", bos_token="[BOS]")
-    for generation_prompt in (False, True):  # pipelines pass add_generation_prompt=True
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-        assert text == expected
-
-
-def test_chat_template_renders_the_training_text_and_survives_save(tmp_path):
-    tokenizer = load_tokenizer(TINY_TOKENIZER)
-    install_chat_template(tokenizer)
+    install_chat_template(tokenizer, FORMATS[name])
     tokenizer.save_pretrained(tmp_path)
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
-    conversation = [{"role": "user", "content": "Hi", "input": "ctx"}, {"role": "assistant", "content": "Hello"}]
-    assert (
-        reloaded.apply_chat_template(conversation, tokenize=False)
-        == "[BOS] Instruction: Hi Input: ctx Response: Hello[EOS]"
-    )
-    ids = reloaded.apply_chat_template(conversation[:1], tokenize=True, return_dict=False)
-    assert ids == reloaded(prompt_text("Hi", "ctx", bos_token="[BOS]"), add_special_tokens=False)["input_ids"]
-    assert ids[0] == reloaded.bos_token_id
-    with pytest.raises(Exception, match="only user and assistant"):
-        reloaded.apply_chat_template([{"role": "system", "content": "x"}], tokenize=False)
+    message = {"role": "user", "content": "Pick one.", "input": user_input}
+    text = reloaded.apply_chat_template([message], tokenize=False, add_generation_prompt=True)
+    assert text == FORMATS[name].prompt_text("Pick one.", user_input or "", bos_token="[BOS]")
+    assert format_of(reloaded) is FORMATS[name]  # the folder remembers its format
 
 
-def test_custom_template_with_awkward_literals_matches_its_chat_template():
-    template = PromptTemplate(
-        prompt="{bos}### {{Task}} %}} \"{instruction}\"\n'ctx': {input}\n### Answer:",
-        prompt_no_input='{bos}### {{Task}} {{# "{instruction}"\nnaïve 😀\n### Answer:',
-        response="\n{output}",
-    )
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_segments_are_the_rendered_conversation_cut_at_each_answer(name):
     tokenizer = load_tokenizer(TINY_TOKENIZER)
-    install_chat_template(tokenizer, template)
-    for user_input in ("some \\n context", ""):
-        expected = template.prompt_text("Do it", user_input, bos_token="[BOS]")
-        message = {"role": "user", "content": "Do it", "input": user_input}
-        assert tokenizer.apply_chat_template([message], tokenize=False) == expected
-    answer = tokenizer.apply_chat_template([{"role": "assistant", "content": "ok"}], tokenize=False)
-    assert answer == "\nok[EOS]"
+    install_chat_template(tokenizer, FORMATS[name])
+    pieces = FORMATS[name].segments(CONVERSATION, bos_token="[BOS]")
+    assert [supervised for _, supervised in pieces] == [False, True, False, True]
+    assert pieces[1][0] == FORMATS[name].response_text("Tope")
+    rendered = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    assert rendered == "".join(text + ("[EOS]" if supervised else "") for text, supervised in pieces)
+
+
+def test_seed_text_of_a_conversation():
+    text = load_tokenizer(TINY_TOKENIZER)
+    install_chat_template(text, SEED)
+    assert text.apply_chat_template(CONVERSATION[1:3], tokenize=False) == (
+        "[BOS] Instruction: Pick one. Input: Tope or Rope Response: Tope[EOS]"
+    )
+
+
+def test_a_user_jinja_file_is_a_format(tmp_path):
+    path = tmp_path / "qa.jinja"
+    path.write_text(
+        "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}Q: {{ m.content }}\n"
+        "{% elif m.role == 'assistant' %}A: {{ m.content }}{{ eos_token }}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}A:{% endif %}"
+    )
+    fmt = get_format(str(path))
+    assert fmt.bos and fmt.prompt_text("Hi", bos_token="[BOS]") == "[BOS]Q: Hi\nA:"
+    assert fmt.response_text("Hello") == " Hello"
+    pieces = fmt.segments(CONVERSATION[1:], bos_token="[BOS]", eos_token="[EOS]")
+    assert pieces == [
+        ("[BOS]Q: Pick one.\nA:", False),
+        (" Tope", True),
+        ("\nQ: Why?\nA:", False),
+        (" It is a shark.", True),
+    ]
+    tokenizer = load_tokenizer(TINY_TOKENIZER)
+    install_chat_template(tokenizer, fmt)
+    assert format_of(tokenizer).template == fmt.template
 
 
 @pytest.mark.parametrize(
-    "fields",
+    "content, message",
     [
-        {"prompt": "{bos} {instruction} Response:"},  # no {input}
-        {"prompt_no_input": "{instruction} {input}"},  # {input} where there is none
-        {"response": "{answer}"},  # unknown field
-        {"response": "{output!r}"},  # conversion
-        {"prompt": "{bos {instruction} {input}"},  # not a format string
+        ("{% for m in messages %}{{ m.content }}{% endfor %}", "does not end with"),  # no EOS: would never stop
+        ("{% for m in messages %}{{ m.content }", "TemplateSyntaxError"),
     ],
 )
-def test_invalid_templates_are_usage_errors(fields):
-    with pytest.raises(UsageError, match="template"):
-        PromptTemplate(**fields)
+def test_unusable_jinja_files_are_usage_errors(tmp_path, content, message):
+    path = tmp_path / "bad.jinja"
+    path.write_text(content)
+    with pytest.raises(UsageError, match=message):
+        get_format(str(path))
+    with pytest.raises(UsageError, match="not one of seed, alpaca, chatml"):
+        get_format(str(tmp_path / "missing.jinja"))

@@ -10,7 +10,7 @@ import torch
 
 from hf_sft import HfSftGPTConfig, HfSftGPTForCausalLM
 from hf_sft.cli import main
-from hf_sft.data import PromptTemplate, encode_prompt, install_chat_template
+from hf_sft.data import FORMATS, encode_prompt, get_format, install_chat_template
 from hf_sft.errors import UsageError
 from hf_sft.generate import Sampling, generate_response, load_for_generation, prompt_ids, tokenizer_dir
 from hf_sft.tokenizer import load_tokenizer
@@ -29,7 +29,7 @@ def trained(tmp_path_factory) -> Path:
     return out
 
 
-def random_model(folder: Path, **fields) -> Path:
+def random_model(folder: Path, template=FORMATS["seed"], **fields) -> Path:
     """A random-weight model whose EOS is never the greedy choice, so answers run to max_new_tokens."""
     tokenizer = load_tokenizer(TOKENIZER)
     ids = {name: getattr(tokenizer, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
@@ -39,7 +39,7 @@ def random_model(folder: Path, **fields) -> Path:
     with torch.no_grad():
         model.lm_head.weight[tokenizer.eos_token_id] = 0
         model.lm_head.weight.mul_(20)  # peaked logits: no near-ties, so the cached and uncached argmax agree
-    install_chat_template(tokenizer)
+    install_chat_template(tokenizer, template)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -87,11 +87,28 @@ def test_prompt_is_the_training_prompt(tmp_path):
     assert prompt_ids(tokenizer, "Name a fish.") == encode_prompt(tokenizer, "Name a fish.")
     assert prompt_ids(tokenizer, "Name a fish.")[0] == tokenizer.bos_token_id
 
-    # A model trained with another template carries it as its chat template: generation follows it.
-    custom = PromptTemplate(prompt="{bos} Q: {instruction} C: {input} A:", prompt_no_input="{bos} Q: {instruction} A:")
-    install_chat_template(tokenizer, custom)
-    assert prompt_ids(tokenizer, "Hi", "there") == encode_prompt(tokenizer, "Hi", "there", template=custom)
-    assert prompt_ids(tokenizer, "Hi") != encode_prompt(tokenizer, "Hi")
+    # A model trained with another format carries it as its chat template: generation follows it.
+    for name in ("alpaca", "chatml"):
+        install_chat_template(tokenizer, FORMATS[name])
+        assert prompt_ids(tokenizer, "Hi", "there") == encode_prompt(tokenizer, "Hi", "there", template=FORMATS[name])
+        assert prompt_ids(tokenizer, "Hi") != encode_prompt(tokenizer, "Hi")
+    jinja = tmp_path / "qa.jinja"
+    jinja.write_text(
+        "{% for m in messages %}{% if m.role == 'assistant' %} =>{{ m.content }}{{ eos_token }}"
+        "{% else %}{{ m.content }}{% endif %}{% endfor %}{% if add_generation_prompt %} =>{% endif %}"
+    )
+    install_chat_template(tokenizer, get_format(str(jinja)))
+    assert tokenizer.decode(prompt_ids(tokenizer, "Hi")) == "Hi =>"
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_cli_uses_the_format_the_folder_was_trained_with(tmp_path, capsys, name):
+    folder = random_model(tmp_path / "m", template=FORMATS[name])
+    code, out, _ = generate_cli(capsys, folder, "--instruction", INSTRUCTIONS[0], "--max_new_tokens", "6")
+    model, tokenizer = load_for_generation(folder, device="cpu")
+    ids = torch.tensor([encode_prompt(tokenizer, INSTRUCTIONS[0], template=FORMATS[name])])
+    expected = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+    assert code == 0 and out.strip() == tokenizer.decode(expected[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def test_learned_positions_stop_at_the_context_limit(tmp_path):

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hf_sft.data import build_datasets, parse_field_map, resolve_max_seq_len
+    from hf_sft.data import build_datasets, get_format, parse_field_map, resolve_max_seq_len
     from hf_sft.data.report import plural, render_preview, split_line, summary_lines, write_dump
     from hf_sft.errors import UsageError
     from hf_sft.training.arguments import DataArguments, ModelArguments, SFTTrainingArguments, from_namespace
@@ -52,12 +52,14 @@ def run(args: argparse.Namespace) -> int:
     data_args = from_namespace(DataArguments, args)
     if not data_args.data_path:
         raise UsageError("--data_path is required")
+    template = get_format(data_args.template)
     tokenizer = load_run_tokenizer(model_args, data_args)
     max_seq_len = resolve_max_seq_len(data_args.max_seq_len, base_config(model_args, tokenizer))
     seed = args.seed if args.seed is not None else SFTTrainingArguments.seed
     data = build_datasets(
         data_args.data_path,
         tokenizer,
+        template=template,
         field_map=parse_field_map(data_args.field_map),
         max_seq_len=max_seq_len,
         length_policy=data_args.length_policy,
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
     )
     split = data.train
-    print(f"data: {split.source}")
+    print(f"data: {split.source} (format {template.name})")
     specials = ", ".join(
         f"{name} {getattr(tokenizer, name)!r}={getattr(tokenizer, name + '_id')}"
         for name in ("bos_token", "eos_token", "pad_token")

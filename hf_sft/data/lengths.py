@@ -18,7 +18,7 @@ from hf_sft.errors import UsageError
 
 if TYPE_CHECKING:
     from hf_sft.data.masking import Encoder
-    from hf_sft.data.template import PromptTemplate
+    from hf_sft.data.template import PromptFormat
 
 LENGTH_POLICIES = ("drop", "truncate_input", "truncate")
 
@@ -72,7 +72,7 @@ def fit_example(
     instruction: str,
     input: str,
     encoder: Encoder,
-    template: PromptTemplate,
+    template: PromptFormat,
     max_seq_len: int,
     policy: str,
 ) -> Fitted:
@@ -94,7 +94,7 @@ def fit_example(
 
 
 def _shorten_input(
-    instruction: str, input: str, budget: int, excess: int, encoder: Encoder, template: PromptTemplate
+    instruction: str, input: str, budget: int, excess: int, encoder: Encoder, template: PromptFormat
 ) -> list[int] | None:
     """Prompt ids with the input cut to whole tokens so that the prompt has at most `budget` tokens, or None.
 

@@ -1,14 +1,18 @@
 """Tokenisation and label masking: the one place that decides which tokens the model is trained to emit.
 
-An example is tokenised as two parts and concatenated:
+The prompt format (`hf_sft.data.template`) cuts an example into segments: prompt text, then for each assistant turn
+its supervised text, then the next turn's prompt text, and so on. Each segment is tokenised on its own and the ids
+concatenated:
 
-- the prompt text (`PromptTemplate.prompt_text`, BOS string included) through the tokenizer exactly as inference
-  tokenises it, so the prompt tokens seen in training are the tokens `hf-sft generate` feeds the model;
-- the response text (`PromptTemplate.response_text`, its leading space included) through a copy of the tokenizer
-  that never adds a prefix space, then the EOS id. These are exactly the tokens the model must emit after the prompt:
-  no BPE merge crosses the boundary and decoding them gives back the response text followed by EOS.
+- the first segment (the prompt, BOS string included) through the tokenizer exactly as inference tokenises it, so
+  the prompt tokens seen in training are the tokens `hf-sft generate` feeds the model;
+- every later segment through a copy of the tokenizer that never adds a prefix space; each supervised one is
+  followed by the EOS id. These are exactly the tokens the model must emit after its prompt: no BPE merge crosses a
+  turn boundary and decoding them gives back the response text followed by EOS.
 
-Labels are -100 on the prompt and equal to the input ids on the response and EOS (unshifted: the model shifts).
+Labels are -100 on prompt segments and equal to the input ids on the responses and their EOS (unshifted: the model
+shifts). An instruction record (`instruction`, `input`, `output`) is one user turn and one assistant turn; a
+`messages` record may hold several of each.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer
 
 from hf_sft.data.lengths import fit_example
-from hf_sft.data.template import DEFAULT_TEMPLATE, PromptTemplate
+from hf_sft.data.template import DEFAULT_FORMAT, PromptFormat
 
 IGNORE_INDEX = -100
 MODEL_COLUMNS = ("input_ids", "attention_mask", "labels")
@@ -56,7 +60,11 @@ class Encoder:
     def encode_responses(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of response texts followed by EOS."""
         eos = [self.eos_token_id]
-        return [enc.ids + eos for enc in self.response.encode_batch_fast(list(texts), add_special_tokens=False)]
+        return [ids + eos for ids in self.encode_continuations(texts)]
+
+    def encode_continuations(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of texts that follow earlier text (no prefix space added)."""
+        return [enc.ids for enc in self.response.encode_batch_fast(list(texts), add_special_tokens=False)]
 
 
 def unencodable_characters(encoder: Encoder, texts: Sequence[str]) -> str:
@@ -78,16 +86,14 @@ def unencodable_characters(encoder: Encoder, texts: Sequence[str]) -> str:
     return "".join(char for char, back in zip(chars, decoded, strict=True) if back != char)
 
 
-def encode_prompt(
-    tokenizer, instruction: str, input: str = "", template: PromptTemplate = DEFAULT_TEMPLATE
-) -> list[int]:
+def encode_prompt(tokenizer, instruction: str, input: str = "", template: PromptFormat = DEFAULT_FORMAT) -> list[int]:
     """Token ids of the inference prompt for one instruction: the same ids training used for this prompt.
 
     Args:
         tokenizer: the model's `PreTrainedTokenizerFast`.
         instruction: the task.
         input: optional context.
-        template: the training template.
+        template: the training format.
 
     Returns:
         The prompt ids, starting with BOS when the template places it.
@@ -99,16 +105,16 @@ def encode_prompt(
 def tokenize_and_mask(
     batch: dict[str, list],
     encoder: Encoder,
-    template: PromptTemplate = DEFAULT_TEMPLATE,
+    template: PromptFormat = DEFAULT_FORMAT,
     max_seq_len: int | None = None,
     length_policy: str = "drop",
 ) -> dict[str, list]:
-    """Tokenise a batch of records and mask the prompt: the `datasets.map(batched=True)` function.
+    """Tokenise a batch of records and mask everything but the responses: the `datasets.map(batched=True)` function.
 
     Args:
-        batch: columns `instruction`, `input`, `output` (lists of strings).
+        batch: columns `instruction`, `input`, `output` (lists of strings), or `messages` (lists of turns).
         encoder: `Encoder.from_tokenizer(tokenizer)`.
-        template: the prompt template.
+        template: the prompt format.
         max_seq_len: longest allowed example in tokens (EOS included); `None` for no limit.
         length_policy: what to do with longer examples, see `hf_sft.data.lengths.LENGTH_POLICIES`.
 
@@ -127,29 +133,74 @@ def tokenize_and_mask(
     >>> row = tokenize_and_mask({"instruction": ["Hi"], "input": [""], "output": ["Hello"]}, encoder)
     >>> row["input_ids"], row["labels"], row["attention_mask"], row["status"]
     ([[1, 3, 5, 4, 6, 2]], [[-100, -100, -100, -100, 6, 2]], [[1, 1, 1, 1, 1, 1]], ['ok'])
+    >>> turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}] * 2
+    >>> tokenize_and_mask({"messages": [turns]}, encoder)["labels"]
+    [[-100, -100, -100, -100, 6, 2, -100, -100, -100, 6, 2]]
     """
-    instructions, inputs = batch["instruction"], batch["input"]
-    prompts = [
-        template.prompt_text(ins, inp, bos_token=encoder.bos_token)
-        for ins, inp in zip(instructions, inputs, strict=True)
-    ]
-    prompt_ids = encoder.encode_prompts(prompts)
-    response_ids = encoder.encode_responses([template.response_text(out) for out in batch["output"]])
+    if "messages" in batch:
+        pieces = [_supervised_prefix(template.segments(turns, encoder.bos_token)) for turns in batch["messages"]]
+        instructions = inputs = None
+    else:
+        instructions, inputs = batch["instruction"], batch["input"]
+        pieces = [
+            [(template.prompt_text(ins, inp, bos_token=encoder.bos_token), False), (template.response_text(out), True)]
+            for ins, inp, out in zip(instructions, inputs, batch["output"], strict=True)
+        ]
+    chunks = _encode_pieces(pieces, encoder)
 
     input_ids, attention_mask, labels, status = [], [], [], []
-    for i, (prompt, response) in enumerate(zip(prompt_ids, response_ids, strict=True)):
+    for i, parts in enumerate(chunks):
         outcome = "ok"
-        if max_seq_len is not None and len(prompt) + len(response) > max_seq_len:
-            fitted = fit_example(
-                prompt, response, instructions[i], inputs[i], encoder, template, max_seq_len, length_policy
-            )
-            prompt, response, outcome = fitted.prompt, fitted.response, fitted.status
-        ids = prompt + response
+        if max_seq_len is not None and sum(len(ids) for ids, _ in parts) > max_seq_len:
+            if instructions is None:  # a conversation has no single input to shorten
+                parts, outcome = _fit_conversation(parts, max_seq_len, length_policy)
+            else:
+                (prompt, _), (response, _) = parts
+                fitted = fit_example(
+                    prompt, response, instructions[i], inputs[i], encoder, template, max_seq_len, length_policy
+                )
+                parts, outcome = [(fitted.prompt, False), (fitted.response, True)], fitted.status
+        ids = [token for chunk, _ in parts for token in chunk]
         input_ids.append(ids)
         attention_mask.append([1] * len(ids))
-        labels.append([IGNORE_INDEX] * len(prompt) + response)
+        labels.append([token for chunk, on in parts for token in (chunk if on else [IGNORE_INDEX] * len(chunk))])
         status.append(outcome)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, STATUS_COLUMN: status}
+
+
+def _supervised_prefix(pieces: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """The pieces up to the last supervised one: text after the last answer teaches nothing."""
+    last = max(i for i, (_, supervised) in enumerate(pieces) if supervised)
+    return pieces[: last + 1]
+
+
+def _encode_pieces(pieces: list[list[tuple[str, bool]]], encoder: Encoder) -> list[list[tuple[list[int], bool]]]:
+    """Ids of every piece, batched: first pieces as prompts, later ones as continuations, EOS after answers."""
+    firsts = encoder.encode_prompts([example[0][0] for example in pieces])
+    later = [(text, supervised) for example in pieces for text, supervised in example[1:]]
+    later_ids = iter(encoder.encode_continuations([text for text, _ in later]))
+    eos = [encoder.eos_token_id]
+    out = []
+    for example, first in zip(pieces, firsts, strict=True):
+        chunks = [(first, example[0][1])]
+        for _, supervised in example[1:]:
+            ids = next(later_ids)
+            chunks.append((ids + eos if supervised else ids, supervised))
+        out.append(chunks)
+    return out
+
+
+def _fit_conversation(parts: list[tuple[list[int], bool]], max_seq_len: int, policy: str):
+    """A conversation longer than `max_seq_len`: `truncate` cuts it there, the other policies drop it."""
+    if policy != "truncate":
+        return [], "drop:too_long"
+    kept, room = [], max_seq_len
+    for ids, supervised in parts:
+        kept.append((ids[:room], supervised))
+        room -= len(kept[-1][0])
+    if not any(supervised and ids for ids, supervised in kept):
+        return [], "drop:no_supervised_tokens"
+    return kept, "truncated"
 
 
 def _without_prefix_space(backend: Tokenizer) -> Tokenizer:

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from hf_sft.data import lengths, masking
+from hf_sft.data import template as formats
 from hf_sft.data.lengths import check_length_policy
 from hf_sft.data.masking import MODEL_COLUMNS, STATUS_COLUMN, Encoder, tokenize_and_mask, unencodable_characters
 from hf_sft.data.records import Records, load_records, resolve_fields
-from hf_sft.data.template import DEFAULT_TEMPLATE, PromptTemplate
+from hf_sft.data.template import DEFAULT_FORMAT, PromptFormat
 from hf_sft.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def build_datasets(
     data_path: str | Path,
     tokenizer,
     *,
-    template: PromptTemplate = DEFAULT_TEMPLATE,
+    template: PromptFormat = DEFAULT_FORMAT,
     field_map: Mapping[str, str] | None = None,
     max_seq_len: int | None = None,
     length_policy: str = "drop",
@@ -81,7 +82,7 @@ def build_datasets(
     Args:
         data_path: `.jsonl`/`.json` file or Hub dataset id.
         tokenizer: the model's `PreTrainedTokenizerFast` (BOS/EOS set).
-        template: prompt template (also install it as the chat template with `install_chat_template`).
+        template: prompt format (also install it as the chat template with `install_chat_template`).
         field_map: source field names, e.g. `{"output": "answer"}`; defaults cover input/context, output/response.
         max_seq_len: longest example in tokens; pass `resolve_max_seq_len(requested, config.max_position_embeddings)`.
         length_policy: `drop`, `truncate_input` or `truncate` (see `hf_sft.data.lengths`).
@@ -126,7 +127,7 @@ def build_datasets(
 def tokenize_records(
     records,
     encoder: Encoder,
-    template: PromptTemplate = DEFAULT_TEMPLATE,
+    template: PromptFormat = DEFAULT_FORMAT,
     max_seq_len: int | None = None,
     length_policy: str = "drop",
     num_proc: int | None = None,
@@ -155,7 +156,7 @@ def tokenize_records(
             "max_seq_len": max_seq_len,
             "length_policy": length_policy,
         },
-        remove_columns=["instruction", "input", "output"],
+        remove_columns=[column for column in records.column_names if column != "index"],
         num_proc=num_proc if num_proc and num_proc > 1 else None,
         # An explicit fingerprint: hashing a tokenizer object is not stable across processes, this is.
         new_fingerprint=_fingerprint(records._fingerprint, encoder, template, max_seq_len, length_policy),
@@ -168,12 +169,11 @@ def tokenize_records(
     dataset = tokenized.select_columns(list(MODEL_COLUMNS))
     if len(kept) < len(tokenized):
         dataset = dataset.select(kept)
-    texts = [text for column in ("instruction", "input", "output") for text in records[column]]
-    lost = unencodable_characters(encoder, texts)
+    by_record = record_texts(records)
+    lost = unencodable_characters(encoder, [text for parts in by_record for text in parts])
     losing = 0
     if lost:
         pattern = re.compile(f"[{re.escape(lost)}]")
-        by_record = zip(*(records[column] for column in ("instruction", "input", "output")), strict=True)
         losing = sum(1 for parts in by_record if any(pattern.search(part) for part in parts))
     return TokenizedSplit(
         dataset=dataset,
@@ -185,12 +185,19 @@ def tokenize_records(
     )
 
 
-def _fingerprint(parent: str, encoder: Encoder, template: PromptTemplate, max_seq_len, length_policy: str) -> str:
+def record_texts(records) -> list[list[str]]:
+    """The texts of each record: instruction, input and output, or the contents of its turns."""
+    if "messages" in records.column_names:
+        return [[turn["content"] for turn in turns] for turns in records["messages"]]
+    return [list(parts) for parts in zip(*(records[c] for c in ("instruction", "input", "output")), strict=True)]
+
+
+def _fingerprint(parent: str, encoder: Encoder, template: PromptFormat, max_seq_len, length_policy: str) -> str:
     digest = hashlib.sha256(parent.encode())
     for part in (encoder.prompt.to_str(), encoder.response.to_str(), encoder.bos_token, str(encoder.eos_token_id)):
         digest.update(part.encode())
     digest.update(repr((template, max_seq_len, length_policy)).encode())
-    for module in (masking, lengths):  # a change to the masking code must not reuse stale cache files
+    for module in (masking, lengths, formats):  # a change to the masking code must not reuse stale cache files
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:32]
 

@@ -1,152 +1,293 @@
-"""The prompt template: one definition drives training, `hf-sft generate` and the tokenizer's chat template.
+"""Prompt formats: one object per format owns its text, the boundaries masking uses and the saved chat template.
 
-The default reproduces the seed format::
+Chosen with `--template NAME|PATH`. Built-ins (`FORMATS`):
 
-    [BOS] Instruction: {instruction} Input: {input} Response: {output}[EOS]
+- `seed` (the default, the seed script's): `[BOS] Instruction: {instruction} Input: {input} Response: {output}[EOS]`,
+  the ` Input: ...` part left out when the input is empty (or only whitespace);
+- `alpaca`: Stanford Alpaca's `### Instruction:` / `### Input:` / `### Response:` blocks after its preamble;
+- `chatml`: `<|im_start|>role\\n...<|im_end|>` turns; the assistant turn ends with the tokenizer's EOS, where
+  generation stops (the markers are plain text to a tokenizer that lacks them as tokens).
 
-with the ` Input: ...` part left out when the input is empty (or only whitespace). The prompt ends with
-`Response:`; the response part starts with the space that separates it from the prompt, and EOS is appended as a token
-id right after the response text, so the model learns to stop there.
-
-In the chat template a user message carries the instruction as `content` and the optional input as an extra `input`
-key; an assistant message renders the response and EOS::
-
-    tokenizer.apply_chat_template([{"role": "user", "content": "Name a fish.", "input": "Tope or Rope"}],
-                                  tokenize=False)
-    # '[BOS] Instruction: Name a fish. Input: Tope or Rope Response:'
+A path names a user's Jinja chat template (`JinjaFormat`). Every format renders a conversation (`messages`: system,
+user and assistant turns; an instruction record is a user turn, with its input as the extra `input` key, and an
+assistant turn) as segments: prompt text, then per assistant turn the supervised text, which masking follows with the
+EOS id. The same format is saved as the tokenizer's chat template, so a trained folder remembers it
+(`format_of(tokenizer)`) and `apply_chat_template(..., add_generation_prompt=True)` gives the inference prompt.
 """
 
 from __future__ import annotations
 
 import json
-import string
 from dataclasses import dataclass
+from pathlib import Path
 
 from hf_sft.errors import UsageError
 
-# Jinja expressions for each template field inside the chat template's message loop.
-_JINJA_FIELDS = {
-    "bos": "{{ bos_token }}",
-    "instruction": "{{ message['content'] }}",
-    "input": "{{ message['input'] }}",
-    "output": "{{ message['content'] }}",
-}
-
-
-def _check_fields(name: str, text: str, required: set[str], allowed: set[str]) -> None:
-    try:
-        parsed = [(field, spec, conversion) for _, field, spec, conversion in string.Formatter().parse(text)]
-    except ValueError as err:
-        raise UsageError(f"template {name!r} is not a valid format string: {err}") from None
-    fields = {field for field, _, _ in parsed if field is not None}
-    plain = all(not spec and not conversion for field, spec, conversion in parsed if field is not None)
-    if not required <= fields or not fields <= allowed or not plain:
-        raise UsageError(
-            f"template {name!r} = {text!r} must contain {sorted(required)} and may only use {sorted(allowed)}, "
-            "without conversions or format specs"
-        )
-
-
-def _to_jinja(text: str) -> str:
-    """A format string as Jinja: literal text as quoted string expressions (so no brace or `%` can leak)."""
-    parts = []
-    for literal, field, _, _ in string.Formatter().parse(text):
-        if literal:
-            # Jinja string literals use Python escapes; JSON's are a subset once non-ASCII is left unescaped.
-            parts.append("{{ " + json.dumps(literal, ensure_ascii=False) + " }}")
-        if field is not None:
-            parts.append(_JINJA_FIELDS[field])
-    return "".join(parts)
+ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
-class PromptTemplate:
-    """Format strings of the prompt (with and without input) and of the response.
+class PromptFormat:
+    """A format given by plain format strings per turn (`{content}`, and `{input}` in `user_with_input`).
 
-    Fields available: `{bos}` (the tokenizer's BOS token string), `{instruction}`, `{input}` (prompt only) and
-    `{output}` (response only). EOS is not part of the text: it is appended as a token id after the response.
-
-    Args:
-        prompt: prompt used when the input is not empty; must contain `{instruction}` and `{input}`.
-        prompt_no_input: prompt used when the input is empty; must contain `{instruction}` and not `{input}`.
-        response: text the model must produce after the prompt; must contain `{output}`.
+    Attributes:
+        name: the `--template` name.
+        bos: whether a conversation starts with the BOS token.
+        system: a system turn.
+        user: a user turn without input.
+        user_with_input: a user turn whose `input` is not blank.
+        generation_prompt: what opens an assistant turn (the end of every prompt).
+        assistant: the supervised text of an assistant turn; EOS follows it.
+        separator: text between an assistant turn's EOS and the next turn.
+        default_system: system text used when a conversation has no system turn.
     """
 
-    prompt: str = "{bos} Instruction: {instruction} Input: {input} Response:"
-    prompt_no_input: str = "{bos} Instruction: {instruction} Response:"
-    response: str = " {output}"
+    name: str
+    bos: bool
+    system: str
+    user: str
+    user_with_input: str
+    generation_prompt: str
+    assistant: str
+    separator: str = ""
+    default_system: str = ""
 
-    def __post_init__(self) -> None:
-        _check_fields(
-            "prompt", self.prompt, required={"instruction", "input"}, allowed={"bos", "instruction", "input"}
-        )
-        _check_fields(
-            "prompt_no_input", self.prompt_no_input, required={"instruction"}, allowed={"bos", "instruction"}
-        )
-        _check_fields("response", self.response, required={"output"}, allowed={"output"})
+    def segments(self, messages: list[dict], bos_token: str) -> list[tuple[str, bool]]:
+        """`(text, supervised)` pieces of a conversation; EOS (not in the text) follows each supervised piece."""
+        check_conversation(messages)
+        pending = bos_token if self.bos else ""
+        if messages[0]["role"] != "system" and self.default_system:
+            pending += self.default_system
+        pieces = []
+        for previous, message in zip([None, *messages], messages, strict=False):
+            if previous is not None and previous["role"] == "assistant":
+                pending += self.separator
+            content = message["content"]
+            if message["role"] == "system":
+                pending += self.system.format(content=content)
+            elif message["role"] == "user":
+                extra = message.get("input") or ""
+                turn = self.user_with_input if extra.strip() else self.user
+                pending += turn.format(content=content, input=extra)
+            else:
+                pieces += [(pending + self.generation_prompt, False), (self.assistant.format(content=content), True)]
+                pending = ""
+        return pieces + ([(pending, False)] if pending else [])
 
     def prompt_text(self, instruction: str, input: str = "", *, bos_token: str) -> str:
-        """The text fed to the model before it answers; ends where the response begins."""
-        if input.strip():
-            return self.prompt.format(bos=bos_token, instruction=instruction, input=input)
-        return self.prompt_no_input.format(bos=bos_token, instruction=instruction)
+        """The text fed to the model before it answers an instruction; ends where the response begins."""
+        user = {"role": "user", "content": instruction, "input": input}
+        return self.segments([user], bos_token)[0][0] + self.generation_prompt
 
     def response_text(self, output: str) -> str:
         """The text the model must produce after the prompt (EOS excluded: it is added as a token id)."""
-        return self.response.format(output=output)
+        return self.assistant.format(content=output)
 
     def chat_template(self) -> str:
-        """The same template as a Jinja chat template (user: instruction + optional `input` key; assistant: output)."""
+        """The format as a Jinja chat template (user turns may carry an `input` key)."""
+        content, extra = "{{ message['content'] }}", "{{ message['input'] }}"
         return (
-            "{%- for message in messages -%}"
-            "{%- if message['role'] == 'user' -%}"
-            "{%- if message.get('input') and message['input'] | trim -%}"
-            f"{_to_jinja(self.prompt)}"
-            "{%- else -%}"
-            f"{_to_jinja(self.prompt_no_input)}"
-            "{%- endif -%}"
-            "{%- elif message['role'] == 'assistant' -%}"
-            f"{_to_jinja(self.response)}{{{{ eos_token }}}}"
-            "{%- else -%}"
-            "{{ raise_exception('this template knows only user and assistant messages, got ' + message['role']) }}"
-            "{%- endif -%}"
-            "{%- endfor -%}"
+            ("{{- bos_token -}}" if self.bos else "")
+            + (f"{{%- if messages[0]['role'] != 'system' -%}}{_literal(self.default_system)}{{%- endif -%}}")
+            + "{%- for message in messages -%}"
+            + "{%- if not loop.first and messages[loop.index0 - 1]['role'] == 'assistant' -%}"
+            + f"{_literal(self.separator)}{{%- endif -%}}"
+            + f"{{%- if message['role'] == 'system' -%}}{_fill(self.system, content=content)}"
+            + "{%- elif message['role'] == 'user' -%}"
+            + "{%- if message.get('input') and message['input'] | trim -%}"
+            + f"{_fill(self.user_with_input, content=content, input=extra)}"
+            + f"{{%- else -%}}{_fill(self.user, content=content)}{{%- endif -%}}"
+            + f"{{%- elif message['role'] == 'assistant' -%}}{_literal(self.generation_prompt)}"
+            + f"{_fill(self.assistant, content=content)}{{{{ eos_token }}}}"
+            + "{%- else -%}{{ raise_exception('unknown role ' + message['role']) }}{%- endif -%}"
+            + "{%- endfor -%}"
+            + f"{{%- if add_generation_prompt -%}}{_literal(self.generation_prompt)}{{%- endif -%}}"
         )
 
 
-DEFAULT_TEMPLATE = PromptTemplate()
+@dataclass(frozen=True)
+class JinjaFormat:
+    """A user's Jinja chat template; segments are found by rendering each prefix of the conversation.
+
+    The template must render every conversation prefix as a prefix of the longer conversation's text, and end each
+    assistant turn with `eos_token` (generation stops there): both are checked when the file is read.
+    """
+
+    name: str
+    template: str
+    bos: bool = False
+
+    def render(self, messages: list[dict], bos_token: str, eos_token: str, generation_prompt: bool = False) -> str:
+        """The template's text for `messages`."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        rendered, _ = render_jinja_template(
+            [messages], chat_template=self.template, add_generation_prompt=generation_prompt,
+            bos_token=bos_token, eos_token=eos_token,
+        )  # fmt: skip
+        return rendered[0]
+
+    def segments(self, messages: list[dict], bos_token: str, eos_token: str = "</s>") -> list[tuple[str, bool]]:
+        """`(text, supervised)` pieces of a conversation, as `PromptFormat.segments`."""
+        check_conversation(messages)
+        pieces, done = [], ""
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = self.render(messages[:turn], bos_token, eos_token, generation_prompt=True)
+            full = self.render(messages[: turn + 1], bos_token, eos_token)
+            end = full.rfind(eos_token)
+            if not prompt.startswith(done) or not full.startswith(prompt) or end < len(prompt):
+                raise UsageError(
+                    f"chat template {self.name}: turn {turn} does not extend the text before it, or its assistant "
+                    "turn does not end with {{ eos_token }}"
+                )
+            pieces += [(prompt[len(done) :], False), (full[len(prompt) : end], True)]
+            done = full[: end + len(eos_token)]
+        return pieces
+
+    def prompt_text(self, instruction: str, input: str = "", *, bos_token: str) -> str:
+        """The inference prompt of an instruction."""
+        return self.render([{"role": "user", "content": instruction, "input": input}], bos_token, "", True)
+
+    def response_text(self, output: str) -> str:
+        """The supervised text of an answer (EOS excluded)."""
+        conversation = [{"role": "user", "content": "x", "input": ""}, {"role": "assistant", "content": output}]
+        return self.segments(conversation, bos_token="", eos_token="\x00EOS\x00")[1][0]
+
+    def chat_template(self) -> str:
+        """The template itself."""
+        return self.template
 
 
-def prompt_text(
-    instruction: str, input: str = "", *, bos_token: str, template: PromptTemplate = DEFAULT_TEMPLATE
-) -> str:
+SEED = PromptFormat(
+    name="seed",
+    bos=True,
+    system=" System: {content}",
+    user=" Instruction: {content}",
+    user_with_input=" Instruction: {content} Input: {input}",
+    generation_prompt=" Response:",
+    assistant=" {content}",
+)
+ALPACA = PromptFormat(
+    name="alpaca",
+    bos=True,
+    system="{content}\n\n",
+    user="### Instruction:\n{content}\n\n",
+    user_with_input="### Instruction:\n{content}\n\n### Input:\n{input}\n\n",
+    generation_prompt="### Response:\n",
+    assistant="{content}",
+    separator="\n\n",
+    default_system=(
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    ),
+)
+CHATML = PromptFormat(
+    name="chatml",
+    bos=False,
+    system="<|im_start|>system\n{content}<|im_end|>\n",
+    user="<|im_start|>user\n{content}<|im_end|>\n",
+    user_with_input="<|im_start|>user\n{content}\n\n{input}<|im_end|>\n",
+    generation_prompt="<|im_start|>assistant\n",
+    assistant="{content}",
+    separator="\n",
+)
+FORMATS: dict[str, PromptFormat] = {fmt.name: fmt for fmt in (SEED, ALPACA, CHATML)}
+DEFAULT_FORMAT = SEED
+
+
+def get_format(name_or_path: str | None) -> PromptFormat | JinjaFormat:
+    """The format a `--template` value names: a built-in name, or the path of a Jinja chat template file.
+
+    Raises:
+        UsageError: neither a built-in name nor a readable file, or a template that cannot mask (see `JinjaFormat`).
+    """
+    if not name_or_path:
+        return DEFAULT_FORMAT
+    if name_or_path in FORMATS:
+        return FORMATS[name_or_path]
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise UsageError(f"--template {name_or_path}: not one of {', '.join(FORMATS)} and not a Jinja file")
+    return _jinja_format(str(path), path.read_text(encoding="utf-8"))
+
+
+def format_of(tokenizer) -> PromptFormat | JinjaFormat:
+    """The format a tokenizer was trained with: the built-in whose chat template it carries, else its template.
+
+    A tokenizer without a chat template (e.g. straight from `hf-sft convert` of an untrained model) gets the default.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return DEFAULT_FORMAT
+    for fmt in FORMATS.values():
+        if template == fmt.chat_template():
+            return fmt
+    return _jinja_format("the tokenizer's chat template", template)
+
+
+def prompt_text(instruction: str, input: str = "", *, bos_token: str, template=DEFAULT_FORMAT) -> str:
     """The inference prompt for one instruction, exactly as training formats it.
-
-    Args:
-        instruction: the task.
-        input: optional context; empty or whitespace-only selects the prompt without the Input part.
-        bos_token: the tokenizer's BOS token string (`tokenizer.bos_token`).
-        template: the prompt template the model was trained with.
-
-    Returns:
-        The prompt text, e.g. `'[BOS] Instruction: Name a fish. Response:'`.
 
     >>> prompt_text("Name a fish.", bos_token="[BOS]")
     '[BOS] Instruction: Name a fish. Response:'
     >>> prompt_text("Which is a fish?", "Tope or Rope", bos_token="<SOS>")
     '<SOS> Instruction: Which is a fish? Input: Tope or Rope Response:'
+    >>> print(prompt_text("Name a fish.", bos_token="", template=FORMATS["chatml"]))
+    <|im_start|>user
+    Name a fish.<|im_end|>
+    <|im_start|>assistant
+    <BLANKLINE>
     """
     return template.prompt_text(instruction, input, bos_token=bos_token)
 
 
-def install_chat_template(tokenizer, template: PromptTemplate = DEFAULT_TEMPLATE) -> None:
-    """Store the template as `tokenizer.chat_template`, so that `save_pretrained` ships it with the model.
-
-    Afterwards `tokenizer.apply_chat_template([{"role": "user", "content": instruction, "input": context}],
-    tokenize=False)` returns `prompt_text(instruction, context, bos_token=tokenizer.bos_token)`.
+def install_chat_template(tokenizer, template=DEFAULT_FORMAT) -> None:
+    """Store the format as `tokenizer.chat_template`, so that `save_pretrained` ships it with the model.
 
     Args:
         tokenizer: a `PreTrainedTokenizerFast` (modified in place).
-        template: the prompt template used for training.
+        template: the format used for training (a `PromptFormat` or `JinjaFormat`).
     """
     tokenizer.chat_template = template.chat_template()
+
+
+def check_conversation(messages: list[dict]) -> None:
+    """Raise `ValueError` unless `messages` are turns with a known role and string content, ending on any turn."""
+    if not messages:
+        raise ValueError("a conversation needs at least one turn")
+    for message in messages:
+        if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+            raise ValueError(f"each turn needs a role in {ROLES} and a string content, got {message!r}")
+
+
+def _jinja_format(name: str, template: str) -> JinjaFormat:
+    """A checked `JinjaFormat`: it masks a two-turn conversation, and knows whether it starts with BOS."""
+    bos, eos = "\x00BOS\x00", "\x00EOS\x00"
+    fmt = JinjaFormat(name, template)
+    probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}] * 2
+    try:
+        fmt.segments(probe, bos_token=bos, eos_token=eos)
+        starts_with_bos = fmt.render(probe[:1], bos, eos).startswith(bos)
+    except UsageError:
+        raise
+    except Exception as err:  # jinja2 syntax or runtime errors: one line naming the file
+        raise UsageError(f"--template {name}: {type(err).__name__}: {err}") from None
+    return JinjaFormat(name, template, bos=starts_with_bos)
+
+
+def _literal(text: str) -> str:
+    """Literal text as a Jinja string expression (so no brace or `%` in it can be read as template syntax)."""
+    return "{{ " + json.dumps(text, ensure_ascii=False) + " }}" if text else ""
+
+
+def _fill(text: str, **fields: str) -> str:
+    """A `{content}`/`{input}` format string as Jinja: literals quoted, fields as the given expressions."""
+    import string
+
+    parts = []
+    for literal, field, _, _ in string.Formatter().parse(text):
+        parts.append(_literal(literal))
+        if field is not None:
+            parts.append(fields[field])
+    return "".join(parts)

@@ -23,6 +23,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 
 from hf_sft.data.lengths import LENGTH_POLICIES
+from hf_sft.data.template import DEFAULT_FORMAT, FORMATS
 from hf_sft.errors import UsageError
 
 # finetune_gpt.py flag -> TrainingArguments field
@@ -91,7 +92,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    """What the examples are: the source, its fields, the split and the length limit."""
+    """What the examples are: the source, its fields, the prompt format, the split and the length limit."""
 
     data_path: str | None = field(
         default=None, metadata={"help": "Training data: a .jsonl/.json file or a Hub dataset id."}
@@ -108,6 +109,10 @@ class DataArguments:
     )
     skip_bad_records: bool = field(default=False, metadata={"help": "Skip invalid records (and count them)."})
     num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
+    template: str = field(
+        default=DEFAULT_FORMAT.name,
+        metadata={"help": f"Prompt format: {', '.join(FORMATS)}, or the path of a Jinja chat template file."},
+    )
 
 
 @dataclass

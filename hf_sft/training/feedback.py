@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from transformers import TrainerCallback
 
 logger = logging.getLogger("hf_sft.train")
@@ -69,11 +67,15 @@ class EvaluateAtEpochEndCallback(TrainerCallback):
 
 
 class SampleGenerationCallback(TrainerCallback):
-    """After each evaluation, answers a few fixed instructions greedily (KV cache) and logs the answers."""
+    """After each evaluation, answers a few fixed instructions greedily with `hf_sft.generate.generate_response`.
 
-    def __init__(self, tokenizer, encode_prompt: Callable[[str], list[int]], instructions, max_new_tokens: int = 48):
+    The prompts are in the run's format, and generation stops where `hf-sft generate` would (EOS, or the model's
+    context), so the answers are those the saved model gives.
+    """
+
+    def __init__(self, tokenizer, template, instructions, max_new_tokens: int = 48):
         self.tokenizer = tokenizer
-        self.encode_prompt = encode_prompt
+        self.template = template
         self.instructions = list(instructions)
         self.max_new_tokens = max_new_tokens
         self.history: list[dict] = []
@@ -81,33 +83,28 @@ class SampleGenerationCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         if not state.is_world_process_zero or model is None:
             return
-        answers = generate_answers(model, self.tokenizer, self.encode_prompt, self.instructions, self.max_new_tokens)
+        answers = self.answers(model)
         for instruction, answer in zip(self.instructions, answers, strict=True):
             logger.info("sample @ step %d | %s -> %s", state.global_step, instruction, answer)
         self.history.append({"step": state.global_step, "answers": dict(zip(self.instructions, answers, strict=True))})
 
+    def answers(self, model) -> list[str]:
+        """Greedy answers to the instructions (the model's train/eval mode is restored afterwards)."""
+        from hf_sft.errors import UsageError
+        from hf_sft.generate import generate_response
 
-@torch.no_grad()
-def generate_answers(
-    model, tokenizer, encode_prompt: Callable[[str], list[int]], instructions, max_new_tokens: int
-) -> list[str]:
-    """Greedy answers, one prompt at a time (no padding to reason about), decoded without special tokens."""
-    was_training = model.training
-    model.eval()
-    answers = []
-    try:
-        for instruction in instructions:
-            input_ids = torch.tensor([encode_prompt(instruction)], device=model.device)
-            out = model.generate(
-                input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            answers.append(tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True).strip())
-    finally:
-        model.train(was_training)
-    return answers
+        was_training = model.training
+        model.eval()
+        answers = []
+        try:
+            for instruction in self.instructions:
+                try:
+                    answer = generate_response(
+                        model, self.tokenizer, instruction, max_new_tokens=self.max_new_tokens, template=self.template
+                    )
+                except UsageError as err:  # a prompt longer than the model's context: say so, keep training
+                    answer = f"({err})"
+                answers.append(answer)
+        finally:
+            model.train(was_training)
+        return answers

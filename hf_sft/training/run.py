@@ -49,19 +49,21 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SFTTrainingA
 
     from hf_sft.data import (
         build_datasets,
-        encode_prompt,
+        get_format,
         install_chat_template,
         make_collator,
         parse_field_map,
         resolve_max_seq_len,
     )
 
+    template = get_format(data_args.template)
     model, tokenizer, base_description = load_model_and_tokenizer(model_args, data_args)
     sync_special_token_ids(model, tokenizer)
-    install_chat_template(tokenizer)
+    install_chat_template(tokenizer, template)
     data = build_datasets(
         data_args.data_path,
         tokenizer,
+        template=template,
         field_map=parse_field_map(data_args.field_map),
         max_seq_len=resolve_max_seq_len(data_args.max_seq_len, model.config),
         length_policy=data_args.length_policy,
@@ -81,7 +83,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SFTTrainingA
     args = _finalise_training_args(args, has_eval=eval_dataset is not None)
     samples = SampleGenerationCallback(
         tokenizer,
-        lambda instruction: encode_prompt(tokenizer, instruction),
+        template,
         args.sample_instructions.split("|") if args.sample_instructions else DEFAULT_SAMPLE_INSTRUCTIONS,
         max_new_tokens=args.sample_max_new_tokens,
     )
