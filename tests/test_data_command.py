@@ -2,13 +2,16 @@
 
 import json
 import re
+from itertools import groupby
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from hf_sft.cli import main
 from hf_sft.data.masking import IGNORE_INDEX
-from hf_sft.data.template import prompt_text
+from hf_sft.data.template import FORMATS, format_of, prompt_text
+from hf_sft.tokenizer import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 DEMO_DATA = Path(__file__).resolve().parents[1] / "hf_sft" / "demo" / "demo_sample.jsonl"
@@ -105,3 +108,33 @@ def test_data_and_train_report_the_same_counts_for_the_same_flags(tmp_path, caps
         logged = _data_lines((out / "train.log").read_text())
         assert reported == logged and len(logged) == 2
         assert "train data: " in logged[0] and "too_long" in logged[0]  # the model's positions did cut records
+
+
+@pytest.mark.parametrize("name", ["chatml", "seed"])
+def test_a_multi_turn_messages_file_trains_on_the_assistant_turns_only(tmp_path, capsys, name):
+    records = [json.loads(line) for line in DEMO_DATA.read_text().splitlines()[:24]]
+    path = tmp_path / "chat.jsonl"
+    with path.open("w") as out:
+        for start in range(0, len(records), 2):
+            turns = [{"role": "system", "content": "Answer in one sentence."}]
+            for record in records[start : start + 2]:
+                turns += [{"role": "user", "content": record["instruction"]}]
+                turns += [{"role": "assistant", "content": record["response"]}]
+            out.write(json.dumps({"messages": turns}) + "\n")
+    flags = ["--data_path", str(path), "--tokenizer_path", str(FIXTURES / "tiny_bpe.json"), "--template", name]
+    flags += ["--val_split", "0", "--block_size", "512", "--n_layer", "1", "--n_head", "2", "--n_embd", "16"]
+    dump = tmp_path / "dump.jsonl"
+    assert main(["data", *flags, "--dump", str(dump), "--cache_dir", str(tmp_path / "c")]) == 0
+    assert "examples: 12 kept, 0 dropped" in capsys.readouterr().out
+    tokenizer = load_tokenizer(FIXTURES / "tiny_bpe.json")
+    conversations = [json.loads(line)["messages"] for line in path.read_text().splitlines()]
+    for row in map(json.loads, dump.read_text().splitlines()):
+        pairs = zip(row["input_ids"], row["labels"], strict=True)
+        runs = [[t for t, _ in run] for on, run in groupby(pairs, lambda p: p[1] != IGNORE_INDEX) if on]
+        answers = [turn["content"] for turn in conversations[row["index"]] if turn["role"] == "assistant"]
+        assert [tokenizer.decode(run) for run in runs] == [FORMATS[name].response_text(a) + "[EOS]" for a in answers]
+    with capsys.disabled():
+        train = ["--device", "cpu", "--max_iters", "2", "--save_interval", "100", "--out_dir", str(tmp_path / "run")]
+        assert main(["train", *flags, *train]) == 0
+    assert "train data: 12 examples" in (tmp_path / "run" / "train.log").read_text()
+    assert format_of(AutoTokenizer.from_pretrained(tmp_path / "run")) is FORMATS[name]

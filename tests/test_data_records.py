@@ -29,6 +29,7 @@ BAD_LINES = {
 
 def run_data(capsys, path: Path, *extra: str) -> tuple[int, str, str]:
     argv = ["data", "--data_path", str(path), "--tokenizer_path", TOKENIZER, "--cache_dir", str(path.parent / "c")]
+    argv += ["--val_split", "0"]
     status = main([*argv, *extra])
     captured = capsys.readouterr()
     return status, captured.out, captured.err
@@ -162,3 +163,50 @@ def test_hub_dataset_goes_through_the_same_validation(tmp_path, monkeypatch):
 def test_unreachable_hub_id_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="neither a local file nor a loadable Hub dataset"):
         load_records("nobody-here/no-such-dataset", cache_dir=tmp_path)
+
+
+def test_a_saved_datasets_object_stays_in_arrow(tmp_path):
+    """A `save_to_disk` folder (as a Hub download is) is validated and mapped in Arrow: no JSONL copy is written."""
+    import datasets
+
+    rows = [
+        {"instruction": "Name a fish.", "context": "", "response": "Tope", "category": "qa"},
+        {"instruction": "Pick one.", "context": "Tope or Rope", "response": "Tope", "category": "qa"},
+        {"instruction": "  ", "context": "", "response": "x", "category": "qa"},
+    ]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "dolly"))
+    with pytest.raises(UsageError, match=r"dolly row 2: field 'instruction' is empty; pass --skip_bad_records"):
+        load_records(tmp_path / "dolly", cache_dir=tmp_path / "cache")
+    records = load_records(tmp_path / "dolly", skip_bad_records=True, cache_dir=tmp_path / "cache")
+    assert records.dataset.to_list() == [
+        {"index": 0, "instruction": "Name a fish.", "input": "", "output": "Tope"},
+        {"index": 1, "instruction": "Pick one.", "input": "Tope or Rope", "output": "Tope"},
+    ]
+    assert records.skipped == {"empty_field": 1}
+    assert not (tmp_path / "cache" / "hf_sft_records").exists()  # no JSONL round trip
+    assert all(Path(f["filename"]).is_relative_to(tmp_path / "dolly") for f in records.dataset.cache_files)
+
+
+def test_messages_records_local_and_in_arrow(tmp_path):
+    import datasets
+
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "name": "bot"}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": t, "id": i}) for i, t in enumerate([turns, turns[:1]])) + "\n")
+    with pytest.raises(UsageError, match="chat.jsonl:2: no assistant turn with content"):
+        load_records(path, cache_dir=tmp_path / "cache")
+    local = load_records(path, skip_bad_records=True, cache_dir=tmp_path / "cache").dataset
+    expected = [
+        {"index": 0, "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    ]
+    assert local.column_names == ["index", "messages"] and local.to_list() == expected
+    datasets.Dataset.from_list([{"messages": turns}]).save_to_disk(str(tmp_path / "chat"))
+    assert load_records(tmp_path / "chat", cache_dir=tmp_path / "cache").dataset.to_list() == expected
+
+
+def test_a_file_mixing_shapes_is_refused_at_the_line(tmp_path, capsys):
+    path = tmp_path / "mixed.jsonl"
+    chat = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]})
+    path.write_text("\n".join([GOOD.decode(), GOOD.decode(), chat]) + "\n")
+    status, _, err = run_data(capsys, path, "--skip_bad_records")  # not a bad record to skip: the file is wrong
+    assert status == 2 and f"{path}:3: a messages record in a file of instruction records" in err

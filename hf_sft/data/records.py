@@ -1,12 +1,16 @@
-"""Instruction records: strict validation of the source, then a `datasets.Dataset` with fixed columns.
+"""Records: strict validation of the source, then a `datasets.Dataset` with fixed columns.
+
+Two shapes: instruction records (columns `instruction`, `input`, `output`) and conversations (`messages`: a list of
+`{"role": "system"|"user"|"assistant", "content": ...}` turns with at least one assistant turn). A source holds one
+shape; a local file that mixes them is refused at the first record of the other shape.
 
 A local `.jsonl` (one object per line) or `.json` (an array of objects, or JSON lines) file is read record by record
 (`hf_sft.data.jsonfile`) and validated here before `datasets` sees it, so that a bad record is reported as
-`FILE:LINE: reason` instead of a pyarrow error. The
-valid records are written, normalised to the columns `index`, `instruction`, `input`, `output`, to a file in the
-`datasets` cache (named by a hash of the source, so a rerun reuses it and every later `map` hits the cache) and loaded
-with `load_dataset("json", ...)`. `index` is the record's 0-based position in the source (blank lines are not records).
-A Hub dataset id goes through `load_dataset(id)` and the same validation, row by row.
+`FILE:LINE: reason` instead of a pyarrow error. The valid records are written, normalised (`index` plus the shape's
+columns), to a file in the `datasets` cache (named by a hash of the source, so a rerun reuses it and every later `map`
+hits the cache) and loaded with `load_dataset("json", ...)`. `index` is the record's 0-based position in the source
+(blank lines are not records). A Hub dataset id or a `save_to_disk` folder stays in Arrow
+(`hf_sft.data.arrow_records`) and goes through the same validation.
 
 Field names: `instruction`; `input` or `context`; `output` or `response` (the first one present wins); other fields
 are ignored. A mapping such as `{"instruction": "question", "output": "answer"}` replaces the names of those fields.
@@ -25,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from hf_sft.data.jsonfile import DATA_EXTENSIONS, BadRecord, read_json_records
+from hf_sft.data.template import ROLES
 from hf_sft.errors import UsageError
 
 RECORD_COLUMNS = ("index", "instruction", "input", "output")
+SHAPES = ("instruction", "messages")
 DEFAULT_FIELDS: dict[str, tuple[str, ...]] = {
     "instruction": ("instruction",),
     "input": ("input", "context"),
@@ -78,14 +84,22 @@ def parse_field_map(text: str | None) -> dict[str, str]:
     return {column.strip(): name.strip() for column, name in pairs}
 
 
-def validate_record(obj: Any, fields: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
-    """Check one parsed record and return its `instruction`, `input`, `output`.
+def record_shape(obj: Any) -> str:
+    """`"messages"` for an object with a `messages` field, else `"instruction"`."""
+    return "messages" if isinstance(obj, dict) and "messages" in obj else "instruction"
+
+
+def validate_record(obj: Any, fields: Mapping[str, tuple[str, ...]], shape: str = "instruction") -> dict[str, Any]:
+    """Check one parsed record and return its normalised columns (`instruction`, `input`, `output`, or `messages`).
 
     Raises:
-        BadRecord: not an object, a missing/non-string/empty instruction or output, or a non-string input.
+        BadRecord: not an object, a missing/non-string/empty instruction or output, a non-string input, or a
+            conversation that is not a list of role/content turns with an assistant turn.
     """
     if not isinstance(obj, dict):
         raise BadRecord("not_an_object", f"expected a JSON object, got {_json_type(obj)}")
+    if shape == "messages":
+        return {"messages": _validate_messages(obj.get("messages"))}
     record = {}
     for column, names in fields.items():
         name = next((n for n in names if n in obj), None)
@@ -103,16 +117,44 @@ def validate_record(obj: Any, fields: Mapping[str, tuple[str, ...]]) -> dict[str
     return record
 
 
+def _validate_messages(turns: Any) -> list[dict[str, str]]:
+    if not isinstance(turns, list) or not turns:
+        raise BadRecord("wrong_type", f"field 'messages' must be a non-empty array, got {_json_type(turns)}")
+    clean = []
+    for number, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES:
+            raise BadRecord("bad_turn", f"messages[{number}] needs a role in {', '.join(ROLES)}")
+        if not isinstance(turn.get("content"), str):
+            raise BadRecord("wrong_type", f"messages[{number}].content must be a string")
+        clean.append({"role": turn["role"], "content": turn["content"]})
+    if not any(turn["role"] == "assistant" and turn["content"].strip() for turn in clean):
+        raise BadRecord("no_assistant_turn", "no assistant turn with content: nothing to learn")
+    return clean
+
+
+def normalised_features(shape: str):
+    """The `datasets.Features` of normalised records of `shape`."""
+    import datasets
+
+    if shape == "messages":
+        turn = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+        return datasets.Features({"index": datasets.Value("int64"), "messages": datasets.List(turn)})
+    return datasets.Features(
+        {"index": datasets.Value("int64"), **{c: datasets.Value("string") for c in RECORD_COLUMNS[1:]}}
+    )
+
+
 def load_records(
     data: str | Path,
     fields: Mapping[str, tuple[str, ...]] | None = None,
     skip_bad_records: bool = False,
     cache_dir: str | Path | None = None,
 ) -> Records:
-    """Validate a local JSON/JSONL file (or a Hub dataset id) and load its records through `datasets`.
+    """Validate a local JSON/JSONL file (or a Hub dataset id, or a `save_to_disk` folder) and load its records.
 
     Args:
-        data: path of a `.jsonl`/`.json` file, or a Hub dataset id such as `databricks/databricks-dolly-15k`.
+        data: path of a `.jsonl`/`.json` file, a Hub dataset id such as `databricks/databricks-dolly-15k`, or a
+            folder written by `Dataset.save_to_disk`.
         fields: from `resolve_fields`; defaults to the standard aliases.
         skip_bad_records: skip invalid records (counted) instead of failing on the first one.
         cache_dir: `datasets` cache folder; `None` for the default.
@@ -126,47 +168,64 @@ def load_records(
     """
     fields = fields or DEFAULT_FIELDS
     path = Path(data)
-    if not path.exists() and _HUB_ID.match(str(data)) and path.suffix not in DATA_EXTENSIONS:
-        rows, key = _hub_rows(str(data), cache_dir)
-        where = f"{data} row "
-    else:
-        rows, key = read_json_records(path), None
-        where = f"{path}:"
+    if _is_datasets_source(path, str(data)):
+        return _arrow_records(str(data), fields, skip_bad_records, cache_dir)
+    rows = read_json_records(path)
     records = Records(dataset=None, source=str(data))
+    shape = next((record_shape(obj) for _, obj in rows if isinstance(obj, dict)), "instruction")
     good: list[dict[str, Any]] = []
     for index, (line, obj) in enumerate(rows):
+        if isinstance(obj, dict) and record_shape(obj) != shape:
+            raise UsageError(
+                f"{path}:{line}: a {record_shape(obj)} record in a file of {shape} records; "
+                "a file holds either instruction records or messages records"
+            )
         try:
             if isinstance(obj, BadRecord):
                 raise obj
-            good.append({"index": index, **validate_record(obj, fields)})
+            good.append({"index": index, **validate_record(obj, fields, shape)})
         except BadRecord as err:
             records.skipped[err.kind] += 1
             if len(records.skipped_messages) < 5:
-                records.skipped_messages.append(f"{where}{line}: {err}")
+                records.skipped_messages.append(f"{path}:{line}: {err}")
+    _check_skipped(records, len(good), skip_bad_records)
+    key = hashlib.sha256(path.read_bytes()).hexdigest()
+    key = hashlib.sha256(f"{key}|{json.dumps(fields, sort_keys=True)}".encode()).hexdigest()[:24]
+    records.dataset = _load_normalised(good, key, cache_dir, shape)
+    return records
+
+
+def _is_datasets_source(path: Path, name: str) -> bool:
+    if path.is_dir():
+        return any((path / marker).is_file() for marker in ("state.json", "dataset_dict.json"))
+    return not path.exists() and bool(_HUB_ID.match(name)) and path.suffix not in DATA_EXTENSIONS
+
+
+def _arrow_records(name: str, fields, skip_bad_records: bool, cache_dir) -> Records:
+    from hf_sft.data.arrow_records import load_datasets_source, skipped_counts, validate_dataset
+
+    dataset = load_datasets_source(name, cache_dir)
+    shape = "messages" if "messages" in dataset.column_names else "instruction"
+    good, bad = validate_dataset(dataset, fields, shape)
+    records = Records(dataset=good, source=name, skipped=skipped_counts(bad))
+    records.skipped_messages = [f"{name} row {row}: {message}" for row, _, message in bad[:5]]
+    _check_skipped(records, len(good), skip_bad_records)
+    return records
+
+
+def _check_skipped(records: Records, n_good: int, skip_bad_records: bool) -> None:
     if records.skipped and not skip_bad_records:
         extra = sum(records.skipped.values()) - 1
         more = f" (and {extra} more bad record{'s' if extra > 1 else ''})" if extra else ""
         raise UsageError(f"{records.skipped_messages[0]}{more}; {_SKIP_HINT}")
-    if not good:
+    if not n_good:
         skipped = sum(records.skipped.values())
-        raise UsageError(f"no valid record in {data}: {skipped} bad record{'s' if skipped != 1 else ''} skipped")
-    key = key or hashlib.sha256(path.read_bytes()).hexdigest()
-    key = hashlib.sha256(f"{key}|{json.dumps(fields, sort_keys=True)}".encode()).hexdigest()[:24]
-    records.dataset = _load_normalised(good, key, cache_dir)
-    return records
+        raise UsageError(
+            f"no valid record in {records.source}: {skipped} bad record{'s' if skipped != 1 else ''} skipped"
+        )
 
 
-def _hub_rows(name: str, cache_dir) -> tuple[list[tuple[int, Any]], str]:
-    from datasets import load_dataset
-
-    try:
-        dataset = load_dataset(name, split="train", cache_dir=str(cache_dir) if cache_dir else None)
-    except Exception as err:  # offline, unknown id, no train split: one line instead of a traceback
-        raise UsageError(f"{name} is neither a local file nor a loadable Hub dataset: {err}") from None
-    return list(enumerate(dataset, start=0)), dataset._fingerprint
-
-
-def _load_normalised(records: list[dict[str, Any]], key: str, cache_dir: str | Path | None):
+def _load_normalised(records: list[dict[str, Any]], key: str, cache_dir: str | Path | None, shape: str):
     """Write the valid records once under the `datasets` cache and load them with `load_dataset("json")`."""
     import datasets
 
@@ -179,9 +238,7 @@ def _load_normalised(records: list[dict[str, Any]], key: str, cache_dir: str | P
             for record in records:
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
         os.replace(partial, target)  # atomic: a concurrent or interrupted run never sees half a file
-    features = datasets.Features(
-        {"index": datasets.Value("int64"), **{c: datasets.Value("string") for c in RECORD_COLUMNS[1:]}}
-    )
+    features = normalised_features(shape)
     return datasets.load_dataset("json", data_files=str(target), split="train", features=features, cache_dir=str(root))
 
 

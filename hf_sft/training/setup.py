@@ -126,7 +126,10 @@ def _tokenizer_for_new_model(model_args: ModelArguments, data_args: DataArgument
     records = load_records(data_args.data_path, fields, skip_bad_records=data_args.skip_bad_records).dataset
     vocab_size = model_args.tokenizer_vocab_size
     logger.info("training a %d-token byte-level BPE tokenizer on %s", vocab_size, data_args.data_path)
-    texts = map(record_text, records["instruction"], records["input"], records["output"])
+    if "messages" in records.column_names:
+        texts = (" ".join(turn["content"] for turn in turns) for turns in records["messages"])
+    else:
+        texts = map(record_text, records["instruction"], records["input"], records["output"])
     backend = train_tokenizer(texts, vocab_size=vocab_size)
     with tempfile.TemporaryDirectory() as tmp:
         backend.save(f"{tmp}/tokenizer.json")
