@@ -102,3 +102,24 @@ def test_unusable_jinja_files_are_usage_errors(tmp_path, content, message):
         get_format(str(path))
     with pytest.raises(UsageError, match="not one of seed, alpaca, chatml"):
         get_format(str(tmp_path / "missing.jinja"))
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_saved_tokenizer_encodes_like_a_stock_one(tmp_path, name):
+    """The calls evaluation harnesses make (lm_eval's hf backend: `tokenizer(text)` / `encode` with special tokens
+    for plain prompts, `apply_chat_template` for chat prompts): BOS once where the format starts with it."""
+    fmt = FORMATS[name]
+    tokenizer = load_tokenizer(TINY_TOKENIZER)
+    install_chat_template(tokenizer, fmt)
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    bos = reloaded.bos_token_id
+    plain = reloaded("Question: Is a rose a plant? Answer:")["input_ids"]
+    bare = reloaded("Question: Is a rose a plant? Answer:", add_special_tokens=False)["input_ids"]
+    assert plain == ([bos] if fmt.bos else []) + bare and bos not in bare
+    assert reloaded.encode(" yes") == ([bos] if fmt.bos else []) + reloaded.encode(" yes", add_special_tokens=False)
+    chat_ids = reloaded.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_dict=False
+    )
+    assert chat_ids.count(bos) == (1 if fmt.bos else 0) and (chat_ids[0] == bos) == fmt.bos
+    assert reloaded.decode(plain, skip_special_tokens=True) == "Question: Is a rose a plant? Answer:"

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_sft.cli import main
 from hf_sft.errors import UsageError
@@ -170,6 +170,10 @@ def test_final_folder_is_complete_and_loads_anywhere(tmp_path):
     assert "final eval loss" in card and "n/a" not in card.split("## Results")[1].split("##")[0]
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert model.generation_config.eos_token_id == model.config.eos_token_id
+    assert json.loads((out / "config.json").read_text())["use_cache"] is True  # set for inference
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer("Hi")["input_ids"][:1] == [tokenizer.bos_token_id]  # the seed format starts with BOS
+    assert "## Prompt format" in card and "seed" in card
     log = (out / "train.log").read_text()
     assert "eval_loss" in log and "sample @ step" in log and "tokens_per_second" in log
 

@@ -243,13 +243,25 @@ def prompt_text(instruction: str, input: str = "", *, bos_token: str, template=D
 
 
 def install_chat_template(tokenizer, template=DEFAULT_FORMAT) -> None:
-    """Store the format as `tokenizer.chat_template`, so that `save_pretrained` ships it with the model.
+    """Make the tokenizer behave like a stock one of its format; `save_pretrained` then ships the behaviour.
+
+    The format becomes `tokenizer.chat_template`, and encoding with special tokens (`tokenizer(text)`, the default of
+    evaluation harnesses) prepends BOS exactly when the format starts with it, as Llama tokenizers do. The chat
+    template's own BOS is not doubled: `apply_chat_template` encodes without special tokens.
 
     Args:
         tokenizer: a `PreTrainedTokenizerFast` (modified in place).
         template: the format used for training (a `PromptFormat` or `JinjaFormat`).
     """
+    from tokenizers.processors import TemplateProcessing
+
     tokenizer.chat_template = template.chat_template()
+    bos = tokenizer.bos_token
+    tokenizer.backend_tokenizer.post_processor = (
+        TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, tokenizer.bos_token_id)])
+        if template.bos
+        else None
+    )
 
 
 def check_conversation(messages: list[dict]) -> None:

@@ -150,6 +150,7 @@ class SFTTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "'|'-separated instructions answered at each evaluation (default: a few)."}
     )
     sample_max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per sample answer."})
+    license: str | None = field(default=None, metadata={"help": "License in the model card's metadata."})
 
     # TrainingArguments fields whose defaults differ: the seed script's, and nanoGPT-style fine-tuning's.
     output_dir: str | None = field(default="out/finetune", metadata={"help": "Final model and checkpoints."})

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from transformers import Trainer
 
+from hf_sft.data.template import get_format
 from hf_sft.errors import UsageError
 from hf_sft.training.arguments import DataArguments, SFTTrainingArguments
 from hf_sft.training.report import LOSS_PLOT, model_card, plot_losses
@@ -41,12 +42,14 @@ def save_final(trainer: Trainer, data_args: DataArguments, output_dir: Path, bas
         model = model.merge_and_unload()
     if not trainer.is_world_process_zero():
         return
+    model.config.use_cache = True  # the folder is for inference, whatever the training run set
     model.save_pretrained(output_dir)
     trainer.processing_class.save_pretrained(output_dir)
     history = trainer.state.log_history
     plot_losses(history, output_dir / LOSS_PLOT)
     hyper = {k: getattr(trainer.args, k) for k in _CARD_ARGS}
     hyper.update({"max_seq_len": data_args.max_seq_len, "packing": args.packing, "use_lora": args.use_lora})
+    hyper["template"] = data_args.template
     repo_id = trainer.hub_model_id if trainer.args.push_to_hub else None
     card = model_card(
         base_model=base,
@@ -55,8 +58,10 @@ def save_final(trainer: Trainer, data_args: DataArguments, output_dir: Path, bas
         log_history=history,
         samples=samples,
         repo_id=repo_id,
+        prompt_format=get_format(data_args.template).name,
+        license=args.license,
     )
-    (output_dir / "README.md").write_text(card, encoding="utf-8")
+    card.save(output_dir / "README.md")
     logger.info("final model written to %s", output_dir)
     if repo_id:
         push_final(trainer, output_dir, repo_id)
