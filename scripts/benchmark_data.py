@@ -1,18 +1,26 @@
-"""Benchmark the data pipeline: tokenisation throughput and padding waste on the Dolly sample.
+"""Benchmark the data pipeline: records/s of both record paths, and padding waste, on Dolly-shaped records.
 
     python scripts/benchmark_data.py
-    python scripts/benchmark_data.py --shared ../shared --records 15000 --batch_size 8
+    python scripts/benchmark_data.py --shared ../shared --records 15000 --template alpaca
 
-Throughput: the sample repeated to `--records` records, tokenised and masked with `num_proc` 1 and 2, each in a fresh
-`datasets` cache (so nothing is a cache hit). "map" times `tokenize_records` alone (the batched `datasets.map`);
-"end to end" adds validation and `load_dataset`. Padding: the share of batch positions that are padding at
-`--batch_size`, for dynamic padding (shuffled, and grouped by length as `train_sampling_strategy="group_by_length"`
-does) and for padding-free packing.
+The Dolly sample repeated to `--records` records goes through the pipeline twice, each time in a fresh `datasets`
+cache (nothing is a cache hit), with the package's default prompt format and length policy unless given:
+
+- JSONL round trip: a local `.jsonl` file, read line by line, validated in Python, its valid records written to a
+  normalised JSONL copy and loaded back (what a Hub dataset id also went through before it stayed in Arrow);
+- Arrow: the same records as a `datasets` object saved with `save_to_disk` (what a Hub download is), validated with
+  `Dataset.map`/`filter` and never leaving Arrow.
+
+"records" times validation and loading, "tokenise" the batched masking map, "end to end" both; each path runs
+`--repeats` times in alternating order and its fastest run counts. Ratios are of this one run. Padding: the share
+of batch positions that are padding at `--batch_size`, for dynamic padding (shuffled, and grouped by length as
+`train_sampling_strategy="group_by_length"` does) and for padding-free packing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -26,16 +34,21 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hf_sft.training.arguments import DataArguments
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", type=Path, default=SHARED, help="the shared fixtures folder")
     parser.add_argument("--records", type=int, default=15000, help="records for the throughput test")
     parser.add_argument("--batch_size", type=int, default=8, help="batch size for the padding figures")
-    parser.add_argument("--max_seq_len", type=int, default=2048, help="length limit (drop policy)")
+    parser.add_argument("--max_seq_len", type=int, default=2048, help="length limit")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each path (the best counts)")
+    parser.add_argument("--template", default=DataArguments.template, help="prompt format (as --template)")
+    parser.add_argument("--length_policy", default=DataArguments.length_policy, help="as --length_policy")
     args = parser.parse_args(argv)
 
     import datasets
 
-    from hf_sft.data import Encoder, build_datasets, load_records, tokenize_records
+    from hf_sft.data import Encoder, build_datasets, get_format, load_records, tokenize_records
     from hf_sft.data.report import padding_report
     from hf_sft.tokenizer import load_tokenizer
 
@@ -46,31 +59,47 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{sample} not found; pass --shared", file=sys.stderr)
         return 2
     tokenizer = load_tokenizer(tokenizer_path)
+    template = get_format(args.template)
     lines = sample.read_text(encoding="utf-8").splitlines()
+    options = {"template": template, "max_seq_len": args.max_seq_len, "length_policy": args.length_policy}
 
     with tempfile.TemporaryDirectory() as tmp:
         big = Path(tmp) / "dolly_repeated.jsonl"
         big.write_text("\n".join(lines[i % len(lines)] for i in range(args.records)) + "\n", encoding="utf-8")
-        print(f"tokenisation of {args.records} records ({tokenizer_path.name}, max_seq_len {args.max_seq_len}):")
-        for num_proc in (1, 2):
-            cache = Path(tmp) / f"cache-{num_proc}"
+        in_memory = datasets.Dataset.from_list([json.loads(line) for line in big.read_text().splitlines()])
+        print(
+            f"{args.records} Dolly-shaped records, format {template.name}, {tokenizer_path.name}, "
+            f"max_seq_len {args.max_seq_len}, num_proc 1 (records/s):"
+        )
+        rates: dict[str, list[tuple[float, float, float]]] = {}
+        # Alternating order, best run per path: on a shared machine no two runs are alike.
+        order = [("JSONL round trip", "Arrow"), ("Arrow", "JSONL round trip")] * args.repeats
+        for attempt, name in enumerate(name for pair in order[: args.repeats] for name in pair):
+            cache = Path(tmp) / f"cache-{attempt}"
+            source = big
+            if name == "Arrow":  # a fresh copy: datasets caches maps beside the Arrow files of a saved dataset
+                source = Path(tmp) / f"saved-{attempt}"
+                in_memory.save_to_disk(source)
             start = time.perf_counter()
-            records = load_records(big, cache_dir=cache)
+            records = load_records(source, cache_dir=cache)
             loaded = time.perf_counter()
-            split = tokenize_records(
-                records.dataset, Encoder.from_tokenizer(tokenizer), max_seq_len=args.max_seq_len, num_proc=num_proc
-            )
+            split = tokenize_records(records.dataset, Encoder.from_tokenizer(tokenizer), **options)
             done = time.perf_counter()
             assert len(split.index) + sum(split.dropped.values()) == args.records
+            n = args.records
+            rates.setdefault(name, []).append((n / (done - start), n / (loaded - start), n / (done - loaded)))
+        for name, runs in rates.items():
+            end_to_end, load_rate, tokenise_rate = max(runs)
             print(
-                f"  num_proc {num_proc}: map {args.records / (done - loaded):8.0f} examples/s | "
-                f"end to end {args.records / (done - start):8.0f} examples/s ({done - start:.2f} s)"
+                f"  {name:<17} records {load_rate:8.0f} | tokenise {tokenise_rate:8.0f} | end to end {end_to_end:8.0f}"
             )
-            again = time.perf_counter()
-            build_datasets(big, tokenizer, max_seq_len=args.max_seq_len, num_proc=num_proc, cache_dir=cache)
-            print(f"             rerun from the datasets cache: {time.perf_counter() - again:.2f} s")
+        ratio = max(rates["Arrow"])[0] / max(rates["JSONL round trip"])[0]
+        print(f"  Arrow / JSONL round trip, end to end: {ratio:.2f}x (best of {args.repeats} runs each, alternating)")
+        again = time.perf_counter()
+        build_datasets(next(Path(tmp).glob("saved-*")), tokenizer, cache_dir=Path(tmp) / "cache-1", **options)
+        print(f"  rerun of the Arrow path from the datasets cache: {time.perf_counter() - again:.2f} s")
 
-        data = build_datasets(sample, tokenizer, max_seq_len=args.max_seq_len, cache_dir=Path(tmp) / "sample")
+        data = build_datasets(sample, tokenizer, cache_dir=Path(tmp) / "sample", **options)
     lengths = data.train.lengths
     print(f"\npadding at batch size {args.batch_size}, Dolly sample ({len(lengths)} examples, {sum(lengths)} tokens):")
     for name, fraction in padding_report(lengths, args.batch_size):

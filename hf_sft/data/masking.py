@@ -29,6 +29,7 @@ from hf_sft.data.template import DEFAULT_FORMAT, PromptFormat
 IGNORE_INDEX = -100
 MODEL_COLUMNS = ("input_ids", "attention_mask", "labels")
 STATUS_COLUMN = "status"
+LOST_COLUMN = "lost_characters"
 
 
 @dataclass(frozen=True)
@@ -119,9 +120,10 @@ def tokenize_and_mask(
         length_policy: what to do with longer examples, see `hf_sft.data.lengths.LENGTH_POLICIES`.
 
     Returns:
-        Columns `input_ids`, `attention_mask`, `labels` (unshifted, -100 where not supervised) and `status`:
+        Columns `input_ids`, `attention_mask`, `labels` (unshifted, -100 where not supervised), `status`:
         `"ok"`, or a kept-but-shortened status (`"truncated_input"`, `"truncated"`), or `"drop:<reason>"` with
-        empty token lists (the caller filters those rows out and counts them).
+        empty token lists (the caller filters those rows out and counts them), and `lost_characters`: the
+        characters of the example's text that the tokenizer cannot represent (see `unencodable_characters`).
 
     With a word-level tokenizer whose vocabulary is the words below (`[BOS]`=1, `[EOS]`=2):
 
@@ -147,6 +149,8 @@ def tokenize_and_mask(
             for ins, inp, out in zip(instructions, inputs, batch["output"], strict=True)
         ]
     chunks = _encode_pieces(pieces, encoder)
+    texts = [[text for text, _ in example] for example in pieces]
+    lost = set(unencodable_characters(encoder, ["".join(parts) for parts in texts]))
 
     input_ids, attention_mask, labels, status = [], [], [], []
     for i, parts in enumerate(chunks):
@@ -165,7 +169,9 @@ def tokenize_and_mask(
         attention_mask.append([1] * len(ids))
         labels.append([token for chunk, on in parts for token in (chunk if on else [IGNORE_INDEX] * len(chunk))])
         status.append(outcome)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, STATUS_COLUMN: status}
+    lost_by_row = ["".join(sorted(lost.intersection("".join(parts)))) if lost else "" for parts in texts]
+    columns = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, STATUS_COLUMN: status}
+    return columns | {LOST_COLUMN: lost_by_row}
 
 
 def _supervised_prefix(pieces: list[tuple[str, bool]]) -> list[tuple[str, bool]]:

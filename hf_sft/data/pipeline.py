@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from typing import Any
 from hf_sft.data import lengths, masking
 from hf_sft.data import template as formats
 from hf_sft.data.lengths import check_length_policy
-from hf_sft.data.masking import MODEL_COLUMNS, STATUS_COLUMN, Encoder, tokenize_and_mask, unencodable_characters
+from hf_sft.data.masking import LOST_COLUMN, MODEL_COLUMNS, STATUS_COLUMN, Encoder, tokenize_and_mask
 from hf_sft.data.records import Records, load_records, resolve_fields
 from hf_sft.data.template import DEFAULT_FORMAT, PromptFormat
 from hf_sft.errors import UsageError
@@ -169,27 +168,15 @@ def tokenize_records(
     dataset = tokenized.select_columns(list(MODEL_COLUMNS))
     if len(kept) < len(tokenized):
         dataset = dataset.select(kept)
-    by_record = record_texts(records)
-    lost = unencodable_characters(encoder, [text for parts in by_record for text in parts])
-    losing = 0
-    if lost:
-        pattern = re.compile(f"[{re.escape(lost)}]")
-        losing = sum(1 for parts in by_record if any(pattern.search(part) for part in parts))
+    lost_by_row = [chars for chars in tokenized[LOST_COLUMN] if chars]
     return TokenizedSplit(
         dataset=dataset,
         index=[all_index[row] for row in kept],
         lengths=[all_lengths[row] for row in kept],
         status=Counter(status),
-        lost_characters=lost,
-        records_losing_characters=losing,
+        lost_characters="".join(sorted(set("".join(lost_by_row)))),
+        records_losing_characters=len(lost_by_row),
     )
-
-
-def record_texts(records) -> list[list[str]]:
-    """The texts of each record: instruction, input and output, or the contents of its turns."""
-    if "messages" in records.column_names:
-        return [[turn["content"] for turn in turns] for turns in records["messages"]]
-    return [list(parts) for parts in zip(*(records[c] for c in ("instruction", "input", "output")), strict=True)]
 
 
 def _fingerprint(parent: str, encoder: Encoder, template: PromptFormat, max_seq_len, length_policy: str) -> str:
