@@ -108,7 +108,8 @@ def test_cli_uses_the_format_the_folder_was_trained_with(tmp_path, capsys, name)
     model, tokenizer = load_for_generation(folder, device="cpu")
     ids = torch.tensor([encode_prompt(tokenizer, INSTRUCTIONS[0], template=FORMATS[name])])
     expected = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=tokenizer.eos_token_id)
-    assert code == 0 and out.strip() == tokenizer.decode(expected[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    answer = tokenizer.decode(expected[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    assert code == 0 and out.endswith(answer + "\n")  # (a library may log a line of its own first)
 
 
 def test_learned_positions_stop_at_the_context_limit(tmp_path):

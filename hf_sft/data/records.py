@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hf_sft.data.jinja_format import ROLES
 from hf_sft.data.jsonfile import DATA_EXTENSIONS, BadRecord, read_json_records
-from hf_sft.data.template import ROLES
 from hf_sft.errors import UsageError
 
 RECORD_COLUMNS = ("index", "instruction", "input", "output")

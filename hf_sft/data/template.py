@@ -21,9 +21,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from hf_sft.data.jinja_format import JinjaFormat, check_conversation, jinja_format
 from hf_sft.errors import UsageError
-
-ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -105,61 +104,6 @@ class PromptFormat:
         )
 
 
-@dataclass(frozen=True)
-class JinjaFormat:
-    """A user's Jinja chat template; segments are found by rendering each prefix of the conversation.
-
-    The template must render every conversation prefix as a prefix of the longer conversation's text, and end each
-    assistant turn with `eos_token` (generation stops there): both are checked when the file is read.
-    """
-
-    name: str
-    template: str
-    bos: bool = False
-
-    def render(self, messages: list[dict], bos_token: str, eos_token: str, generation_prompt: bool = False) -> str:
-        """The template's text for `messages`."""
-        from transformers.utils.chat_template_utils import render_jinja_template
-
-        rendered, _ = render_jinja_template(
-            [messages], chat_template=self.template, add_generation_prompt=generation_prompt,
-            bos_token=bos_token, eos_token=eos_token,
-        )  # fmt: skip
-        return rendered[0]
-
-    def segments(self, messages: list[dict], bos_token: str, eos_token: str = "</s>") -> list[tuple[str, bool]]:
-        """`(text, supervised)` pieces of a conversation, as `PromptFormat.segments`."""
-        check_conversation(messages)
-        pieces, done = [], ""
-        for turn, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            prompt = self.render(messages[:turn], bos_token, eos_token, generation_prompt=True)
-            full = self.render(messages[: turn + 1], bos_token, eos_token)
-            end = full.rfind(eos_token)
-            if not prompt.startswith(done) or not full.startswith(prompt) or end < len(prompt):
-                raise UsageError(
-                    f"chat template {self.name}: turn {turn} does not extend the text before it, or its assistant "
-                    "turn does not end with {{ eos_token }}"
-                )
-            pieces += [(prompt[len(done) :], False), (full[len(prompt) : end], True)]
-            done = full[: end + len(eos_token)]
-        return pieces
-
-    def prompt_text(self, instruction: str, input: str = "", *, bos_token: str) -> str:
-        """The inference prompt of an instruction."""
-        return self.render([{"role": "user", "content": instruction, "input": input}], bos_token, "", True)
-
-    def response_text(self, output: str) -> str:
-        """The supervised text of an answer (EOS excluded)."""
-        conversation = [{"role": "user", "content": "x", "input": ""}, {"role": "assistant", "content": output}]
-        return self.segments(conversation, bos_token="", eos_token="\x00EOS\x00")[1][0]
-
-    def chat_template(self) -> str:
-        """The template itself."""
-        return self.template
-
-
 SEED = PromptFormat(
     name="seed",
     bos=True,
@@ -209,7 +153,7 @@ def get_format(name_or_path: str | None) -> PromptFormat | JinjaFormat:
     path = Path(name_or_path)
     if not path.is_file():
         raise UsageError(f"--template {name_or_path}: not one of {', '.join(FORMATS)} and not a Jinja file")
-    return _jinja_format(str(path), path.read_text(encoding="utf-8"))
+    return jinja_format(str(path), path.read_text(encoding="utf-8"))
 
 
 def format_of(tokenizer) -> PromptFormat | JinjaFormat:
@@ -223,7 +167,7 @@ def format_of(tokenizer) -> PromptFormat | JinjaFormat:
     for fmt in FORMATS.values():
         if template == fmt.chat_template():
             return fmt
-    return _jinja_format("the tokenizer's chat template", template)
+    return jinja_format("the tokenizer's chat template", template)
 
 
 def prompt_text(instruction: str, input: str = "", *, bos_token: str, template=DEFAULT_FORMAT) -> str:
@@ -262,30 +206,6 @@ def install_chat_template(tokenizer, template=DEFAULT_FORMAT) -> None:
         if template.bos
         else None
     )
-
-
-def check_conversation(messages: list[dict]) -> None:
-    """Raise `ValueError` unless `messages` are turns with a known role and string content, ending on any turn."""
-    if not messages:
-        raise ValueError("a conversation needs at least one turn")
-    for message in messages:
-        if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
-            raise ValueError(f"each turn needs a role in {ROLES} and a string content, got {message!r}")
-
-
-def _jinja_format(name: str, template: str) -> JinjaFormat:
-    """A checked `JinjaFormat`: it masks a two-turn conversation, and knows whether it starts with BOS."""
-    bos, eos = "\x00BOS\x00", "\x00EOS\x00"
-    fmt = JinjaFormat(name, template)
-    probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}] * 2
-    try:
-        fmt.segments(probe, bos_token=bos, eos_token=eos)
-        starts_with_bos = fmt.render(probe[:1], bos, eos).startswith(bos)
-    except UsageError:
-        raise
-    except Exception as err:  # jinja2 syntax or runtime errors: one line naming the file
-        raise UsageError(f"--template {name}: {type(err).__name__}: {err}") from None
-    return JinjaFormat(name, template, bos=starts_with_bos)
 
 
 def _literal(text: str) -> str:
