@@ -92,3 +92,17 @@ def test_resolve_max_seq_len():
 def test_unknown_policy_is_a_usage_error():
     with pytest.raises(UsageError, match="drop, truncate_input, truncate"):
         check_length_policy("squeeze")
+
+
+def test_long_conversations_are_cut_or_dropped():
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, how are you?"}] * 2
+    whole = tokenize_and_mask({"messages": [turns]}, ENCODER)
+    full, labels = whole["input_ids"][0], whole["labels"][0]
+    for policy in ("drop", "truncate_input"):
+        out = tokenize_and_mask({"messages": [turns]}, ENCODER, max_seq_len=len(full) - 1, length_policy=policy)
+        assert out["status"] == ["drop:too_long"] and out["input_ids"] == [[]]
+    out = tokenize_and_mask({"messages": [turns]}, ENCODER, max_seq_len=len(full) - 3, length_policy="truncate")
+    assert out["status"] == ["truncated"] and out["input_ids"][0] == full[: len(full) - 3]
+    first_prompt = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    out = tokenize_and_mask({"messages": [turns]}, ENCODER, max_seq_len=first_prompt, length_policy="truncate")
+    assert out["status"] == ["drop:no_supervised_tokens"]

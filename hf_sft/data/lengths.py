@@ -6,6 +6,9 @@
 - `truncate`: the token sequence is cut at `max_seq_len` (the response tail and EOS are lost); an example whose prompt
   alone fills `max_seq_len` keeps no supervised token and is dropped as `no_supervised_tokens`.
 
+A conversation (a `messages` record) has no single input to shorten: `truncate_input` drops it as `too_long`, and
+`truncate` cuts it at `max_seq_len` like any example.
+
 Every dropped example is counted by reason, and a kept example that was shortened is counted too.
 """
 
@@ -91,6 +94,25 @@ def fit_example(
             return Fitted([], [], "drop:too_long_without_input")
         return Fitted(shortened, response, "truncated_input")
     raise UsageError(f"unknown length policy {policy!r}; choose one of {', '.join(LENGTH_POLICIES)}")
+
+
+def fit_conversation(
+    parts: list[tuple[list[int], bool]], max_seq_len: int, policy: str
+) -> tuple[list[tuple[list[int], bool]], str]:
+    """Apply `policy` to a conversation longer than `max_seq_len`, given as `(ids, supervised)` chunks.
+
+    Returns:
+        The chunks kept and the status (`truncated`, or `drop:<reason>` with no chunks).
+    """
+    if policy != "truncate":
+        return [], "drop:too_long"
+    kept, room = [], max_seq_len
+    for ids, supervised in parts:
+        kept.append((ids[:room], supervised))
+        room -= len(kept[-1][0])
+    if not any(supervised and ids for ids, supervised in kept):
+        return [], "drop:no_supervised_tokens"
+    return kept, "truncated"
 
 
 def _shorten_input(

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
-from hf_sft.data.lengths import fit_example
+from hf_sft.data.lengths import fit_conversation, fit_example
 from hf_sft.data.template import DEFAULT_FORMAT, PromptFormat
 
 IGNORE_INDEX = -100
@@ -157,7 +157,7 @@ def tokenize_and_mask(
         outcome = "ok"
         if max_seq_len is not None and sum(len(ids) for ids, _ in parts) > max_seq_len:
             if instructions is None:  # a conversation has no single input to shorten
-                parts, outcome = _fit_conversation(parts, max_seq_len, length_policy)
+                parts, outcome = fit_conversation(parts, max_seq_len, length_policy)
             else:
                 (prompt, _), (response, _) = parts
                 fitted = fit_example(
@@ -194,19 +194,6 @@ def _encode_pieces(pieces: list[list[tuple[str, bool]]], encoder: Encoder) -> li
             chunks.append((ids + eos if supervised else ids, supervised))
         out.append(chunks)
     return out
-
-
-def _fit_conversation(parts: list[tuple[list[int], bool]], max_seq_len: int, policy: str):
-    """A conversation longer than `max_seq_len`: `truncate` cuts it there, the other policies drop it."""
-    if policy != "truncate":
-        return [], "drop:too_long"
-    kept, room = [], max_seq_len
-    for ids, supervised in parts:
-        kept.append((ids[:room], supervised))
-        room -= len(kept[-1][0])
-    if not any(supervised and ids for ids, supervised in kept):
-        return [], "drop:no_supervised_tokens"
-    return kept, "truncated"
 
 
 def _without_prefix_space(backend: Tokenizer) -> Tokenizer:

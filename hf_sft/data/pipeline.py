@@ -79,7 +79,7 @@ def build_datasets(
     """Validate, load, split, tokenise and mask: the datasets for `Trainer`.
 
     Args:
-        data_path: `.jsonl`/`.json` file or Hub dataset id.
+        data_path: `.jsonl`/`.json` file, Hub dataset id or `save_to_disk` folder.
         tokenizer: the model's `PreTrainedTokenizerFast` (BOS/EOS set).
         template: prompt format (also install it as the chat template with `install_chat_template`).
         field_map: source field names, e.g. `{"output": "answer"}`; defaults cover input/context, output/response.
@@ -134,9 +134,9 @@ def tokenize_records(
     """Tokenise and mask a records dataset (batched, cached by `datasets`), then drop and count misfits.
 
     Args:
-        records: a `datasets.Dataset` with columns `index`, `instruction`, `input`, `output`.
+        records: a `datasets.Dataset` with columns `index` and `instruction`, `input`, `output`, or `messages`.
         encoder: `Encoder.from_tokenizer(tokenizer)`.
-        template: prompt template.
+        template: prompt format.
         max_seq_len: longest example in tokens, `None` for no limit.
         length_policy: see `hf_sft.data.lengths`.
         num_proc: processes for `map`.
