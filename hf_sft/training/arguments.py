@@ -89,6 +89,10 @@ class SFTArguments:
         default=None,
         metadata={"help": "tokenizers JSON or HF folder; default: the model folder's, or one trained on the data."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the checkpoints and final model of a previous run in --out_dir (else refused)."},
+    )
     pretrained_ckpt_path: str | None = field(
         default=None,
         metadata={"help": "Base model: a legacy .pt/.pth (converted safely on the fly) or a HF folder/Hub id."},
