@@ -1,5 +1,8 @@
 """Training flags are checked before any work: one line, exit 2, and no --out_dir left behind."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +70,18 @@ def test_a_run_that_fails_on_its_data_leaves_no_out_dir(tmp_path, capsys):
     out = tmp_path / "out"
     assert refused(capsys, out, "--data_path", str(bad)).startswith(f"error: {bad}:1: invalid JSON")
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_under_accelerate_launch_our_line_ends_our_output(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"} | {"HF_HUB_OFFLINE": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
+    launch += ["--cpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    out = tmp_path / "out"
+    script = [str(REPO / "scripts" / "train.py"), *TINY, "--out_dir", str(out), "--batch_size", "0"]
+    result = subprocess.run([*launch, *script], env=env, capture_output=True, text=True, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    ours = lines.index("error: --batch_size must be at least 1, got 0")
+    # What follows is accelerate's own report of our status, nothing of ours.
+    assert lines[ours + 1] == "Traceback (most recent call last):" and "exit status 2" in lines[-1]
+    assert result.returncode == 1 and not out.exists()
