@@ -92,3 +92,27 @@ def test_a_finetune_gpt_checkpoint_with_optimizer_state_is_explained(tmp_path, c
         "state and data position cannot be continued by this trainer; fine-tune its weights further with "
         f"--pretrained_ckpt_path {path}"
     )
+
+
+def test_a_checkpoint_without_weights_or_config_still_rebuilds_its_model(full_run, tmp_path):
+    # What a sharded checkpoint (FSDP, ZeRO-3) may look like: no model.safetensors, no config.json, no tokenizer.
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from hf_sft.tokenizer import load_tokenizer
+    from hf_sft.training.resume import RunRecordCallback, load_from_checkpoint
+
+    model = AutoModelForCausalLM.from_pretrained(full_run)
+    folder = tmp_path / "checkpoint-7"
+    folder.mkdir()
+    record = json.loads((full_run / "checkpoint-6" / RUN_ARGS_FILE).read_text())
+    state = SimpleNamespace(global_step=7, is_world_process_zero=True)
+    RunRecordCallback(record).on_save(
+        SimpleNamespace(output_dir=str(tmp_path)), state, None, model=model, processing_class=load_tokenizer(full_run)
+    )
+    assert json.loads((folder / RUN_ARGS_FILE).read_text()) == record
+    rebuilt, tokenizer = load_from_checkpoint(folder, {}, use_lora=False)
+    assert rebuilt.config.to_diff_dict() | {"_name_or_path": ""} == model.config.to_diff_dict() | {"_name_or_path": ""}
+    assert len(tokenizer) == len(load_tokenizer(full_run))
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}

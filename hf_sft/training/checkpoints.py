@@ -157,7 +157,7 @@ def interruption(preemption: PreemptionCallback, checkpoint: Path, main_process:
     if not main_process:
         return RunInterrupted("", 128 + preemption.signal)
     command = ["--resume_from_ckpt_path", str(checkpoint)]
-    if sys.argv[0].endswith(".py") and Path(sys.argv[0]).name != "cli.py":  # scripts/train.py, maybe launched
+    if Path(sys.argv[0]).name == "train.py":  # scripts/train.py, maybe under accelerate launch
         processes = int(os.environ.get("WORLD_SIZE", "1"))
         launcher = ["python"] if processes == 1 else ["accelerate", "launch", "--num_processes", str(processes)]
         command = [*launcher, sys.argv[0], *command]

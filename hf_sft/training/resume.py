@@ -1,9 +1,9 @@
 """`--resume_from_ckpt_path` alone continues a run: arguments, model and tokenizer come from the checkpoint.
 
-Each checkpoint holds `run_args.json`: the run's arguments that differ from a plain invocation's defaults, plus the
-values that fix the run's shape (model, max_seq_len, batch layout, number of processes). On resume those values fill
-every flag the command line (or its YAML) does not give; a given flag overrides, unless it would change the shape.
-JSON rather than Trainer's pickled `training_args.bin`, which nothing here unpickles.
+Each checkpoint holds `run_args.json`: the run's arguments that differ from the defaults of a plain or a `--demo`
+invocation, plus the values that fix the run's shape (model, max_seq_len, batch layout, number of processes). On
+resume those values fill every flag the command line (or its YAML) does not give; a given flag overrides, unless it
+would change the shape. JSON rather than Trainer's pickled `training_args.bin`, which nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ def record_arguments(parsed: tuple, parse: Callable[[list[str]], tuple]) -> dict
         parse: the command-line parser (`hf_sft.training.arguments.parse_args`), for the defaults to compare with.
     """
     values = argument_values(*parsed)
-    defaults = argument_values(*parse(["--output_dir", str(values["output_dir"])]))
+    # Whether or not the resuming command says --demo, every value that its defaults would not give is recorded.
+    out_dir = ["--output_dir", str(values["output_dir"])]
+    defaults = [argument_values(*parse([*demo, *out_dir])) for demo in ([], ["--demo"])]
     recorded, shape = {}, {}
     for name, value in values.items():
         value = _plain(value)
@@ -70,7 +72,7 @@ def record_arguments(parsed: tuple, parse: Callable[[list[str]], tuple]) -> dict
             continue
         if name in SHAPE_FIELDS:
             shape[name] = value
-        elif value != _plain(defaults.get(name)):
+        elif any(value != _plain(default.get(name)) for default in defaults):
             recorded[name] = value
     return {"values": recorded, "shape": shape, "world_size": launched_processes()}
 
@@ -102,7 +104,7 @@ def resume_arguments(argv: list[str], parsed: tuple) -> tuple:
         for name in SHAPE_FIELDS
         if name in explicit and name in saved and _plain(values[name]) != saved[name]
     ]
-    if record["world_size"] != launched_processes():
+    if record.get("world_size", 1) != launched_processes():
         differences.append(f"{launched_processes()} processes (the checkpoint's run: {record['world_size']})")
     if differences:
         raise UsageError(
@@ -163,16 +165,26 @@ def load_from_checkpoint(checkpoint: str | Path, specials: dict, use_lora: bool)
 
 
 class RunRecordCallback(TrainerCallback):
-    """Writes `run_args.json` into each checkpoint (list it before the callback that marks checkpoints complete)."""
+    """Writes `run_args.json` into each checkpoint (list it before the callback that marks checkpoints complete).
+
+    It also writes the model's `config.json` and the tokenizer where the checkpoint lacks them, as a sharded one
+    (FSDP, ZeRO-3) may: resuming builds the model from them.
+    """
 
     def __init__(self, record: dict[str, Any]):
         self.record = record
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and folder.is_dir():
-            text = json.dumps(self.record, indent=2, sort_keys=True)
-            (folder / RUN_ARGS_FILE).write_text(text + "\n", encoding="utf-8")
+        if not state.is_world_process_zero or not folder.is_dir():
+            return
+        text = json.dumps(self.record, indent=2, sort_keys=True)
+        (folder / RUN_ARGS_FILE).write_text(text + "\n", encoding="utf-8")
+        config = getattr(model, "config", None)
+        if config is not None and not self.record["shape"].get("use_lora") and not (folder / "config.json").is_file():
+            config.save_pretrained(folder)
+        if processing_class is not None and not (folder / "tokenizer.json").is_file():
+            processing_class.save_pretrained(folder)
 
 
 class ResumeLogCallback(TrainerCallback):
@@ -193,11 +205,17 @@ _UNRECORDABLE = _Unrecordable()
 
 
 def _plain(value: Any) -> Any:
-    value = value.value if isinstance(value, Enum) else value
+    """The value as JSON gives it back (enums as their values, tuples as lists), or `_UNRECORDABLE`."""
     try:
-        return json.loads(json.dumps(value))
+        return json.loads(json.dumps(value, default=_enum_value))
     except (TypeError, ValueError):
         return _UNRECORDABLE
+
+
+def _enum_value(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    raise TypeError(type(value).__name__)
 
 
 def _replace(parsed: tuple, changes: dict[str, Any]) -> tuple:
