@@ -55,3 +55,17 @@ def test_an_explicit_evaluation_file_with_nothing_left_is_still_refused(tmp_path
     evaluation = write_records(tmp_path / "eval.jsonl", {0, 1}, n=2)
     with pytest.raises(UsageError, match=r"no evaluation example with a supervised token is left in .*eval.jsonl"):
         build_datasets(train, TOKENIZER, max_seq_len=64, eval_data_path=evaluation, cache_dir=tmp_path / "c")
+
+
+def test_training_on_a_small_file_runs_without_evaluation(tmp_path, capsys):
+    from hf_sft.cli import main
+
+    path = write_records(tmp_path / "small.jsonl", held_out_rows(60, 0.05, seed=0), n=60)
+    out = tmp_path / "out"
+    flags = ["--data_path", str(path), "--tokenizer_path", str(FIXTURES / "tiny_bpe.json"), "--out_dir", str(out)]
+    flags += ["--device", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "64"]
+    flags += ["--max_seq_len", "64", "--seed", "0", "--max_iters", "1", "--save_interval", "100"]
+    assert main(["train", *flags]) == 0  # the default --val_split 0.05 holds out the 3 over-long records
+    log = (out / "train.log").read_text()
+    assert "no evaluation example is left" in log and "training without evaluation" in log
+    assert "eval_loss" not in log and (out / "model.safetensors").is_file()

@@ -67,7 +67,7 @@ def _run(sft: SFTArguments, args: TrainingArguments) -> int:
     args = resolve_device_and_precision(sft, args)
     _check_world_size(args)
     output_dir = Path(args.output_dir)
-    check_run_folder(output_dir, args.resume_from_checkpoint, sft.overwrite_output_dir)
+    check_run_folder(output_dir, args.resume_from_checkpoint, sft.overwrite_output_dir, args.process_index == 0)
     _setup_logging(args)
     args = check_hub_args(args, sft, output_dir)
     logger.info("world size %d | device %s | precision %s", args.world_size, args.device, _precision_name(args))

@@ -49,13 +49,14 @@ _HELD: list[RunLock] = []
 _UNKNOWN = {"pid": "?", "host": "?"}  # a lock file being written this very moment
 
 
-def check_run_folder(out_dir: str | Path, resume: str | None, overwrite: bool) -> None:
+def check_run_folder(out_dir: str | Path, resume: str | None, overwrite: bool, main_process: bool = True) -> None:
     """Refuse, before any work, an out_dir this run may not use; reads only.
 
     Args:
         out_dir: the run's `--out_dir`.
         resume: `--resume_from_ckpt_path` as given (`latest`, a checkpoint folder, or None).
         overwrite: `--overwrite_output_dir`.
+        main_process: False on the other ranks of a multi-process run: rank 0's own lock is no reason to stop.
 
     Raises:
         UsageError: the path is a file, a live run holds its lock, or it holds another run's work.
@@ -67,7 +68,7 @@ def check_run_folder(out_dir: str | Path, resume: str | None, overwrite: bool) -
         return
     if not out_dir.is_dir():
         raise UsageError(f"--out_dir {out_dir} exists and is not a folder")
-    holder = _live_holder(out_dir / LOCK_FILE)
+    holder = _live_holder(out_dir / LOCK_FILE) if main_process else None
     if holder:
         raise UsageError(_in_use(out_dir, holder))
     _check_previous_work(out_dir, resume, overwrite)
