@@ -112,7 +112,9 @@ def test_a_checkpoint_without_weights_or_config_still_rebuilds_its_model(full_ru
         SimpleNamespace(output_dir=str(tmp_path)), state, None, model=model, processing_class=load_tokenizer(full_run)
     )
     assert json.loads((folder / RUN_ARGS_FILE).read_text()) == record
-    rebuilt, tokenizer = load_from_checkpoint(folder, {}, use_lora=False)
+    no_flags = SimpleNamespace(use_lora=False, bos_token=None, eos_token=None, pad_token=None, unk_token=None)
+    rebuilt, tokenizer, base = load_from_checkpoint(folder, no_flags)
+    assert base == "a new model initialised from scratch"
     assert rebuilt.config.to_diff_dict() | {"_name_or_path": ""} == model.config.to_diff_dict() | {"_name_or_path": ""}
     assert len(tokenizer) == len(load_tokenizer(full_run))
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}

@@ -144,12 +144,16 @@ def read_record(checkpoint: str | Path) -> dict | None:
         raise UsageError(f"{path} is not valid JSON: {err}") from None
 
 
-def load_from_checkpoint(checkpoint: str | Path, specials: dict, use_lora: bool):
+def load_from_checkpoint(checkpoint: str | Path, model_args: Any):
     """The model (architecture only: Trainer restores the weights) and the tokenizer saved in a checkpoint.
 
+    Args:
+        checkpoint: a checkpoint folder.
+        model_args: the parsed arguments holding the special-token flags and `use_lora`.
+
     Returns:
-        `(model, tokenizer)`, or None where the checkpoint lacks `config.json` or `tokenizer.json`, or holds a LoRA
-        adapter (whose base model comes from `--pretrained_ckpt_path`).
+        `(model, tokenizer, description of the base model)`, or None where the checkpoint lacks `config.json` or
+        `tokenizer.json`, or holds a LoRA adapter (whose base model comes from `--pretrained_ckpt_path`).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -157,11 +161,16 @@ def load_from_checkpoint(checkpoint: str | Path, specials: dict, use_lora: bool)
     from hf_sft.tokenizer import load_tokenizer
 
     checkpoint = Path(checkpoint)
-    if use_lora or not (checkpoint / "config.json").is_file() or not (checkpoint / "tokenizer.json").is_file():
+    if model_args.use_lora or not (checkpoint / "config.json").is_file():
         return None
+    if not (checkpoint / "tokenizer.json").is_file():
+        return None
+    specials = {name: getattr(model_args, name) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    tokenizer = load_tokenizer(checkpoint, **specials)
     # The sharded checkpoints of FSDP/DeepSpeed hold no model.safetensors: the config suffices to build the model.
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint), dtype=torch.float32)
-    return model, load_tokenizer(checkpoint, **specials)
+    base = (read_record(checkpoint) or {}).get("base_model", f"checkpoint {checkpoint}")
+    return model, tokenizer, base
 
 
 class RunRecordCallback(TrainerCallback):

@@ -30,7 +30,6 @@ from hf_sft.training.resume import (
     ResumeLogCallback,
     RunRecordCallback,
     load_from_checkpoint,
-    read_record,
     record_arguments,
     resume_arguments,
 )
@@ -83,13 +82,8 @@ def _run(sft: SFTArguments, args: TrainingArguments) -> int:
         resolve_max_seq_len,
     )
 
-    specials = {"bos_token": sft.bos_token, "eos_token": sft.eos_token, "pad_token": sft.pad_token}
-    loaded = load_from_checkpoint(resume, {**specials, "unk_token": sft.unk_token}, sft.use_lora) if resume else None
-    if loaded:
-        base_description = (read_record(resume) or {}).get("base_model", f"checkpoint {resume}")
-        model, tokenizer = loaded
-    else:
-        model, tokenizer, base_description = load_model_and_tokenizer(sft)
+    loaded = load_from_checkpoint(resume, sft) if resume else None
+    model, tokenizer, base_description = loaded or load_model_and_tokenizer(sft)
     record["base_model"] = base_description
     sync_special_token_ids(model, tokenizer)
     install_chat_template(tokenizer)
