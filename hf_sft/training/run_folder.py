@@ -3,7 +3,7 @@
 Two steps, so that a failed run leaves nothing behind: `check_run_folder` (read-only, before any work) refuses a
 folder that is a file, is locked by a live run, or holds another run's checkpoints or final model; `claim_run_folder`
 (once the inputs are validated) creates the folder, takes the lock, clears the old run's work if asked to, and
-starts `train.log`. The lock is `run.lock` holding pid and host under an exclusive `flock`: the kernel drops the
+starts `train.log`. The lock is `_run.lock` holding pid and host under an exclusive `flock`: the kernel drops the
 `flock` when its process dies, however it dies (SIGKILL too), so a lock file whose `flock` can be taken is stale.
 """
 
@@ -25,7 +25,8 @@ from hf_sft.training.run_log import RUN_LOG
 
 logger = logging.getLogger("hf_sft.train")
 
-LOCK_FILE = "run.lock"
+# Trainer's checkpoint pushes upload the output folder except `_*`: the lock stays off the Hub.
+LOCK_FILE = "_run.lock"
 # What a finished run leaves in its folder (hf_sft.training.output.save_final), besides checkpoints and the log.
 FINAL_FILES = (
     "config.json",
@@ -161,7 +162,7 @@ def _live_holder(path: Path) -> dict | None:
 
 
 class RunLock:
-    """`run.lock` in the run folder: pid and host, under an exclusive `flock` held while the run lives."""
+    """`_run.lock` in the run folder: pid and host, under an exclusive `flock` held while the run lives."""
 
     def __init__(self, path: Path):
         self.path = path
