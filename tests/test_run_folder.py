@@ -14,7 +14,8 @@ import pytest
 
 from hf_sft.cli import main
 from hf_sft.errors import UsageError
-from hf_sft.training.run_folder import LOCK_FILE, RunLock, check_run_folder, claim_run_folder, release_run_folders
+from hf_sft.training.run_folder import check_run_folder, claim_run_folder, release_run_folders
+from hf_sft.training.run_lock import LOCK_FILE, RunLock
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "scripts" / "train.py")
@@ -68,7 +69,7 @@ def test_a_held_lock_refuses_a_second_run_naming_the_holder(tmp_path):
             check_run_folder(out, resume=None, overwrite=False)
         assert str(early.value) == expected
         with pytest.raises(UsageError) as late:
-            RunLock(out / LOCK_FILE).acquire()
+            RunLock(out).acquire()
         assert str(late.value) == expected
     finally:
         release_run_folders()
@@ -93,6 +94,29 @@ def test_a_lock_of_another_host_is_not_taken_over(tmp_path):
     (out / LOCK_FILE).write_text(json.dumps({"pid": 12, "host": "elsewhere"}))
     with pytest.raises(UsageError, match=r"pid 12 on host elsewhere .*if that run is no longer alive, delete "):
         claim_run_folder(out, resume=None, overwrite=False)
+
+
+def test_without_flock_the_holder_pid_decides(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_flock(fd, mode):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": HOST}))  # a live process
+    with pytest.raises(UsageError, match=f"in use by another run: pid {os.getppid()} on host {HOST}"):
+        check_run_folder(out, resume=None, overwrite=False)
+    with pytest.raises(UsageError, match=f"in use by another run: pid {os.getppid()} on host {HOST}"):
+        RunLock(out).acquire()
+    (out / LOCK_FILE).write_text(json.dumps({"pid": 4194999, "host": HOST}))
+    check_run_folder(out, resume=None, overwrite=False)
+    claim_run_folder(out, resume=None, overwrite=False)
+    assert json.loads((out / LOCK_FILE).read_text()) == {"pid": os.getpid(), "host": HOST}
+    release_run_folders()
+    assert not (out / LOCK_FILE).exists()
 
 
 def test_resume_and_overwrite_together_are_refused(tmp_path):

@@ -1,32 +1,24 @@
 """A run owns its `--out_dir`: another run's work there is refused, and a live run holds a lock on the folder.
 
 Two steps, so that a failed run leaves nothing behind: `check_run_folder` (read-only, before any work) refuses a
-folder that is a file, is locked by a live run, or holds another run's checkpoints or final model; `claim_run_folder`
-(once the inputs are validated) creates the folder, takes the lock, clears the old run's work if asked to, and
-starts `train.log`. The lock is `_run.lock` holding pid and host under an exclusive `flock`: the kernel drops the
-`flock` when its process dies, however it dies (SIGKILL too), so a lock file whose `flock` can be taken is stale.
+folder that is a file, is locked by a live run (`hf_sft.training.run_lock`), or holds another run's checkpoints or
+final model; `claim_run_folder` (once the inputs are validated) creates the folder, takes the lock, clears the old
+run's work if asked to, and starts `train.log`.
 """
 
 from __future__ import annotations
 
-import atexit
-import fcntl
-import json
 import logging
-import os
 import shutil
-import socket
-import time
 from pathlib import Path
 
 from hf_sft.errors import UsageError
 from hf_sft.training.checkpoints import list_checkpoints
+from hf_sft.training.run_lock import RunLock, in_use_message, live_holder
 from hf_sft.training.run_log import RUN_LOG
 
 logger = logging.getLogger("hf_sft.train")
 
-# Trainer's checkpoint pushes upload the output folder except `_*`: the lock stays off the Hub.
-LOCK_FILE = "_run.lock"
 # What a finished run leaves in its folder (hf_sft.training.output.save_final), besides checkpoints and the log.
 FINAL_FILES = (
     "config.json",
@@ -47,7 +39,6 @@ FINAL_FILES = (
 _FINAL_MODELS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 OVERWRITE_FLAG = "--overwrite_output_dir"
 _HELD: list[RunLock] = []
-_UNKNOWN = {"pid": "?", "host": "?"}  # a lock file being written this very moment
 
 
 def check_run_folder(out_dir: str | Path, resume: str | None, overwrite: bool, main_process: bool = True) -> None:
@@ -69,9 +60,9 @@ def check_run_folder(out_dir: str | Path, resume: str | None, overwrite: bool, m
         return
     if not out_dir.is_dir():
         raise UsageError(f"--out_dir {out_dir} exists and is not a folder")
-    holder = _live_holder(out_dir / LOCK_FILE) if main_process else None
+    holder = live_holder(out_dir) if main_process else None
     if holder:
-        raise UsageError(_in_use(out_dir, holder))
+        raise UsageError(in_use_message(out_dir, holder))
     _check_previous_work(out_dir, resume, overwrite)
 
 
@@ -82,7 +73,7 @@ def claim_run_folder(out_dir: str | Path, resume: str | None, overwrite: bool) -
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(out_dir / LOCK_FILE)
+    lock = RunLock(out_dir)
     lock.acquire()
     try:
         _check_previous_work(out_dir, resume, overwrite)  # again, under the lock: a run may have finished meanwhile
@@ -129,93 +120,3 @@ def _clear_previous_work(out_dir: Path) -> None:
             removed.append(name)
     if removed:
         logger.warning("%s: removed the previous run's %s", OVERWRITE_FLAG, ", ".join(removed))
-
-
-def _in_use(out_dir: Path, holder: dict) -> str:
-    return (
-        f"--out_dir {out_dir} is in use by another run: pid {holder.get('pid')} on host {holder.get('host')} "
-        f"(lock file {out_dir / LOCK_FILE}); wait for it to finish or choose another --out_dir"
-    )
-
-
-def _read_holder(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
-def _live_holder(path: Path) -> dict | None:
-    """The lock's holder if a live process holds it; None for no lock or a stale one."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return _read_holder(path) or _UNKNOWN
-    finally:
-        os.close(fd)
-    holder = _read_holder(path)
-    return holder if holder and holder.get("host") != socket.gethostname() else None
-
-
-class RunLock:
-    """`_run.lock` in the run folder: pid and host, under an exclusive `flock` held while the run lives."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        """Take the lock, taking over a stale one (logged).
-
-        Raises:
-            UsageError: another live run holds it, naming its pid and host.
-        """
-        attempts = 0
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                attempts += 1
-                if attempts < 5:  # a concurrent `check_run_folder` holds a shared lock for a moment
-                    time.sleep(0.1)
-                    continue
-                raise UsageError(_in_use(self.path.parent, _read_holder(self.path) or _UNKNOWN)) from None
-            try:
-                same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same_file = False
-            if same_file:  # else its holder removed it between our open and our flock: try again
-                break
-            os.close(fd)
-        stale = _read_holder(self.path)
-        if stale and stale.get("host") != socket.gethostname():
-            os.close(fd)  # a lock of another machine: its flock may not reach us through a network file system
-            raise UsageError(f"{_in_use(self.path.parent, stale)}; if that run is no longer alive, delete {self.path}")
-        if stale:
-            logger.warning(
-                "taking over the stale lock of pid %s on host %s: that run is no longer alive",
-                stale.get("pid"),
-                stale.get("host"),
-            )
-        holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, holder + b"\n", 0)
-        self._fd = fd
-        atexit.register(self.release)
-
-    def release(self) -> None:
-        """Remove the lock file and drop the lock; safe to call twice."""
-        if self._fd is None:
-            return
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
-        os.close(self._fd)
-        self._fd = None
