@@ -1,7 +1,8 @@
 """The `hf-sft` command: one parser per subcommand, each living in `hf_sft.commands.<name>`.
 
-Every subcommand exits 0 on success, 2 on bad usage or bad input (`UsageError`: one line on stderr), and 1 on any
-other failure (one line too, unless `--debug` asks for the traceback).
+Every subcommand exits 0 on success, 2 on bad usage or bad input (`UsageError`: one line on stderr), 130/143 when
+a training run stopped on SIGINT/SIGTERM after saving a checkpoint (`RunInterrupted`: its last line says how to
+resume), and 1 on any other failure (one line too, unless `--debug` asks for the traceback).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from hf_sft.errors import UsageError
+from hf_sft.errors import RunInterrupted, UsageError
 
 COMMANDS = ("convert", "train", "data", "generate", "export", "push")
 
@@ -53,6 +54,11 @@ def _guarded(action, debug: bool) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunInterrupted as stop:
+        sys.stdout.flush()
+        if str(stop):  # only the main process says it
+            print(stop, file=sys.stderr, flush=True)
+        return stop.status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

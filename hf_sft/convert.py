@@ -29,6 +29,9 @@ __all__ = [
     "load_legacy_checkpoint",
 ]
 
+# nanoGPT rounds its vocabulary up to a multiple of this (GPT-2: 50257 -> 50304).
+NANOGPT_VOCAB_MULTIPLE = 64
+
 # (checkpoint key, model keys, transform of the checkpoint tensor into the model tensors)
 Plan = list[tuple[str, tuple[str, ...], Callable[[torch.Tensor], tuple[torch.Tensor, ...]]]]
 
@@ -40,6 +43,7 @@ def convert_checkpoint(
     eos_token: str | None = None,
     pad_token: str | None = None,
     unk_token: str | None = None,
+    allow_vocab_mismatch: bool = False,
 ) -> tuple[HfSftGPTForCausalLM, PreTrainedTokenizerFast]:
     """Build the HF model (fp32, eval mode) and tokenizer from a legacy checkpoint and its `tokenizers` JSON.
 
@@ -47,6 +51,7 @@ def convert_checkpoint(
         checkpoint_path: nanoGPT/finetune_gpt.py `.pt` or simple_llama `.pth`.
         tokenizer_path: the tokenizer used in pretraining (JSON file or HF folder).
         bos_token, eos_token, pad_token, unk_token: special tokens, as for `hf_sft.tokenizer.load_tokenizer`.
+        allow_vocab_mismatch: accept a tokenizer smaller than the embedding beyond the checkpoint's padding rule.
 
     Returns:
         The model, whose config and generation config carry the tokenizer's BOS/EOS/PAD ids, and the tokenizer.
@@ -54,7 +59,8 @@ def convert_checkpoint(
     Raises:
         UsageError: anything wrong with the inputs, named (see `load_legacy_checkpoint` and `convert_state_dict`).
     """
-    model, tokenizer, _ = _convert(checkpoint_path, tokenizer_path, bos_token, eos_token, pad_token, unk_token)
+    specials = (bos_token, eos_token, pad_token, unk_token)
+    model, tokenizer, _ = _convert(checkpoint_path, tokenizer_path, specials, allow_vocab_mismatch)
     return model, tokenizer
 
 
@@ -66,6 +72,7 @@ def convert_to_folder(
     eos_token: str | None = None,
     pad_token: str | None = None,
     unk_token: str | None = None,
+    allow_vocab_mismatch: bool = False,
 ) -> tuple[HfSftGPTForCausalLM, PreTrainedTokenizerFast, str]:
     """Convert (see `convert_checkpoint`) and `save_pretrained` model, code, generation config and tokenizer.
 
@@ -77,23 +84,20 @@ def convert_to_folder(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} exists and is not a folder")
-    model, tokenizer, source = _convert(checkpoint_path, tokenizer_path, bos_token, eos_token, pad_token, unk_token)
+    specials = (bos_token, eos_token, pad_token, unk_token)
+    model, tokenizer, source = _convert(checkpoint_path, tokenizer_path, specials, allow_vocab_mismatch)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return model, tokenizer, source
 
 
 def _convert(
-    checkpoint_path: str | Path, tokenizer_path: str | Path, *specials: str | None
+    checkpoint_path: str | Path, tokenizer_path: str | Path, specials: tuple, allow_vocab_mismatch: bool
 ) -> tuple[HfSftGPTForCausalLM, PreTrainedTokenizerFast, str]:
     checkpoint = load_legacy_checkpoint(checkpoint_path)
     tokenizer = load_tokenizer(tokenizer_path, *specials)
     config = checkpoint.config
-    if len(tokenizer) > config.vocab_size:
-        raise UsageError(
-            f"the tokenizer {tokenizer_path} has {len(tokenizer)} tokens but the model in {checkpoint.path} embeds "
-            f"only {config.vocab_size}: is it the tokenizer the model was pretrained with?"
-        )
+    check_vocab_size(checkpoint, len(tokenizer), str(tokenizer_path), allow_vocab_mismatch)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(config, name, getattr(tokenizer, name))
     tokenizer.model_max_length = config.max_position_embeddings
@@ -103,6 +107,33 @@ def _convert(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )
     return model.float().eval(), tokenizer, checkpoint.source
+
+
+def check_vocab_size(checkpoint: LegacyCheckpoint, tokens: int, tokenizer: str, allow_smaller: bool = False) -> None:
+    """Refuse a tokenizer that cannot be the one the checkpoint was pretrained with.
+
+    The embedding may exceed the tokenizer only by the checkpoint's own padding: nanoGPT rounds the vocabulary up
+    to a multiple of 64 (GPT-2's 50257 tokens in 50304 rows), so at most 64 spare rows in a multiple of 64;
+    simple_llama sizes the embedding from the tokenizer exactly.
+
+    Raises:
+        UsageError: naming both sizes; a smaller tokenizer is accepted with `allow_smaller`.
+    """
+    rows = checkpoint.config.vocab_size
+    if tokens > rows:
+        raise UsageError(
+            f"the tokenizer {tokenizer} has {tokens} tokens but the model in {checkpoint.path} embeds only {rows}: "
+            "is it the tokenizer the model was pretrained with?"
+        )
+    padded = checkpoint.source != "simple_llama" and rows % NANOGPT_VOCAB_MULTIPLE == 0
+    spare = NANOGPT_VOCAB_MULTIPLE if padded else 0
+    if rows - tokens > spare and not allow_smaller:
+        rule = f"nanoGPT pads by at most {spare} rows" if padded else f"{SOURCES[checkpoint.source]} does not pad"
+        raise UsageError(
+            f"the tokenizer {tokenizer} has {tokens} tokens but the model in {checkpoint.path} embeds {rows} "
+            f"({rule}): is it the tokenizer the model was pretrained with? Pass --allow_vocab_mismatch to "
+            "`hf-sft convert` to convert anyway"
+        )
 
 
 def convert_state_dict(checkpoint: LegacyCheckpoint) -> dict[str, torch.Tensor]:

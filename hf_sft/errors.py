@@ -3,3 +3,15 @@
 
 class UsageError(Exception):
     """Bad usage or bad input: the CLI prints the message and exits with status 2."""
+
+
+class RunInterrupted(Exception):
+    """A run stopped by a signal after saving a checkpoint: the CLI prints the message last and exits `status`.
+
+    Attributes:
+        status: 128 + the signal's number (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status

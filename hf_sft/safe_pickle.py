@@ -18,7 +18,7 @@ import warnings
 import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from hf_sft.errors import UsageError
 
@@ -77,7 +77,7 @@ def load_checkpoint(path: str | Path) -> Any:
     """Load a `torch.save` file on the CPU without importing or calling anything it names.
 
     Args:
-        path: a checkpoint written by `torch.save` (zip format, torch >= 1.6).
+        path: a checkpoint written by `torch.save`, in the zip format (torch >= 1.6) or the legacy one.
 
     Returns:
         The saved object. Tensors, containers and numbers come back as usual; objects of classes that torch does not
@@ -124,30 +124,53 @@ def _first_line(err: BaseException) -> str:
     # torch's weights-only message opens with advice to disable the check; the reason is on the WeightsUnpickler line.
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1].strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    line = text.splitlines()[0] if text else type(err).__name__
+    # Never pass on the advice to load with weights_only=False: for a hostile file that runs its payload.
+    return type(err).__name__ if "weights_only" in line else line
 
 
 def _globals_in_checkpoint(path: Path) -> dict[str, str] | None:
-    """Every `module.name` the checkpoint's pickle refers to, read statically (nothing is executed).
+    """Every `module.name` the checkpoint's pickles refer to, read statically (nothing is executed).
 
+    Zip files (torch >= 1.6) hold one `data.pkl`; the legacy format (`_use_new_zipfile_serialization=False`) is a run
+    of pickles (magic number, protocol, system info, the object, storage keys) followed by raw storage bytes.
     Python 3 writes some globals under their Python 2 names (`subprocess.check_call` as `commands.check_call`): the
     result maps both spellings to the Python 3 one, which is what messages show.
     """
     try:
-        with zipfile.ZipFile(path) as archive:
-            pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") <= 1]
-            if len(pickles) != 1:
-                return None
-            data = archive.read(pickles[0])
-        names = {}
-        for opcode, arg, _ in pickletools.genops(io.BytesIO(data)):
-            if opcode.name in ("GLOBAL", "INST"):
-                module, name = arg.split(" ", 1)
-                py3_module, py3_name = NAME_MAPPING.get((module, name), (IMPORT_MAPPING.get(module, module), name))
-                names[f"{module}.{name}"] = names[f"{py3_module}.{py3_name}"] = f"{py3_module}.{py3_name}"
-        return names
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") <= 1]
+                if len(pickles) != 1:
+                    return None
+                return _pickle_globals(io.BytesIO(archive.read(pickles[0])), count=1)
+        with path.open("rb") as stream:
+            return _pickle_globals(stream, count=_LEGACY_PICKLES)
     except (zipfile.BadZipFile, ValueError, pickle.UnpicklingError, OSError):
         return None
+
+
+# torch's legacy format: magic number, protocol version, sys info, the object, then the storage keys.
+_LEGACY_PICKLES = 5
+
+
+def _pickle_globals(stream: BinaryIO, count: int) -> dict[str, str]:
+    names: dict[str, str] = {}
+    for _ in range(count):
+        strings: list[str] = []  # STACK_GLOBAL (protocol 4+) takes module and name from the two strings pushed last
+        for opcode, arg, _ in pickletools.genops(stream):
+            if opcode.name in ("GLOBAL", "INST"):
+                _add_global(names, *arg.split(" ", 1))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                _add_global(names, strings[-2], strings[-1])
+            elif isinstance(arg, str):
+                strings.append(arg)
+    return names
+
+
+def _add_global(names: dict[str, str], module: str, name: str) -> None:
+    py3_module, py3_name = NAME_MAPPING.get((module, name), (IMPORT_MAPPING.get(module, module), name))
+    names[f"{module}.{name}"] = names[f"{py3_module}.{py3_name}"] = f"{py3_module}.{py3_name}"
 
 
 def _record_class(global_name: str) -> type[LegacyRecord]:

@@ -73,21 +73,22 @@ def _load_folder(path: Path, bos_token, eos_token, pad_token, unk_token) -> PreT
 def _check_special_tokens(
     vocab: dict[str, int], specials: dict[str, str | None], existing: list[str], source: str
 ) -> dict[str, str | None]:
-    for name in ("bos_token", "eos_token"):
-        if specials[name] not in vocab:
-            flag = f"--{name}"
-            raise UsageError(
-                f"{name.split('_')[0].upper()} token {specials[name]!r} is not in the tokenizer {source}; "
-                f"its special tokens are: {', '.join(existing) or '(none)'}. Pass {flag} to choose one."
-            )
-    if specials["pad_token"] not in vocab:
+    absent = [name for name, token in specials.items() if token is not None and token not in vocab]
+    if "bos_token" in absent or "eos_token" in absent:
+        # Name every token that is missing at once: a tokenizer with other conventions usually lacks all four.
+        wanted = ", ".join(f"{name.split('_')[0].upper()} {specials[name]!r} (--{name})" for name in absent)
+        raise UsageError(
+            f"the tokenizer {source} lacks the special tokens {wanted}; its special tokens are: "
+            f"{', '.join(existing) or '(none)'}. Pass the flags in brackets to name the tokens it uses."
+        )
+    if "pad_token" in absent:
         logger.warning(
             "pad token %r is not in the tokenizer; using the EOS token %r as padding",
             specials["pad_token"],
             specials["eos_token"],
         )
         specials["pad_token"] = specials["eos_token"]
-    if specials["unk_token"] not in vocab:
+    if "unk_token" in absent:
         specials["unk_token"] = None
     return specials
 

@@ -110,13 +110,45 @@ def test_simple_llama_resaved_with_ddp_prefix(shared_dir, tmp_path):
     assert (model.config.bos_token_id, model.config.eos_token_id) == (0, 1)
 
 
-def test_model_vocabulary_larger_than_tokenizer_is_kept(shared_dir):
-    # simple_llama embeds 8192 rows; dolly_bpe_4k has 4096 tokens (and the [BOS]/[EOS] defaults).
-    model, tokenizer = convert_checkpoint(
-        shared_checkpoint(shared_dir, SIMPLE_LLAMA), shared_tokenizer(shared_dir, NANOGPT)
+def test_tokenizer_of_another_model_is_refused_unless_allowed(shared_dir, tmp_path, capsys):
+    # simple_llama embeds 8192 rows and does not pad; dolly_bpe_4k has 4096 tokens (and the [BOS]/[EOS] defaults).
+    checkpoint, tokenizer = shared_checkpoint(shared_dir, SIMPLE_LLAMA), shared_tokenizer(shared_dir, NANOGPT)
+    code, _, err = convert_cli(capsys, checkpoint, tokenizer, tmp_path / "out")
+    assert_usage_error(
+        code,
+        err,
+        f"the tokenizer {tokenizer} has 4096 tokens but the model in {checkpoint} embeds 8192 (simple_llama does not "
+        "pad): is it the tokenizer the model was pretrained with? Pass --allow_vocab_mismatch",
     )
-    assert len(tokenizer) == 4096
-    assert model.config.vocab_size == model.lm_head.weight.shape[0] == 8192
+    assert not (tmp_path / "out").exists()
+    code, out, _ = convert_cli(capsys, checkpoint, tokenizer, tmp_path / "out", "--allow_vocab_mismatch")
+    assert code == 0 and "vocab: 8192 (tokenizer: 4096)" in out
+
+
+def test_nanogpt_padded_vocabulary_is_accepted(shared_dir, tmp_path, nanogpt_parts):
+    # nanoGPT rounds up to a multiple of 64: 4096 tokens in 4160 rows is its padding, not another tokenizer.
+    state_dict, model_args = nanogpt_parts
+    state_dict = dict(state_dict)
+    for key in ("transformer.wte.weight", "lm_head.weight"):
+        state_dict[key] = torch.cat([state_dict[key], torch.zeros(64, state_dict[key].shape[1])])
+    path = tmp_path / "padded.pt"
+    torch.save({"model": state_dict, "model_args": {**model_args, "vocab_size": 4160}}, path)
+    model, tokenizer = convert_checkpoint(path, shared_tokenizer(shared_dir, NANOGPT))
+    assert (len(tokenizer), model.config.vocab_size) == (4096, 4160)
+    torch.save({"model": state_dict, "model_args": {**model_args, "vocab_size": 4224}}, path)
+    with pytest.raises(UsageError, match=r"has 4096 tokens but .* embeds 4224 \(nanoGPT pads by at most 64"):
+        convert_checkpoint(path, shared_tokenizer(shared_dir, NANOGPT))
+
+
+def test_every_missing_special_token_is_named_at_once(shared_dir, tmp_path, capsys):
+    checkpoint, tokenizer = shared_checkpoint(shared_dir, SIMPLE_LLAMA), shared_tokenizer(shared_dir, SIMPLE_LLAMA)
+    code, _, err = convert_cli(capsys, checkpoint, tokenizer, tmp_path / "out")
+    assert_usage_error(
+        code,
+        err,
+        f"the tokenizer {tokenizer} lacks the special tokens BOS '[BOS]' (--bos_token), EOS '[EOS]' (--eos_token), "
+        "PAD '[PAD]' (--pad_token), UNK '[UNK]' (--unk_token); its special tokens are: <SOS>, <EOS>, <PAD>, <UNK>",
+    )
 
 
 def test_tokenizer_larger_than_model_vocabulary_is_refused(shared_dir, tmp_path, capsys):

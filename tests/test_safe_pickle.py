@@ -94,16 +94,30 @@ def test_records_of_one_class_share_a_type_and_cannot_be_called(tmp_path):
     ],
     ids=["os.system", "eval", "exec", "subprocess", "getattr"],
 )
-def test_calls_outside_the_allow_list_are_refused(tmp_path, make_payload, named):
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_calls_outside_the_allow_list_are_refused(tmp_path, make_payload, named, zip_format):
     marker = str(tmp_path / "MARKER")
     path = tmp_path / "evil.pt"
-    torch.save({"model": {"w": torch.zeros(1)}, "payload": make_payload(marker)}, path)
+    payload = {"model": {"w": torch.zeros(1)}, "payload": make_payload(marker)}
+    torch.save(payload, path, _use_new_zipfile_serialization=zip_format)
 
     with pytest.raises(UsageError) as caught:
         load_checkpoint(path)
     message = str(caught.value)
     assert message == f"refusing to load {path}: it asks to call {named}, which is not allowed in a checkpoint"
+    assert "weights_only" not in message
     assert not os.path.exists(marker)
+
+
+def test_legacy_format_checkpoint_with_a_record_loads(tmp_path):
+    @dataclasses.dataclass
+    class Cfg:
+        lr: float = 0.0
+
+    with fake_module("old.trainer", Cfg=Cfg):
+        torch.save({"cfg": Cfg(0.5), "w": torch.ones(2)}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    loaded = load_checkpoint(tmp_path / "old.pt")
+    assert loaded["cfg"].to_dict() == {"lr": 0.5} and torch.equal(loaded["w"], torch.ones(2))
 
 
 def test_call_of_an_unknown_module_function_is_refused_without_import(tmp_path):

@@ -114,22 +114,38 @@ def _logged_steps(out: Path) -> int:
     return max(steps, default=0) if log.is_file() else 0
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_a_checkpoint_and_exits_with_128_plus_the_signal(tmp_path, sig):
     out = tmp_path / "run"
     proc = _start_long_run(out, "--save_interval", "100000")
     try:
         _wait_for(lambda: (out / "train.log").is_file() and _logged_steps(out) >= 3)
         sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         proc.wait(timeout=60)
         assert time.monotonic() - sent < 60
     finally:
         proc.kill()
-    assert proc.returncode == 0, proc.stderr.read()[-2000:]
+    stderr = proc.stderr.read()
+    assert proc.returncode == 128 + sig, stderr[-2000:]  # 143 / 130: never mistaken for success
     checkpoints = [p for p in out.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
     assert len(checkpoints) == 1
     state = json.loads((checkpoints[0] / "trainer_state.json").read_text())
-    assert state["global_step"] >= 3
+    step = state["global_step"]
+    assert step >= 3 and checkpoints[0].name == f"checkpoint-{step}"
+    assert stderr.strip().splitlines()[-1] == (
+        f"stopped by {sig.name} at step {step}: checkpoint saved in {checkpoints[0]}; "
+        f"resume with: python {TRAIN} --resume_from_ckpt_path {checkpoints[0]}"
+    )
+    if sig == signal.SIGTERM:  # the printed command, as printed (with a nearer end), continues the run
+        command = stderr.strip().splitlines()[-1].split("resume with: ")[1].split()
+        resumed = subprocess.run(
+            [sys.executable, *command[1:], "--max_iters", str(step + 2)],
+            env=subprocess_env(), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert f"resumed from checkpoint-{step} (step {step} of {step + 2})" in (out / "train.log").read_text()
 
 
 def test_sigkill_then_resume_latest_uses_newest_complete_checkpoint(tmp_path):

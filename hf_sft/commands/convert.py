@@ -29,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eos_token", default=None, help="end-of-sequence token [default: [EOS]]")
     parser.add_argument("--pad_token", default=None, help="padding token [default: [PAD], else the EOS token]")
     parser.add_argument("--unk_token", default=None, help="unknown token [default: [UNK] when present]")
+    parser.add_argument(
+        "--allow_vocab_mismatch",
+        action="store_true",
+        help="accept a tokenizer smaller than the checkpoint's embedding beyond its padding rule",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         eos_token=args.eos_token,
         pad_token=args.pad_token,
         unk_token=args.unk_token,
+        allow_vocab_mismatch=args.allow_vocab_mismatch,
     )
     config = model.config
     print(f"converted {args.checkpoint} ({SOURCES[source]}, {config.family} family)")

@@ -109,17 +109,25 @@ def build_datasets(
     if val_split:
         try:
             parts = records.dataset.train_test_split(test_size=val_split, seed=seed)
-        except ValueError as err:
-            raise UsageError(f"--val_split {val_split} on {len(records.dataset)} records: {err}") from None
-        records = Records(parts["train"], records.source, records.skipped, records.skipped_messages)
-        held_out = Records(parts["test"], f"{records.source} (held out)")
+        except ValueError:  # too few records for one on each side
+            logger.warning(
+                "--val_split %s of %d records leaves no evaluation record: training on all of them, no evaluation",
+                val_split,
+                len(records.dataset),
+            )
+        else:
+            records = Records(parts["train"], records.source, records.skipped, records.skipped_messages)
+            held_out = Records(parts["test"], f"{records.source} (held out)")
     elif eval_data_path:
         held_out = load_records(eval_data_path, fields, skip_bad_records, cache_dir)
 
     encoder = Encoder.from_tokenizer(tokenizer)
     options = {"template": template, "max_seq_len": max_seq_len, "length_policy": length_policy, "num_proc": num_proc}
     train = _tokenize_split(records, "training", encoder, options)
-    evaluation = _tokenize_split(held_out, "evaluation", encoder, options) if held_out is not None else None
+    evaluation = None
+    if held_out is not None:
+        # A held-out split of a small file can land on records that are all dropped: evaluate nothing, say so.
+        evaluation = _tokenize_split(held_out, "evaluation", encoder, options, required=not val_split)
     return SFTData(train, evaluation)
 
 
@@ -189,11 +197,25 @@ def _fingerprint(parent: str, encoder: Encoder, template: PromptFormat, max_seq_
     return digest.hexdigest()[:32]
 
 
-def _tokenize_split(records: Records, role: str, encoder: Encoder, options: dict) -> TokenizedSplit:
+def _tokenize_split(
+    records: Records, role: str, encoder: Encoder, options: dict, required: bool = True
+) -> TokenizedSplit | None:
     split = tokenize_records(records.dataset, encoder, **options)
     split.source, split.skipped, split.skipped_messages = records.source, records.skipped, records.skipped_messages
+    if not split.index and not required:
+        logger.warning(
+            "no %s example is left in %s (%s): training without evaluation",
+            role,
+            split.source,
+            _dropped_text(split),
+        )
+        return None
     _check_split(split, role)
     return split
+
+
+def _dropped_text(split: TokenizedSplit) -> str:
+    return ", ".join(f"{reason}: {n}" for reason, n in split.dropped.items()) or "no records"
 
 
 def _check_split(split: TokenizedSplit, role: str) -> None:
@@ -206,8 +228,7 @@ def _check_split(split: TokenizedSplit, role: str) -> None:
         )
     if split.index:
         return
-    dropped = ", ".join(f"{reason}: {n}" for reason, n in split.dropped.items()) or "no records"
     raise UsageError(
-        f"no {role} example with a supervised token is left in {split.source} ({dropped}); "
+        f"no {role} example with a supervised token is left in {split.source} ({_dropped_text(split)}); "
         "raise --max_seq_len or choose another --length_policy"
     )

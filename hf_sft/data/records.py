@@ -39,6 +39,8 @@ DEFAULT_FIELDS: dict[str, tuple[str, ...]] = {
     "input": ("input", "context"),
     "output": ("output", "response"),
 }
+# What `Dataset.save_to_disk` / `DatasetDict.save_to_disk` leave in a folder.
+DATASETS_FOLDER_MARKERS = ("state.json", "dataset_dict.json")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _SKIP_HINT = "pass --skip_bad_records to skip bad records"
 
@@ -197,7 +199,7 @@ def load_records(
 
 def _is_datasets_source(path: Path, name: str) -> bool:
     if path.is_dir():
-        return any((path / marker).is_file() for marker in ("state.json", "dataset_dict.json"))
+        return any((path / marker).is_file() for marker in DATASETS_FOLDER_MARKERS)
     return not path.exists() and bool(_HUB_ID.match(name)) and path.suffix not in DATA_EXTENSIONS
 
 

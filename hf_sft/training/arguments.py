@@ -124,6 +124,10 @@ class SFTTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Run the built-in demo (implied when no arguments are given): demo data, tiny new model."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the checkpoints and final model of a previous run in --out_dir (else refused)."},
+    )
     min_lr: float | None = field(default=None, metadata={"help": "Floor of the cosine schedule (default lr / 10)."})
     # Padding-free packing (attention per example, exact losses): no compute spent on pad tokens; on Dolly it
     # trains faster than dynamic padding on CPU (scripts/benchmark_throughput.py, README "Benchmarks").

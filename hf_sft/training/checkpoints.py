@@ -8,16 +8,19 @@ leaves an unmarked folder that resume skips, and the previous good checkpoint is
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shlex
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from hf_sft.errors import UsageError
+from hf_sft.errors import RunInterrupted, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +52,32 @@ def resolve_resume_path(resume: str | None, output_dir: str | Path) -> str | Non
             logger.warning("ignoring incomplete checkpoints: %s", ", ".join(incomplete))
         return str(complete[-1])
     path = Path(resume)
+    if path.is_file():
+        raise UsageError(_not_a_run_checkpoint(path))
     if not (path / "trainer_state.json").is_file():
         raise UsageError(f"--resume_from_ckpt_path {resume}: not a checkpoint folder (no trainer_state.json)")
     if not (path / COMPLETE_MARKER).is_file():
         raise UsageError(f"--resume_from_ckpt_path {resume}: this checkpoint was not completely written")
     return str(path)
+
+
+def _not_a_run_checkpoint(path: Path) -> str:
+    """What to do with a seed-format `.pt` given to `--resume_from_ckpt_path`."""
+    from hf_sft.safe_pickle import load_checkpoint
+
+    saved = load_checkpoint(path)
+    keys = set(saved) if isinstance(saved, dict) else set()
+    if "iter_num" in keys and keys & {"optimizer", "optimizer_state_dict"}:
+        # finetune_gpt.py's optimizer state and data order belong to its own loop; Trainer cannot continue them.
+        return (
+            f"--resume_from_ckpt_path {path} is a finetune_gpt.py checkpoint (iteration {saved['iter_num']}): its "
+            "optimizer state and data position cannot be continued by this trainer; fine-tune its weights further "
+            f"with --pretrained_ckpt_path {path}"
+        )
+    return (
+        f"--resume_from_ckpt_path {path} is a pretraining checkpoint, not a checkpoint folder of a fine-tuning run: "
+        f"to fine-tune from it pass --pretrained_ckpt_path {path}"
+    )
 
 
 class AtomicCheckpointCallback(TrainerCallback):
@@ -90,6 +114,7 @@ class PreemptionCallback(TrainerCallback):
 
     def __init__(self):
         self.requested: str | None = None
+        self.signal = signal.SIGTERM  # what another rank's request counts as
         self._previous = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -107,7 +132,8 @@ class PreemptionCallback(TrainerCallback):
     def _handle(self, signum, frame):
         if self.requested:  # a second signal: the user means it
             raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
+        self.signal = signal.Signals(signum)
+        self.requested = self.signal.name
         logger.warning("%s received: saving a checkpoint after this step, then stopping", self.requested)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -121,3 +147,24 @@ class PreemptionCallback(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+def interruption(preemption: PreemptionCallback, checkpoint: Path, main_process: bool) -> RunInterrupted:
+    """The exit of a run stopped by a signal: status 128 + signal, and a last line that says how to resume.
+
+    The resume command needs no other flag: the checkpoint holds the run's arguments (`hf_sft.training.resume`).
+    """
+    if not main_process:
+        return RunInterrupted("", 128 + preemption.signal)
+    command = ["--resume_from_ckpt_path", str(checkpoint)]
+    if Path(sys.argv[0]).name == "train.py":  # scripts/train.py, maybe under accelerate launch
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        launcher = ["python"] if processes == 1 else ["accelerate", "launch", "--num_processes", str(processes)]
+        command = [*launcher, sys.argv[0], *command]
+    else:
+        command = ["hf-sft", "train", *command]
+    return RunInterrupted(
+        f"stopped by {preemption.requested} at step {checkpoint.name.split('-')[-1]}: checkpoint saved in "
+        f"{checkpoint}; resume with: {shlex.join(command)}",
+        128 + preemption.signal,
+    )

@@ -12,7 +12,12 @@ from transformers import Trainer, set_seed
 
 from hf_sft.errors import UsageError
 from hf_sft.training.arguments import DataArguments, ModelArguments, SFTTrainingArguments, parse_args
-from hf_sft.training.checkpoints import AtomicCheckpointCallback, PreemptionCallback, resolve_resume_path
+from hf_sft.training.checkpoints import (
+    AtomicCheckpointCallback,
+    PreemptionCallback,
+    interruption,
+    resolve_resume_path,
+)
 from hf_sft.training.feedback import (
     DEFAULT_SAMPLE_INSTRUCTIONS,
     EvaluateAtEpochEndCallback,
@@ -21,19 +26,39 @@ from hf_sft.training.feedback import (
     ThroughputCallback,
 )
 from hf_sft.training.output import check_hub_args, save_final
+from hf_sft.training.resume import (
+    ResumeLogCallback,
+    RunRecordCallback,
+    load_from_checkpoint,
+    record_arguments,
+    resume_arguments,
+)
+from hf_sft.training.run_folder import check_run_folder, claim_run_folder, release_run_folders
+from hf_sft.training.run_log import FORMATTER, hold_run_log, start_run_log
 from hf_sft.training.setup import load_model_and_tokenizer, resolve_device_and_precision, sync_special_token_ids
+from hf_sft.training.validation import validate_arguments
 
 logger = logging.getLogger("hf_sft.train")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the command line (or YAML) and train."""
-    model_args, data_args, args = parse_args(argv)
+    """Parse the command line (or YAML), fill what it does not give from the checkpoint it resumes, and train."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, args = resume_arguments(argv, parse_args(argv))
     return run(model_args, data_args, args)
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, args: SFTTrainingArguments) -> int:
-    """Train as configured; returns the process exit status."""
+    """Train as configured; returns the process exit status (raises `RunInterrupted` when stopped by a signal)."""
+    try:
+        return _run(model_args, data_args, args)
+    finally:
+        release_run_folders()
+
+
+def _run(model_args: ModelArguments, data_args: DataArguments, args: SFTTrainingArguments) -> int:
+    validate_arguments(model_args, data_args, args)
+    record = record_arguments((model_args, data_args, args), parse_args)
     if args.demo:
         _fill_demo_paths(data_args)
     if not data_args.data_path:
@@ -41,7 +66,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SFTTrainingA
     args = resolve_device_and_precision(model_args, args)
     _check_world_size(args)
     output_dir = Path(args.output_dir)
-    _setup_logging(args, output_dir)
+    check_run_folder(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir, args.process_index == 0)
+    _setup_logging(args)
     args = check_hub_args(args, output_dir)
     logger.info("world size %d | device %s | precision %s", args.world_size, args.device, _precision_name(args))
     resume = resolve_resume_path(args.resume_from_checkpoint, output_dir)
@@ -57,7 +83,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SFTTrainingA
     )
 
     template = get_format(data_args.template)
-    model, tokenizer, base_description = load_model_and_tokenizer(model_args, data_args)
+    loaded = load_from_checkpoint(resume, model_args, args.use_lora) if resume else None
+    model, tokenizer, base_description = loaded or load_model_and_tokenizer(model_args, data_args)
+    record["base_model"] = base_description
     sync_special_token_ids(model, tokenizer)
     install_chat_template(tokenizer, template)
     data = build_datasets(
@@ -88,6 +116,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SFTTrainingA
         max_new_tokens=args.sample_max_new_tokens,
     )
     preemption = PreemptionCallback()
+    if args.process_index == 0:
+        claim_run_folder(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+        start_run_log(output_dir)
     trainer = Trainer(
         model=model,
         args=args,
@@ -95,8 +126,15 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SFTTrainingA
         eval_dataset=eval_dataset,
         data_collator=make_collator(tokenizer.pad_token_id, args.packing, args.pad_to_multiple_of),
         processing_class=tokenizer,
-        callbacks=[AtomicCheckpointCallback(save_total_limit), preemption, LogFileCallback(output_dir / "train.log")],
+        callbacks=[
+            RunRecordCallback(record),
+            AtomicCheckpointCallback(save_total_limit),
+            preemption,
+            LogFileCallback(output_dir / "train.log"),
+        ],
     )
+    if resume:
+        trainer.add_callback(ResumeLogCallback(resume))
     trainer.callback_handler.callbacks.insert(0, ThroughputCallback())
     if eval_dataset is not None:
         trainer.add_callback(EvaluateAtEpochEndCallback())
@@ -104,12 +142,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SFTTrainingA
 
     trainer.train(resume_from_checkpoint=resume)
     if preemption.requested:
-        logger.warning(
-            "stopped by %s at step %d; continue with --resume_from_ckpt_path latest",
-            preemption.requested,
-            trainer.state.global_step,
-        )
-        return 0
+        checkpoint = output_dir / f"checkpoint-{trainer.state.global_step}"
+        raise interruption(preemption, checkpoint, trainer.is_world_process_zero())
     if eval_dataset is not None and not _evaluated_at(trainer.state.log_history, trainer.state.global_step):
         trainer.evaluate()
     save_final(trainer, data_args, output_dir, base_description, samples.history)
@@ -181,25 +215,14 @@ def _precision_name(args: SFTTrainingArguments) -> str:
     return "bf16 autocast" if args.bf16 else "fp16 autocast + grad scaler" if args.fp16 else "fp32"
 
 
-def _setup_logging(args: SFTTrainingArguments, output_dir: Path) -> None:
-    """hf_sft's messages on stderr and in `<output_dir>/train.log` (rank 0); transformers' warnings go to both too."""
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+def _setup_logging(args: SFTTrainingArguments) -> None:
+    """hf_sft's messages on stderr and, on rank 0, in `<output_dir>/train.log` once the folder is claimed."""
     hf_sft_logger = logging.getLogger("hf_sft")
     hf_sft_logger.setLevel(logging.INFO if args.process_index == 0 else logging.ERROR)
     if not hf_sft_logger.handlers:
         console = logging.StreamHandler(sys.stderr)
-        console.setFormatter(fmt)
+        console.setFormatter(FORMATTER)
         hf_sft_logger.addHandler(console)
     transformers.utils.logging.set_verbosity_warning()
-    transformers_logger = transformers.utils.logging.get_logger()
-    for owner in (hf_sft_logger, transformers_logger):  # a second run in the same process logs to its own file
-        for old in [h for h in owner.handlers if getattr(h, "hf_sft_run_log", False)]:
-            owner.removeHandler(old)
-            old.close()
     if args.process_index == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(output_dir / "train.log", encoding="utf-8")
-        handler.setFormatter(fmt)
-        handler.hf_sft_run_log = True
-        hf_sft_logger.addHandler(handler)
-        transformers_logger.addHandler(handler)
+        hold_run_log()

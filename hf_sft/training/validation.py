@@ -1,0 +1,106 @@
+"""Every training flag checked before any work: numbers within their range, paths of the right kind.
+
+Fields are read by name from whichever parsed dataclass holds them, so the checks do not depend on how the
+arguments are grouped. Nothing here creates a file or a folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hf_sft.data.records import DATASETS_FOLDER_MARKERS
+from hf_sft.errors import UsageError
+from hf_sft.training.arguments import LEGACY_NAMES
+from hf_sft.training.setup import LEGACY_SUFFIXES
+
+Rule = tuple[str, Callable[[Any], bool]]
+
+AT_LEAST_ONE: Rule = ("must be at least 1", lambda v: v >= 1)
+POSITIVE: Rule = ("must be greater than 0", lambda v: v > 0)
+NON_NEGATIVE: Rule = ("must not be negative", lambda v: v >= 0)
+FRACTION: Rule = ("must be in [0, 1)", lambda v: 0 <= v < 1)
+
+# field -> rule; a field that is None (unset, "use the default") is not checked.
+RANGES: dict[str, Rule] = {
+    "per_device_train_batch_size": AT_LEAST_ONE,
+    "per_device_eval_batch_size": AT_LEAST_ONE,
+    "gradient_accumulation_steps": AT_LEAST_ONE,
+    "learning_rate": POSITIVE,
+    "num_train_epochs": POSITIVE,
+    "max_steps": ("must be -1 (train for --num_epochs) or at least 1", lambda v: v == -1 or v >= 1),
+    "logging_steps": POSITIVE,
+    "save_steps": POSITIVE,
+    "eval_steps": POSITIVE,
+    "save_total_limit": AT_LEAST_ONE,
+    "warmup_steps": NON_NEGATIVE,
+    "weight_decay": NON_NEGATIVE,
+    "adam_beta1": FRACTION,
+    "adam_beta2": FRACTION,
+    "adam_epsilon": POSITIVE,
+    "max_grad_norm": NON_NEGATIVE,
+    "seed": NON_NEGATIVE,
+    "dataloader_num_workers": NON_NEGATIVE,
+    "min_lr": NON_NEGATIVE,
+    "val_split": FRACTION,
+    "max_seq_len": AT_LEAST_ONE,
+    "num_proc": AT_LEAST_ONE,
+    "pad_to_multiple_of": AT_LEAST_ONE,
+    "lora_r": AT_LEAST_ONE,
+    "lora_alpha": POSITIVE,
+    "lora_dropout": FRACTION,
+    "n_layer": AT_LEAST_ONE,
+    "n_head": AT_LEAST_ONE,
+    "n_embd": AT_LEAST_ONE,
+    "block_size": AT_LEAST_ONE,
+    "dropout": FRACTION,
+    "tokenizer_vocab_size": AT_LEAST_ONE,
+    "sample_max_new_tokens": AT_LEAST_ONE,
+}
+
+_SEED_NAMES = {new: old for old, new in LEGACY_NAMES.items()}
+
+
+def argument_values(*parsed: Any) -> dict[str, Any]:
+    """Every field of the parsed argument dataclasses, by name."""
+    return {f.name: getattr(obj, f.name) for obj in parsed for f in dataclasses.fields(obj)}
+
+
+def flag(name: str) -> str:
+    """How a field is spelled on the command line, with the seed script's name where it has one."""
+    return f"--{_SEED_NAMES[name]}" if name in _SEED_NAMES else f"--{name}"
+
+
+def validate_arguments(*parsed: Any) -> None:
+    """Check ranges and path kinds of the parsed arguments; reads files, creates none.
+
+    Raises:
+        UsageError: naming the first flag that is out of range or a path of the wrong kind.
+    """
+    values = argument_values(*parsed)
+    for name, (requirement, ok) in RANGES.items():
+        value = values.get(name)
+        if value is not None and not isinstance(value, bool) and not ok(value):
+            raise UsageError(f"{flag(name)} {requirement}, got {value}")
+    _check_paths(values)
+
+
+def _check_paths(values: dict[str, Any]) -> None:
+    out_dir = Path(values["output_dir"])
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{flag('output_dir')} {out_dir} exists and is not a folder")
+    for name in ("data_path", "eval_data_path"):
+        path = values.get(name)
+        if path and Path(path).is_dir() and not any((Path(path) / m).is_file() for m in DATASETS_FOLDER_MARKERS):
+            raise UsageError(
+                f"{flag(name)} {path} is a folder; pass a .jsonl or .json file, a Hub dataset id or a folder "
+                "written by `Dataset.save_to_disk`"
+            )
+    tokenizer = values.get("tokenizer_path")
+    if tokenizer and not Path(tokenizer).exists():
+        raise UsageError(f"{flag('tokenizer_path')} {tokenizer}: no such file or folder")
+    pretrained = values.get("pretrained_ckpt_path")
+    if pretrained and Path(pretrained).suffix in LEGACY_SUFFIXES and not Path(pretrained).is_file():
+        raise UsageError(f"{flag('pretrained_ckpt_path')} {pretrained}: no such file")
