@@ -11,6 +11,7 @@ from transformers import Trainer, TrainingArguments
 
 from hf_sft.errors import UsageError
 from hf_sft.training.arguments import SFTArguments
+from hf_sft.training.engines import consolidated_model
 from hf_sft.training.report import LOSS_PLOT, model_card, plot_losses
 
 logger = logging.getLogger("hf_sft.train")
@@ -39,6 +40,7 @@ def save_final(trainer: Trainer, sft: SFTArguments, output_dir: Path, base: str,
     model = trainer.model
     if sft.use_lora and sft.lora_save == "merged":
         model = model.merge_and_unload()
+    model = consolidated_model(trainer, model)  # a collective under FSDP/ZeRO: every rank takes part
     if not trainer.is_world_process_zero():
         return
     model.save_pretrained(output_dir)

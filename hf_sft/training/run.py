@@ -11,6 +11,7 @@ import transformers
 from transformers import Trainer, TrainingArguments, set_seed
 
 from hf_sft.errors import UsageError
+from hf_sft.training import engines
 from hf_sft.training.arguments import SFTArguments, parse_args
 from hf_sft.training.checkpoints import AtomicCheckpointCallback, PreemptionCallback, resolve_resume_path
 from hf_sft.training.feedback import (
@@ -40,6 +41,7 @@ def run(sft: SFTArguments, args: TrainingArguments) -> int:
         raise UsageError("--data_path is required (or --demo, or no arguments at all, for the built-in demo)")
     args = resolve_device_and_precision(sft, args)
     _check_world_size(args)
+    engine = engines.check_request(args, sft.use_lora)
     output_dir = Path(args.output_dir)
     _setup_logging(args, output_dir)
     args = check_hub_args(args, sft, output_dir)
@@ -86,6 +88,7 @@ def run(sft: SFTArguments, args: TrainingArguments) -> int:
         max_new_tokens=sft.sample_max_new_tokens,
     )
     preemption = PreemptionCallback()
+    engines.enable_on_cpu(args)
     trainer = Trainer(
         model=model,
         args=args,
@@ -93,8 +96,15 @@ def run(sft: SFTArguments, args: TrainingArguments) -> int:
         eval_dataset=eval_dataset,
         data_collator=make_collator(tokenizer.pad_token_id, sft.packing, sft.pad_to_multiple_of),
         processing_class=tokenizer,
-        callbacks=[AtomicCheckpointCallback(save_total_limit), preemption, LogFileCallback(output_dir / "train.log")],
+        callbacks=[
+            engines.CheckpointFilesCallback(tokenizer),
+            AtomicCheckpointCallback(save_total_limit),
+            preemption,
+            LogFileCallback(output_dir / "train.log"),
+        ],
     )
+    engines.check_engine(engine, trainer.accelerator)
+    logger.info("engine %s", engines.describe(trainer.accelerator))
     trainer.callback_handler.callbacks.insert(0, ThroughputCallback())
     if eval_dataset is not None:
         trainer.add_callback(EvaluateAtEpochEndCallback())
@@ -146,7 +156,7 @@ def _check_world_size(args: TrainingArguments) -> None:
     if launched != args.world_size:
         raise UsageError(
             f"{launched} processes were launched but this one sees world size {args.world_size}: they would train "
-            "separately and overwrite each other. On CPU launch with ACCELERATE_USE_CPU=1 and pass --device cpu."
+            "separately and overwrite each other. On CPU pass --device cpu."
         )
 
 
@@ -155,7 +165,8 @@ def _finalise_training_args(args: TrainingArguments, sft: SFTArguments, has_eval
 
     kwargs = dict(args.lr_scheduler_kwargs or {})
     if args.lr_scheduler_type == "cosine_with_min_lr" and "min_lr" not in kwargs and "min_lr_rate" not in kwargs:
-        kwargs["min_lr"] = sft.min_lr if sft.min_lr is not None else args.learning_rate / 10
+        # As a rate: the `min_lr` form reads `optimizer.defaults`, which DeepSpeed's optimizers lack.
+        kwargs["min_lr_rate"] = sft.min_lr / args.learning_rate if sft.min_lr is not None else 0.1
     changes = {
         "lr_scheduler_kwargs": kwargs,
         "save_total_limit": None,  # rotation is AtomicCheckpointCallback's, after a checkpoint is complete
