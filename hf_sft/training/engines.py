@@ -45,8 +45,6 @@ def check_request(args: TrainingArguments, use_lora: bool) -> str | None:
         raise UsageError(f"--use_lora is not supported under {engine}: train LoRA adapters with DDP or one process")
     if not args.use_cpu:
         return engine
-    if engine == FSDP and os.environ.get("FSDP_VERSION", "1") != "2":
-        raise UsageError("FSDP on CPU runs as FSDP2 only: set `fsdp_version: 2` in the accelerate config")
     if engine == FSDP and _env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING"):
         raise UsageError(
             "fsdp_cpu_ram_efficient_loading saves host memory by loading the weights on rank 0 and sending them to "
@@ -64,6 +62,8 @@ def enable_on_cpu(args: TrainingArguments) -> None:
     engine = requested_engine(args)
     if engine is None or not args.use_cpu or args.world_size < 2:
         return
+    if engine == FSDP and _fsdp_version(args) != 2:
+        return  # FSDP1 on CPU needs more than this; `check_engine` refuses the DDP that accelerate makes of it
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
@@ -121,7 +121,10 @@ def check_engine(requested: str | None, accelerator) -> None:
     if requested is None:
         return
     if accelerator.distributed_type != DistributedType[requested]:
-        raise UsageError(f"the launch asked for {requested} but accelerate set up {describe(accelerator)}: refusing")
+        hint = ""
+        if requested == FSDP and accelerator.device.type == "cpu":
+            hint = " (on CPU hf_sft runs FSDP as FSDP2 only: fsdp_version: 2)"
+        raise UsageError(f"the launch asked for {requested} but got {describe(accelerator)}: not training{hint}")
     if requested == DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
         zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
         if not zero.get("stage3_gather_16bit_weights_on_model_save", False):
@@ -150,19 +153,19 @@ def full_state_dict(trainer) -> dict | None:
 def consolidated_model(trainer, model):
     """On rank 0, a plain model holding every weight, to be written as the final folder (every rank calls this).
 
-    Unsharded runs get `model` back. Sharded ones get a copy built on the meta device and filled with the gathered
-    weights: FSDP2 replaces the class of the model it shards, and `save_pretrained` on it would write FSDP's code
-    files and an `auto_map` that points at them.
+    Unsharded runs get `model` back. Sharded ones get a new model filled with the gathered weights, leaving the
+    engine's model alone: FSDP2 replaces the class of the model it shards, and `save_pretrained` on it would write
+    FSDP's code files and an `auto_map` that points at them.
     """
     state_dict = full_state_dict(trainer)
     if state_dict is None or not trainer.is_world_process_zero():
         return model
     plain = _plain_instance(model)
-    plain.load_state_dict(state_dict, strict=False, assign=True)
-    plain.tie_weights()
+    unexpected = plain.load_state_dict(state_dict, strict=False, assign=True).unexpected_keys
+    plain.tie_weights()  # a tied head may be missing from the gathered weights
     missing = [name for name, param in plain.named_parameters() if param.is_meta]
-    if missing:
-        raise RuntimeError(f"the gathered state dict lacks {', '.join(missing)}")
+    if missing or unexpected:
+        raise RuntimeError(f"gathered weights do not fit the model: missing {missing}, unexpected {unexpected}")
     return plain
 
 
@@ -197,12 +200,10 @@ class CheckpointFilesCallback(TrainerCallback):
 
 
 def _plain_instance(model):
-    """`model`'s own class (not FSDP2's subclass of it) on the meta device, sharing its config."""
+    """A new, empty instance (meta device) of `model`'s own class, not FSDP2's subclass of it; it shares the config."""
     from torch.distributed.fsdp import FSDPModule
 
     cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
-    if cls is type(model):
-        return model
     with torch.device("meta"):
         plain = cls(model.config)
     plain.generation_config = model.generation_config
@@ -217,6 +218,12 @@ def _fsdp_sharding(plugin) -> str:
 
 def _state_dict_name(plugin) -> str:
     return str(plugin.state_dict_type).split(".")[-1].replace("_STATE_DICT", "")
+
+
+def _fsdp_version(args: TrainingArguments) -> int:
+    if args.fsdp_config and "version" in args.fsdp_config:
+        return int(args.fsdp_config["version"])
+    return int(os.environ.get("FSDP_VERSION", "1"))
 
 
 def _env_flag(name: str) -> bool:

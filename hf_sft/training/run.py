@@ -110,6 +110,8 @@ def run(sft: SFTArguments, args: TrainingArguments) -> int:
         trainer.add_callback(EvaluateAtEpochEndCallback())
         trainer.add_callback(samples)
 
+    if resume:
+        logger.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
     if preemption.requested:
         logger.warning(
