@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback, TrainingArguments
-from transformers.dynamic_module_utils import custom_object_save
+from transformers.dynamic_module_utils import custom_object_save, get_relative_import_files
 
 from hf_sft.errors import UsageError
 
@@ -183,17 +184,25 @@ def write_model_files(model, folder: Path) -> None:
 class CheckpointFilesCallback(TrainerCallback):
     """Gives every checkpoint its config, model code and tokenizer, whatever the engine wrote.
 
-    Under FSDP with SHARDED_STATE_DICT Trainer writes only the weight and optimizer shards into `checkpoint-STEP/`;
-    a checkpoint should still say which model it belongs to. Place it before the callback that marks checkpoints
-    complete.
+    Under FSDP2 Trainer gets both wrong: with SHARDED_STATE_DICT it writes only the weight and optimizer shards into
+    `checkpoint-STEP/`, and with FULL_STATE_DICT it saves the model through FSDP2's subclass of our model class, so
+    the folder receives torch's FSDP source files and an `auto_map` naming them. Place this callback before the one
+    that marks checkpoints complete.
     """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
     def on_save(self, args, state, control, model=None, **kwargs):
+        from torch.distributed.fsdp import FSDPModule
+
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not state.is_world_process_zero or not folder.is_dir() or (folder / "config.json").is_file():
+        if not state.is_world_process_zero or not folder.is_dir():
+            return
+        if isinstance(model, FSDPModule):
+            for name in _code_files(type(model)):
+                (folder / name).unlink(missing_ok=True)
+        elif (folder / "config.json").is_file():
             return
         write_model_files(model, folder)
         self.tokenizer.save_pretrained(folder)
@@ -208,6 +217,12 @@ def _plain_instance(model):
         plain = cls(model.config)
     plain.generation_config = model.generation_config
     return plain
+
+
+def _code_files(cls: type) -> list[str]:
+    """The file names `save_pretrained` copies for a model of class `cls`: its module and the modules it imports."""
+    module_file = sys.modules[cls.__module__].__file__
+    return [Path(f).name for f in (module_file, *get_relative_import_files(module_file))]
 
 
 def _fsdp_sharding(plugin) -> str:

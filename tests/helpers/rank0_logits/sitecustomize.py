@@ -7,7 +7,8 @@ itself, its callbacks and its final save are the product's, untouched.
 
 import os
 
-if os.environ.get("HF_SFT_RANK0_LOGITS"):
+# LOCAL_RANK: only in the training processes that the launcher starts, not in the launcher itself.
+if os.environ.get("HF_SFT_RANK0_LOGITS") and "LOCAL_RANK" in os.environ:
     import torch
     import transformers
 
