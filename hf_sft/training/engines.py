@@ -182,7 +182,7 @@ def write_model_files(model, folder: Path) -> None:
 
 
 class CheckpointFilesCallback(TrainerCallback):
-    """Gives every checkpoint its config, model code and tokenizer, whatever the engine wrote.
+    """Gives FSDP2 checkpoints the config, model code and tokenizer that every other engine's checkpoints have.
 
     Under FSDP2 Trainer gets both wrong: with SHARDED_STATE_DICT it writes only the weight and optimizer shards into
     `checkpoint-STEP/`, and with FULL_STATE_DICT it saves the model through FSDP2's subclass of our model class, so
@@ -197,13 +197,10 @@ class CheckpointFilesCallback(TrainerCallback):
         from torch.distributed.fsdp import FSDPModule
 
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not state.is_world_process_zero or not folder.is_dir():
-            return
-        if isinstance(model, FSDPModule):
-            for name in _code_files(type(model)):
-                (folder / name).unlink(missing_ok=True)
-        elif (folder / "config.json").is_file():
-            return
+        if not state.is_world_process_zero or not folder.is_dir() or not isinstance(model, FSDPModule):
+            return  # other engines save the model through `save_pretrained` of its own class
+        for name in _code_files(type(model)):
+            (folder / name).unlink(missing_ok=True)
         write_model_files(model, folder)
         self.tokenizer.save_pretrained(folder)
 
