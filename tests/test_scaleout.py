@@ -7,14 +7,17 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
+from accelerate.state import AcceleratorState
 from test_training import TINY, TRAIN, subprocess_env, train, weights
 from transformers import AutoModelForCausalLM
 
 from hf_sft.cli import main
+from hf_sft.training import engines
 from hf_sft.training.checkpoints import COMPLETE_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,6 +182,16 @@ def test_engine_settings_that_cannot_work_are_refused_before_any_work(
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "out" / "train.log").exists()  # refused before the run started
+
+
+@pytest.mark.parametrize(("use_cpu", "world_size"), [(False, 2), (True, 1)])
+def test_accelerate_is_left_alone_on_gpus_and_in_one_process(monkeypatch, use_cpu, world_size):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    original = AcceleratorState.__init__
+    run = SimpleNamespace(use_cpu=use_cpu, world_size=world_size, deepspeed=None, fsdp="", fsdp_config=None)
+    engines.enable_on_cpu(run)
+    assert AcceleratorState.__init__ is original
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])

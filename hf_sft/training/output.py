@@ -11,8 +11,8 @@ from transformers import Trainer, TrainingArguments
 
 from hf_sft.errors import UsageError
 from hf_sft.training.arguments import SFTArguments
-from hf_sft.training.engines import consolidated_model
 from hf_sft.training.report import LOSS_PLOT, model_card, plot_losses
+from hf_sft.training.sharded_save import consolidated_model
 
 logger = logging.getLogger("hf_sft.train")
 

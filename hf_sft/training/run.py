@@ -23,6 +23,7 @@ from hf_sft.training.feedback import (
 )
 from hf_sft.training.output import check_hub_args, save_final
 from hf_sft.training.setup import load_model_and_tokenizer, resolve_device_and_precision, sync_special_token_ids
+from hf_sft.training.sharded_save import CheckpointFilesCallback
 
 logger = logging.getLogger("hf_sft.train")
 
@@ -97,7 +98,7 @@ def run(sft: SFTArguments, args: TrainingArguments) -> int:
         data_collator=make_collator(tokenizer.pad_token_id, sft.packing, sft.pad_to_multiple_of),
         processing_class=tokenizer,
         callbacks=[
-            engines.CheckpointFilesCallback(tokenizer),
+            CheckpointFilesCallback(tokenizer),
             AtomicCheckpointCallback(save_total_limit),
             preemption,
             LogFileCallback(output_dir / "train.log"),
