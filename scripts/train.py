@@ -3,7 +3,8 @@
     python scripts/train.py                                   # built-in demo: tiny new model, CPU, a few minutes
     accelerate launch scripts/train.py --config configs/dolly.yaml
     accelerate launch scripts/train.py --config configs/dolly.yaml --learning_rate 1e-4 --max_iters 500
-    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 scripts/train.py --device cpu ...
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml scripts/train.py --config configs/dolly.yaml
+    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml scripts/train.py --device cpu ...
 
 Every YAML key can be overridden on the command line; `--help` lists every flag.
 """

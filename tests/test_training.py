@@ -70,16 +70,15 @@ def test_accumulation_equals_one_large_batch_on_dolly(tmp_path, shared_dir):
 
 def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     flags = [*TINY, "--max_iters", "6", "--save_interval", "100", "--gradient_accumulation_steps", "1"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    config = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"  # the config alone: no environment variable needed
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     launch += ["--main_process_port", "29517"]
-    env = dict(subprocess_env(), ACCELERATE_USE_CPU="1")
     two = subprocess.run(
         [*launch, TRAIN, *flags, "--batch_size", "2", "--out_dir", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=subprocess_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "world size 2" in (tmp_path / "two" / "train.log").read_text()
+    assert "engine DDP | world size 2" in (tmp_path / "two" / "train.log").read_text()
     assert train(tmp_path / "one", "--max_iters", "6", "--save_interval", "100", "--gradient_accumulation_steps", "1",
                  "--batch_size", "4") == 0  # fmt: skip
     one, two_w = weights(tmp_path / "one"), weights(tmp_path / "two")

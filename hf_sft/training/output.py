@@ -13,6 +13,7 @@ from hf_sft.data.template import get_format
 from hf_sft.errors import UsageError
 from hf_sft.training.arguments import DataArguments, SFTTrainingArguments
 from hf_sft.training.report import LOSS_PLOT, model_card, plot_losses
+from hf_sft.training.sharded_save import consolidated_model
 
 logger = logging.getLogger("hf_sft.train")
 
@@ -40,6 +41,7 @@ def save_final(trainer: Trainer, data_args: DataArguments, output_dir: Path, bas
     model, args = trainer.model, trainer.args
     if args.use_lora and args.lora_save == "merged":
         model = model.merge_and_unload()
+    model = consolidated_model(trainer, model)  # a collective under FSDP/ZeRO: every rank takes part
     if not trainer.is_world_process_zero():
         return
     model.config.use_cache = True  # the folder is for inference, whatever the training run set

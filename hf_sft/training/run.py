@@ -11,6 +11,7 @@ import transformers
 from transformers import Trainer, set_seed
 
 from hf_sft.errors import UsageError
+from hf_sft.training import engines
 from hf_sft.training.arguments import DataArguments, ModelArguments, SFTTrainingArguments, parse_args
 from hf_sft.training.checkpoints import (
     AtomicCheckpointCallback,
@@ -36,6 +37,7 @@ from hf_sft.training.resume import (
 from hf_sft.training.run_folder import check_run_folder, claim_run_folder, release_run_folders
 from hf_sft.training.run_log import FORMATTER, hold_run_log, start_run_log
 from hf_sft.training.setup import load_model_and_tokenizer, resolve_device_and_precision, sync_special_token_ids
+from hf_sft.training.sharded_save import CheckpointFilesCallback
 from hf_sft.training.validation import validate_arguments
 
 logger = logging.getLogger("hf_sft.train")
@@ -65,6 +67,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SFTTraining
         raise UsageError("--data_path is required (or --demo, or no arguments at all, for the built-in demo)")
     args = resolve_device_and_precision(model_args, args)
     _check_world_size(args)
+    engine = engines.check_request(args, args.use_lora)
     output_dir = Path(args.output_dir)
     check_run_folder(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir, args.process_index == 0)
     _setup_logging(args)
@@ -116,6 +119,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SFTTraining
         max_new_tokens=args.sample_max_new_tokens,
     )
     preemption = PreemptionCallback()
+    engines.enable_on_cpu(args)
     if args.process_index == 0:
         claim_run_folder(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
         start_run_log(output_dir)
@@ -127,12 +131,15 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SFTTraining
         data_collator=make_collator(tokenizer.pad_token_id, args.packing, args.pad_to_multiple_of),
         processing_class=tokenizer,
         callbacks=[
+            CheckpointFilesCallback(tokenizer),
             RunRecordCallback(record),
             AtomicCheckpointCallback(save_total_limit),
             preemption,
             LogFileCallback(output_dir / "train.log"),
         ],
     )
+    engines.check_engine(engine, trainer.accelerator)
+    logger.info("engine %s", engines.describe(trainer.accelerator))
     if resume:
         trainer.add_callback(ResumeLogCallback(resume))
     trainer.callback_handler.callbacks.insert(0, ThroughputCallback())
@@ -174,7 +181,7 @@ def _check_world_size(args: SFTTrainingArguments) -> None:
     if launched != args.world_size:
         raise UsageError(
             f"{launched} processes were launched but this one sees world size {args.world_size}: they would train "
-            "separately and overwrite each other. On CPU launch with ACCELERATE_USE_CPU=1 and pass --device cpu."
+            "separately and overwrite each other. On CPU pass --device cpu."
         )
 
 
@@ -183,7 +190,8 @@ def _finalise_training_args(args: SFTTrainingArguments, has_eval: bool) -> SFTTr
 
     kwargs = dict(args.lr_scheduler_kwargs or {})
     if args.lr_scheduler_type == "cosine_with_min_lr" and "min_lr" not in kwargs and "min_lr_rate" not in kwargs:
-        kwargs["min_lr"] = args.min_lr if args.min_lr is not None else args.learning_rate / 10
+        # As a rate: the `min_lr` form reads `optimizer.defaults`, which DeepSpeed's optimizers lack.
+        kwargs["min_lr_rate"] = args.min_lr / args.learning_rate if args.min_lr is not None else 0.1
     changes = {
         "lr_scheduler_kwargs": kwargs,
         "save_total_limit": None,  # rotation is AtomicCheckpointCallback's, after a checkpoint is complete
