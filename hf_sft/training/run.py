@@ -35,7 +35,7 @@ from hf_sft.training.resume import (
     resume_arguments,
 )
 from hf_sft.training.run_folder import check_run_folder, claim_run_folder, release_run_folders
-from hf_sft.training.run_log import FORMATTER, hold_run_log, start_run_log
+from hf_sft.training.run_log import ConsoleHandler, hold_run_log, start_run_log
 from hf_sft.training.setup import load_model_and_tokenizer, resolve_device_and_precision, sync_special_token_ids
 from hf_sft.training.sharded_save import CheckpointFilesCallback
 from hf_sft.training.validation import validate_arguments
@@ -227,10 +227,8 @@ def _setup_logging(args: SFTTrainingArguments) -> None:
     """hf_sft's messages on stderr and, on rank 0, in `<output_dir>/train.log` once the folder is claimed."""
     hf_sft_logger = logging.getLogger("hf_sft")
     hf_sft_logger.setLevel(logging.INFO if args.process_index == 0 else logging.ERROR)
-    if not hf_sft_logger.handlers:
-        console = logging.StreamHandler(sys.stderr)
-        console.setFormatter(FORMATTER)
-        hf_sft_logger.addHandler(console)
+    if not any(isinstance(h, ConsoleHandler) for h in hf_sft_logger.handlers):
+        hf_sft_logger.addHandler(ConsoleHandler())
     transformers.utils.logging.set_verbosity_warning()
     if args.process_index == 0:
         hold_run_log()

@@ -114,7 +114,8 @@ def _clear_previous_work(out_dir: Path) -> None:
     removed = [p.name for p in list_checkpoints(out_dir, complete_only=False)]
     for name in removed:
         shutil.rmtree(out_dir / name)
-    for name in (*FINAL_FILES, RUN_LOG):
+    shards = sorted(p.name for p in out_dir.glob("model-*-of-*.safetensors"))  # a final model saved in shards
+    for name in (*FINAL_FILES, *shards, RUN_LOG):
         if (out_dir / name).is_file():
             (out_dir / name).unlink()
             removed.append(name)

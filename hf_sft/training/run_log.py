@@ -6,6 +6,7 @@ Until then (inputs still being checked) records wait in memory: a run refused at
 from __future__ import annotations
 
 import logging
+import sys
 from logging.handlers import MemoryHandler
 from pathlib import Path
 
@@ -14,6 +15,26 @@ import transformers
 FORMATTER = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 RUN_LOG = "train.log"
 _MARK = "hf_sft_run_log"
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is at each message.
+
+    A handler bound to the stream of the process's first run would write into a closed stream once a test harness
+    (or an application running several trainings) has swapped `sys.stderr` in between.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(FORMATTER)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def hold_run_log() -> None:
