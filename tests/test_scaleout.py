@@ -28,10 +28,10 @@ STEPS = ["--max_iters", "8", "--save_interval", "4", "--gradient_accumulation_st
 # run -> (its CPU twin, extra `accelerate launch` flags, the engine line its log must show)
 ENGINES = {
     "fsdp2": ("cpu_2proc_fsdp2.yaml", [], "engine FSDP2 | world size 2 | sharding FULL_SHARD | state dict SHARDED"),
-    "fsdp2_full": (
+    "fsdp2_full": (  # the other FSDP options users set: full state dicts, activation checkpointing through FSDP
         "cpu_2proc_fsdp2.yaml",
-        ["--fsdp_state_dict_type", "FULL_STATE_DICT"],
-        "engine FSDP2 | world size 2 | sharding FULL_SHARD | state dict FULL",
+        ["--fsdp_state_dict_type", "FULL_STATE_DICT", "--fsdp_activation_checkpointing", "true"],
+        "engine FSDP2 | world size 2 | sharding FULL_SHARD | state dict FULL | activation checkpointing",
     ),
     "zero2": ("cpu_2proc_zero2.yaml", [], "engine DeepSpeed ZeRO-2 | world size 2"),
     "zero3": ("cpu_2proc_zero3.yaml", [], "engine DeepSpeed ZeRO-3 | world size 2"),

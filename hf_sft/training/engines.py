@@ -102,6 +102,8 @@ def describe(accelerator) -> str:
         name = f"FSDP{plugin.fsdp_version}"
         parts.append(f"sharding {_fsdp_sharding(plugin)}")
         parts.append(f"state dict {_state_dict_name(plugin)}")
+        if plugin.activation_checkpointing:
+            parts.append("activation checkpointing")
     elif kind == DistributedType.DEEPSPEED:
         name = f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
     elif kind == DistributedType.NO:
