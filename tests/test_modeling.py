@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GenerationConfig
 from transformers.cache_utils import DynamicCache
 
-from hf_sft import HfSftGPTConfig, HfSftGPTForCausalLM, HfSftGPTModel
+from hf_sft import AUTO_CLASSES, HfSftGPTConfig, HfSftGPTForCausalLM, HfSftGPTModel
 from hf_sft.modeling_hfsft_gpt import CACHE_FIELD
 
 VOCAB = 97
@@ -223,7 +223,7 @@ def test_save_and_load_round_trip_is_exact(config, tmp_path):
     assert isinstance(loaded, HfSftGPTForCausalLM)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
-    assert loaded.config.auto_map.keys() == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
+    assert loaded.config.auto_map.keys() == {"AutoConfig", *(auto.__name__ for auto in AUTO_CLASSES)}
     base = HfSftGPTModel.from_pretrained(tmp_path)
     assert torch.equal(base.embed_tokens.weight, model.model.embed_tokens.weight)
 

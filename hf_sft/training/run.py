@@ -58,6 +58,7 @@ def run(sft: SFTArguments, args: TrainingArguments) -> int:
 
     model, tokenizer, base_description = load_model_and_tokenizer(sft)
     sync_special_token_ids(model, tokenizer)
+    model.supervised_logits_only = True  # Trainer reads only the loss: the LM head runs on supervised positions alone
     install_chat_template(tokenizer)
     data = build_datasets(
         sft.data_path,
