@@ -139,6 +139,8 @@ class HfSftGPTConfig(PretrainedConfig):
             swiglu = self.mlp_type == "swiglu"
             intermediate_size = swiglu_hidden_size(hidden_size, multiple_of) if swiglu else 4 * hidden_size
         self.intermediate_size = intermediate_size
+        if self.mlp_type != "swiglu":  # the GELU MLP has no gate (to_dict leaves the plan out of config.json)
+            self.base_model_tp_plan = {k: v for k, v in type(self).base_model_tp_plan.items() if "gate_proj" not in k}
         if self.position_embedding_type == "rope":
             # transformers' PretrainedConfig fills in and checks the rest of the RoPE settings when it sees this.
             self.rope_parameters = {"rope_type": "default", "rope_theta": float(rope_theta), **(rope_parameters or {})}

@@ -489,6 +489,8 @@ class HfSftGPTForCausalLM(HfSftGPTPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # Tensor parallelism splits the head over the vocabulary and gathers the logits (the style's name since 5.1).
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: HfSftGPTConfig):
         super().__init__(config)

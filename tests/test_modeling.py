@@ -1,6 +1,7 @@
 """The model behaves like an in-tree transformers causal LM, for both families (transformers' tester pattern)."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -339,3 +340,40 @@ def test_copy_of_config_builds_an_identical_model(config):
     clone.load_state_dict(model.state_dict())
     clone.eval().set_attn_implementation("sdpa")
     torch.testing.assert_close(clone(ids()).logits, model(ids()).logits)
+
+
+def test_past_key_values_keyword_is_deprecated_as_in_stock_models(config):
+    model = make_model(config)
+    sequence = ids(1, 8)
+    cache = getattr(model(sequence[:, :5], use_cache=True), CACHE_FIELD)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step = model(sequence[:, 5:], past_key_values=cache, use_cache=True)
+    deprecations = [w for w in caught if "past_key_values" in str(w.message)]
+    # From transformers 5.24 the old name warns (FutureWarning, as stock Llama); before, it is the current name.
+    assert len(deprecations) == (1 if CACHE_FIELD == "cache" else 0)
+    assert all(issubclass(w.category, FutureWarning) for w in deprecations)
+    torch.testing.assert_close(step.logits, model(sequence).logits[:, 5:], atol=1e-5, rtol=1e-5)
+
+
+def test_each_returned_layer_output_is_that_layers_output(config):
+    """Outputs are collected by hand (see README): entry i is what layer i computed, attentions included."""
+    model = make_model(config, attn="eager")
+    seen = {}
+    hooks = [
+        layer.register_forward_hook(lambda module, args, out, i=i: seen.__setitem__(i, out))
+        for i, layer in enumerate(model.model.layers)
+    ]
+    out = model(ids(), output_attentions=True, output_hidden_states=True)
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(
+        out.hidden_states[0],
+        model.model.embed_tokens(ids())
+        + (model.model.embed_positions(torch.arange(12))[None] if config.position_embedding_type == "learned" else 0),
+    )
+    for i in range(config.num_hidden_layers - 1):
+        torch.testing.assert_close(out.hidden_states[i + 1], seen[i][0])
+    torch.testing.assert_close(out.hidden_states[-1], model.model.norm(seen[config.num_hidden_layers - 1][0]))
+    for i in range(config.num_hidden_layers):
+        torch.testing.assert_close(out.attentions[i], seen[i][1])
