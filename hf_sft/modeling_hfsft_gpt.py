@@ -382,8 +382,14 @@ class HfSftGPTModel(HfSftGPTPreTrainedModel):
 
         layout = self._fast_training_layout(attention_mask, position_ids) if mask_cache is None else None
         if layout is None:
-            # The cache goes by position: its keyword is `cache` from transformers 5.24, `past_key_values` before.
-            causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, mask_cache, position_ids)
+            # By keyword: the cache's is `cache` from transformers 5.24, `past_key_values` before (keyword-only there).
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                **{CACHE_FIELD: mask_cache},
+            )
         else:
             causal_mask = None  # SDPA's is_causal path, per packed example when segment lengths are given
             if layout:

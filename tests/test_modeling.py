@@ -299,10 +299,12 @@ def test_beam_search_runs_and_beats_greedy_score(config):
 def test_assisted_and_prompt_lookup_decoding_equal_greedy(config):
     model = make_model(config)
     prompt = torch.cat([ids(1, 6), ids(1, 6)], 1)  # repeated n-grams give prompt lookup candidates
-    greedy = generate(model, prompt, do_sample=False, eos_token_id=None)
+    # With the model's EOS (prompt lookup fails without one on transformers 5.4): equal outputs stop at the same step.
+    greedy = generate(model, prompt, do_sample=False)
     assistant = make_model(config, seed=5)
-    assert torch.equal(generate(model, prompt, do_sample=False, assistant_model=assistant, eos_token_id=None), greedy)
-    assert torch.equal(generate(model, prompt, do_sample=False, prompt_lookup_num_tokens=3, eos_token_id=None), greedy)
+    assert torch.equal(generate(model, prompt, do_sample=False, assistant_model=assistant), greedy)
+    lookup = generate(model, prompt, do_sample=False, prompt_lookup_num_tokens=3)
+    assert torch.equal(lookup[:, : greedy.shape[1]], greedy)  # 5.4's prompt lookup may add one token past the limit
 
 
 def test_generation_continues_from_a_given_cache(config):
