@@ -2,8 +2,11 @@
 
 - nanoGPT-style: LayerNorm (optional bias), learned absolute positions, GELU MLP of 4x width, LM head tied to the
   token embedding, residual projections initialised with std 0.02/sqrt(2 * n_layer).
-- LLaMA-style (simple_llama): RMSNorm computed in float32, rotary positions in the rotate-half layout, SwiGLU MLP, no
-  biases, untied LM head.
+- LLaMA-style (simple_llama): RMSNorm computed in float32, rotary positions in the rotate-half layout (every RoPE
+  scaling type of transformers' `ROPE_INIT_FUNCTIONS`), SwiGLU MLP, no biases, untied LM head.
+
+Heads: causal LM, and sequence classification / token classification / question answering on the same backbone
+(`model.`), so an SFT folder loads into them.
 
 Attention goes through transformers' attention interface (SDPA by default, eager as reference), the KV cache through
 transformers' `Cache` classes, the mask through `create_causal_mask` (so `position_ids` without an `attention_mask`
