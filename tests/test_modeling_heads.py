@@ -1,6 +1,9 @@
 """The task heads: shapes and losses as stock Llama's, loading from an SFT folder, a reward model trained with TRL."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -107,6 +110,40 @@ def test_heads_load_from_a_causal_lm_folder(family, tmp_path, auto, head):
         assert torch.equal(model.model.state_dict()[name], param), name
     assert {key.split(".")[0] for key in info["missing_keys"]} == {head}  # reported as newly initialised
     assert not model.config.tie_word_embeddings or "lm_head.weight" not in info["unexpected_keys"]
+
+
+# Run where the checkout is not on sys.path: the folder's own copy of the code must provide the heads.
+REMOTE_LOAD = """
+import json, sys
+import transformers
+autos = ("AutoModelForSequenceClassification", "AutoModelForTokenClassification", "AutoModelForQuestionAnswering")
+classes = [getattr(transformers, a).from_pretrained(sys.argv[1], trust_remote_code=True).__class__ for a in autos]
+print(json.dumps({"classes": [c.__module__ + "." + c.__name__ for c in classes],
+                  "hf_sft": sorted(m for m in sys.modules if m.split(".")[0] == "hf_sft")}))
+"""
+
+
+def test_heads_load_with_trust_remote_code_without_hf_sft(tmp_path):
+    HfSftGPTForCausalLM(config("llama")).save_pretrained(tmp_path / "model")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_LOAD, str(tmp_path / "model")],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["hf_sft"] == []
+    assert [name.rsplit(".", 1)[1] for name in report["classes"]] == [
+        "HfSftGPTForSequenceClassification",
+        "HfSftGPTForTokenClassification",
+        "HfSftGPTForQuestionAnswering",
+    ]
+    assert all(name.startswith("transformers_modules.") for name in report["classes"])
 
 
 @pytest.mark.slow
