@@ -2,14 +2,15 @@
 
 - ``family="nanogpt"``: LayerNorm (optional bias), learned absolute positions, GELU MLP of 4x width, biases optional,
   LM head tied to the token embedding.
-- ``family="llama"``: RMSNorm, rotary positions (``rope_theta``), SwiGLU MLP whose width is 2/3 of 4x rounded up to
-  ``multiple_of``, no biases, untied LM head.
+- ``family="llama"``: RMSNorm, rotary positions (``rope_parameters``: any ``rope_type`` of the installed transformers),
+  SwiGLU MLP whose width is 2/3 of 4x rounded up to ``multiple_of``, no biases, untied LM head.
 
 Every component can also be set on its own; ``family`` only chooses the defaults of the ones left unset.
 This file imports only the standard library and transformers: Hub users execute it.
 """
 
 from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 FAMILY_DEFAULTS = {
     "nanogpt": {
@@ -34,7 +35,13 @@ AUTO_MAP = {
     "AutoConfig": "configuration_hfsft_gpt.HfSftGPTConfig",
     "AutoModel": "modeling_hfsft_gpt.HfSftGPTModel",
     "AutoModelForCausalLM": "modeling_hfsft_gpt.HfSftGPTForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_hfsft_gpt.HfSftGPTForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_hfsft_gpt.HfSftGPTForTokenClassification",
+    "AutoModelForQuestionAnswering": "modeling_hfsft_gpt.HfSftGPTForQuestionAnswering",
 }
+
+# Keys of configs written by earlier versions that no longer mean anything; loading drops them.
+RETIRED_KEYS = ("supervised_logits_in_training",)
 
 
 def swiglu_hidden_size(hidden_size: int, multiple_of: int) -> int:
@@ -58,21 +65,30 @@ class HfSftGPTConfig(PretrainedConfig):
         norm_type (`str`): `"layernorm"` or `"rmsnorm"`.
         norm_eps (`float`): epsilon of the norms.
         position_embedding_type (`str`): `"learned"` or `"rope"`.
-        rope_theta (`float`): rotary base, stored in `rope_parameters`.
+        rope_theta (`float`): rotary base, stored in `rope_parameters` (rotary positions only).
+        rope_parameters (`dict`, *optional*): transformers' RoPE settings, e.g. `{"rope_type": "yarn", "factor": 4.0}`;
+            `rope_theta` and, for the scaled types, `original_max_position_embeddings` are filled in. Learned
+            positions carry no RoPE settings: the key is dropped (folders saved by earlier versions have it).
         mlp_type (`str`): `"gelu"` (exact GELU, two matrices) or `"swiglu"` (three matrices).
         use_bias (`bool`): biases in linear layers and LayerNorm.
         attention_dropout (`float`): dropout on attention probabilities.
         hidden_dropout (`float`): dropout on embeddings and on each residual branch.
         initializer_range (`float`): std of the normal init.
         tie_word_embeddings (`bool`): share the LM head with the token embedding.
-        supervised_logits_in_training (`bool`, defaults to `True`): in a training-mode forward that gets `labels` and
-            `num_items_in_batch` (Trainer's training step, which reads only the loss), run the LM head on the
-            supervised positions alone; the returned `logits` then have shape (supervised tokens, vocab). Saves the
-            memory and compute of the full logits; `False` always returns logits for every position.
     """
 
     model_type = "hfsft_gpt"
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
+    # Tensor parallelism (`from_pretrained(..., tp_plan="auto")`): heads and MLP width split across ranks, as Llama.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
     attribute_map = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads"}
 
     def __init__(
@@ -98,7 +114,6 @@ class HfSftGPTConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         use_cache: bool = True,
         tie_word_embeddings: bool | None = None,
-        supervised_logits_in_training: bool = True,
         bos_token_id: int | None = 1,
         eos_token_id: int | None = 2,
         pad_token_id: int | None = 0,
@@ -124,14 +139,19 @@ class HfSftGPTConfig(PretrainedConfig):
             swiglu = self.mlp_type == "swiglu"
             intermediate_size = swiglu_hidden_size(hidden_size, multiple_of) if swiglu else 4 * hidden_size
         self.intermediate_size = intermediate_size
-        self.rope_parameters = rope_parameters or {"rope_type": "default", "rope_theta": float(rope_theta)}
+        if self.mlp_type != "swiglu":  # the GELU MLP has no gate (to_dict leaves the plan out of config.json)
+            self.base_model_tp_plan = {k: v for k, v in type(self).base_model_tp_plan.items() if "gate_proj" not in k}
+        if self.position_embedding_type == "rope":
+            # transformers' PretrainedConfig fills in and checks the rest of the RoPE settings when it sees this.
+            self.rope_parameters = {"rope_type": "default", "rope_theta": float(rope_theta), **(rope_parameters or {})}
         self.attention_dropout = attention_dropout
         self.hidden_dropout = hidden_dropout
         self.initializer_range = initializer_range
         self.use_cache = use_cache
-        self.supervised_logits_in_training = supervised_logits_in_training
         self.head_dim = hidden_size // num_attention_heads if num_attention_heads else 0
         self._validate()
+        for key in RETIRED_KEYS:
+            kwargs.pop(key, None)
         tied = defaults["tie_word_embeddings"] if tie_word_embeddings is None else tie_word_embeddings
         super().__init__(
             bos_token_id=bos_token_id,
@@ -144,7 +164,10 @@ class HfSftGPTConfig(PretrainedConfig):
 
     @property
     def rope_theta(self) -> float:
-        return float(self.rope_parameters["rope_theta"])
+        """The rotary base; an AttributeError for learned positions, which have none."""
+        if "rope_parameters" not in self.__dict__:
+            raise AttributeError(f"{self.position_embedding_type!r} positions have no rope_theta")
+        return float(self.rope_parameters.get("rope_theta", 10000.0))
 
     def _validate(self) -> None:
         choices = {
@@ -164,6 +187,12 @@ class HfSftGPTConfig(PretrainedConfig):
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by num_key_value_heads "
                 f"({self.num_key_value_heads})"
+            )
+        rope_type = getattr(self, "rope_parameters", {}).get("rope_type", "default")
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            supported = ", ".join(["default", *ROPE_INIT_FUNCTIONS])
+            raise ValueError(
+                f"rope_parameters: rope_type {rope_type!r} is not one of this transformers' ({supported})"
             )
         if self.position_embedding_type == "rope" and self.head_dim % 2:
             raise ValueError(

@@ -2,8 +2,11 @@
 
 - nanoGPT-style: LayerNorm (optional bias), learned absolute positions, GELU MLP of 4x width, LM head tied to the
   token embedding, residual projections initialised with std 0.02/sqrt(2 * n_layer).
-- LLaMA-style (simple_llama): RMSNorm computed in float32, rotary positions in the rotate-half layout, SwiGLU MLP, no
-  biases, untied LM head.
+- LLaMA-style (simple_llama): RMSNorm computed in float32, rotary positions in the rotate-half layout (every RoPE
+  scaling type of transformers' `ROPE_INIT_FUNCTIONS`), SwiGLU MLP, no biases, untied LM head.
+
+Heads: causal LM, and sequence classification / token classification / question answering on the same backbone
+(`model.`), so an SFT folder loads into them.
 
 Attention goes through transformers' attention interface (SDPA by default, eager as reference), the KV cache through
 transformers' `Cache` classes, the mask through `create_causal_mask` (so `position_ids` without an `attention_mask`
@@ -23,14 +26,26 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    ModelOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
+)
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_hfsft_gpt import HfSftGPTConfig
 
 # transformers 5.24 renamed the KV-cache argument and output field `past_key_values` to `cache`; older 5.x releases
 # pass and read `past_key_values`. The forwards accept both, the outputs use the name this release reads.
 CACHE_FIELD = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+# From 5.24 `past_key_values=` warns as in stock models; before, it is the current name (`generate` passes it) and is
+# renamed silently: a deprecation whose version is already reached warns nobody.
+cache_keyword = deprecate_kwarg("past_key_values", "5.40.0" if CACHE_FIELD == "cache" else "5.0.0", new_name="cache")
 
 # Supervised-only loss: above this many logits (64 MiB in float32) the LM head and loss run in chunks.
 LOSS_CHUNK_ELEMENTS = 2**24
@@ -58,23 +73,37 @@ def build_norm(config: HfSftGPTConfig) -> nn.Module:
 
 
 class HfSftGPTRotaryEmbedding(nn.Module):
-    """cos/sin tables for rotary positions; `inv_freq` is a non-persistent buffer rebuilt in `_init_weights`."""
+    """cos/sin tables for rotary positions, as stock Llama computes them for every `rope_type` transformers knows.
+
+    `inv_freq` and `attention_scaling` come from `ROPE_INIT_FUNCTIONS[rope_type]` (`compute_default_rope_parameters`
+    for `"default"`); `dynamic_rope_update` recomputes them for the dynamic and longrope types as sequences grow.
+    """
 
     def __init__(self, config: HfSftGPTConfig):
         super().__init__()
         self.config = config
-        self.inv_freq = nn.Buffer(self.compute_inv_freq(config), persistent=False)
+        self.rope_type = config.rope_parameters["rope_type"]
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
+        rope_init_fn = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
 
     @staticmethod
-    def compute_inv_freq(config: HfSftGPTConfig) -> torch.Tensor:
+    def compute_default_rope_parameters(config: HfSftGPTConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        """Plain RoPE: `inv_freq` (hs/2,) from `rope_theta`, no scaling of cos/sin. PreTrainedModel's init calls it."""
         dim = config.head_dim
-        return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
 
     @torch.no_grad()
+    @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)  # (B, T, hs/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hs)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -288,9 +317,8 @@ class HfSftGPTPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.initializer_range
-        if isinstance(module, HfSftGPTRotaryEmbedding):
-            init.copy_(module.inv_freq, module.compute_inv_freq(module.config))
-        elif isinstance(module, HfSftGPTRMSNorm):
+        # PreTrainedModel._init_weights rebuilds the rotary buffers (through `compute_default_rope_parameters`).
+        if isinstance(module, HfSftGPTRMSNorm):
             init.ones_(module.weight)
         elif getattr(module, "is_residual_projection", False):
             # nanoGPT/GPT-2: projections into the residual stream are scaled down by depth to keep its variance.
@@ -319,6 +347,7 @@ class HfSftGPTModel(HfSftGPTPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
+    @cache_keyword
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -330,12 +359,10 @@ class HfSftGPTModel(HfSftGPTPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
-        cache = past_key_values if cache is None else cache
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -358,8 +385,14 @@ class HfSftGPTModel(HfSftGPTPreTrainedModel):
 
         layout = self._fast_training_layout(attention_mask, position_ids) if mask_cache is None else None
         if layout is None:
-            # The cache goes by position: its keyword is `cache` from transformers 5.24, `past_key_values` before.
-            causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, mask_cache, position_ids)
+            # By keyword: the cache's is `cache` from transformers 5.24, `past_key_values` before (keyword-only there).
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                **{CACHE_FIELD: mask_cache},
+            )
         else:
             causal_mask = None  # SDPA's is_causal path, per packed example when segment lengths are given
             if layout:
@@ -456,14 +489,23 @@ class HfSftGPTModel(HfSftGPTPreTrainedModel):
 
 
 class HfSftGPTForCausalLM(HfSftGPTPreTrainedModel, GenerationMixin):
-    """The transformer with its LM head; `labels` (unshifted, -100 ignored) give the next-token loss."""
+    """The transformer with its LM head; `labels` (unshifted, -100 ignored) give the next-token loss.
+
+    `model.supervised_logits_only = True` (hf-sft's training sets it) asks for the memory-saving mode: a forward with
+    `labels` then runs the LM head on the supervised positions alone and returns their (N, V) logits, or None past
+    `LOSS_CHUNK_ELEMENTS` logits, where head and loss run in checkpointed chunks. Off by default: logits are
+    (B, T, V). The switch lives on the model object, never in its saved config.
+    """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # Tensor parallelism splits the head over the vocabulary and gathers the logits (the style's name since 5.1).
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: HfSftGPTConfig):
         super().__init__(config)
         self.model = HfSftGPTModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.supervised_logits_only = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -478,6 +520,7 @@ class HfSftGPTForCausalLM(HfSftGPTPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
 
+    @cache_keyword
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -491,7 +534,6 @@ class HfSftGPTForCausalLM(HfSftGPTPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         r"""
@@ -500,9 +542,9 @@ class HfSftGPTForCausalLM(HfSftGPTPreTrainedModel, GenerationMixin):
                 mean over supervised tokens, or their sum divided by `num_items_in_batch` when that is passed (as
                 Trainer does, so that gradient accumulation equals one large batch).
             logits_to_keep: an int keeps the last N positions (0 keeps all); a 1-D tensor keeps those positions.
+                With `labels`, the loss covers the kept positions.
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        cache = past_key_values if cache is None else cache
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -515,22 +557,13 @@ class HfSftGPTForCausalLM(HfSftGPTPreTrainedModel, GenerationMixin):
             return_dict=True,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        hidden_states = outputs.last_hidden_state[:, keep]
+        if labels is None:
+            logits, loss = self.lm_head(hidden_states), None
         else:
-            hidden_states = hidden_states[:, logits_to_keep]
-        loss = None
-        if labels is not None and self._supervised_logits_only(logits_to_keep, kwargs):
-            # Trainer reads only the loss of a training step: the LM head runs on supervised positions alone.
-            next_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]  # the label each position predicts
-            supervised = next_labels != -100
-            loss, logits = self._supervised_loss(hidden_states[supervised], next_labels[supervised])
-            loss = loss / kwargs["num_items_in_batch"]
-        else:
-            logits = self.lm_head(hidden_states)
-            if labels is not None:
-                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            next_labels = F.pad(labels, (0, 1), value=-100)[:, 1:][:, keep].contiguous()  # what each position predicts
+            logits, loss = self._lm_loss(hidden_states, next_labels, **kwargs)
 
         output = CausalLMOutputWithPast(
             loss=loss,
@@ -541,30 +574,184 @@ class HfSftGPTForCausalLM(HfSftGPTPreTrainedModel, GenerationMixin):
         )
         return output if return_dict else output.to_tuple()
 
-    def _supervised_loss(
-        self, hidden_states: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Summed cross-entropy of (N, D) hidden states against (N,) targets, and their (N, V) logits.
+    def _lm_loss(
+        self, hidden_states: torch.Tensor, next_labels: torch.Tensor, num_items_in_batch=None, **kwargs
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Logits and `self.loss_function` on the positions kept: all of them, or the supervised ones alone.
 
-        Past `LOSS_CHUNK_ELEMENTS` logits, the head and loss run in checkpointed chunks: the logits of one chunk at a
-        time exist (recomputed in backward), and the returned logits are None.
+        Returns (B, T, V) logits, or in the memory-saving mode the (N, V) logits of the N supervised positions (None
+        when chunked). Every chunk's loss is its sum over `num_items_in_batch` (default N): they add up to the loss.
         """
+        if not self.supervised_logits_only:
+            logits = self.lm_head(hidden_states)  # (B, T, V)
+            loss = self._loss(logits, next_labels, num_items_in_batch, **kwargs)
+            return logits, loss
+        supervised = next_labels != -100  # (B, T) boolean mask: the positions the loss reads
+        hidden_states, targets = hidden_states[supervised], next_labels[supervised]  # (N, D), (N,)
         rows = max(1, LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
         if hidden_states.shape[0] <= rows:
             logits = self.lm_head(hidden_states)  # (N, V)
-            return F.cross_entropy(logits.float(), targets, reduction="sum"), logits
-        chunks = zip(hidden_states.split(rows), targets.split(rows), strict=True)
-        losses = [checkpoint(self._chunk_loss, hidden, target, use_reentrant=False) for hidden, target in chunks]
-        return torch.stack(losses).sum(), None
+            return logits, self._loss(logits, targets, num_items_in_batch, **kwargs)
+        denominator = targets.shape[0] if num_items_in_batch is None else num_items_in_batch
+        losses = [
+            checkpoint(self._chunk_loss, hidden, target, denominator, use_reentrant=False, **kwargs)
+            for hidden, target in zip(hidden_states.split(rows), targets.split(rows), strict=True)
+        ]
+        return None, torch.stack(losses).sum()
 
-    def _chunk_loss(self, hidden_states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.lm_head(hidden_states).float(), targets, reduction="sum")
+    def _loss(self, logits: torch.Tensor, next_labels: torch.Tensor, num_items_in_batch, **kwargs) -> torch.Tensor:
+        # Labels come already shifted: `shift_labels` tells the loss so.
+        return self.loss_function(
+            logits=logits,
+            labels=None,
+            shift_labels=next_labels,
+            vocab_size=self.config.vocab_size,
+            num_items_in_batch=num_items_in_batch,
+            **kwargs,
+        )
 
-    def _supervised_logits_only(self, logits_to_keep: int | torch.Tensor, kwargs: dict) -> bool:
-        """Trainer's training step: training mode, `num_items_in_batch` given, all positions asked for."""
-        wanted = getattr(self.config, "supervised_logits_in_training", True)
-        keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
-        return wanted and self.training and keep_all and kwargs.get("num_items_in_batch") is not None
+    def _chunk_loss(self, hidden_states: torch.Tensor, targets: torch.Tensor, denominator, **kwargs) -> torch.Tensor:
+        return self._loss(self.lm_head(hidden_states), targets, denominator, **kwargs)
 
 
-__all__ = ["HfSftGPTPreTrainedModel", "HfSftGPTModel", "HfSftGPTForCausalLM"]
+class HfSftGPTTaskModel(HfSftGPTPreTrainedModel):
+    """Shared body of the task heads: the transformer (`model`, so SFT folders load into it) and their outputs."""
+
+    def __init__(self, config: HfSftGPTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = HfSftGPTModel(config)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def _output(
+        self, output_class: type[ModelOutput], return_dict: bool | None, outputs, **fields
+    ) -> ModelOutput | tuple:
+        fields.update(hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        if CACHE_FIELD in output_class.__dataclass_fields__:
+            fields[CACHE_FIELD] = getattr(outputs, CACHE_FIELD)
+        output = output_class(**fields)
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
+
+
+class HfSftGPTForSequenceClassification(HfSftGPTTaskModel):
+    """One score vector per sequence, read at its last non-pad token as in stock Llama (reward models, classifiers)."""
+
+    def __init__(self, config: HfSftGPTConfig):
+        super().__init__(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    @cache_keyword
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast | tuple:
+        outputs = self.model(
+            input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, output_attentions,
+            output_hidden_states, return_dict=True, **kwargs,
+        )  # fmt: skip
+        logits = self.score(outputs.last_hidden_state)  # (B, T, num_labels)
+        batch = logits.shape[0]
+        if self.config.pad_token_id is None and batch != 1:
+            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+        last = torch.full((batch,), -1, device=logits.device)  # no ids to look at: the last position
+        if self.config.pad_token_id is not None and input_ids is not None:
+            # The rightmost token that is not padding, whichever side the padding is on.
+            real = (input_ids != self.config.pad_token_id).to(logits.device, torch.int32)
+            last = (torch.arange(input_ids.shape[-1], device=logits.device, dtype=torch.int32) * real).argmax(-1)
+        pooled = logits[torch.arange(batch, device=logits.device), last]  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)
+        return self._output(SequenceClassifierOutputWithPast, return_dict, outputs, loss=loss, logits=pooled)
+
+
+class HfSftGPTForTokenClassification(HfSftGPTTaskModel):
+    """One score vector per token (tagging)."""
+
+    def __init__(self, config: HfSftGPTConfig):
+        super().__init__(config)
+        dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(config.hidden_dropout if dropout is None else dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> TokenClassifierOutput | tuple:
+        outputs = self.model(
+            input_ids, attention_mask, position_ids, None, inputs_embeds, False, output_attentions,
+            output_hidden_states, return_dict=True, **kwargs,
+        )  # fmt: skip
+        logits = self.score(self.dropout(outputs.last_hidden_state))  # (B, T, num_labels)
+        loss = None if labels is None else self.loss_function(logits, labels, self.config)
+        return self._output(TokenClassifierOutput, return_dict, outputs, loss=loss, logits=logits)
+
+
+class HfSftGPTForQuestionAnswering(HfSftGPTTaskModel):
+    """Extractive QA: start and end logits per token."""
+
+    def __init__(self, config: HfSftGPTConfig):
+        super().__init__(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        start_positions: torch.LongTensor | None = None,
+        end_positions: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> QuestionAnsweringModelOutput | tuple:
+        outputs = self.model(
+            input_ids, attention_mask, position_ids, None, inputs_embeds, False, output_attentions,
+            output_hidden_states, return_dict=True, **kwargs,
+        )  # fmt: skip
+        start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).unbind(-1)  # (B, T) each
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions, **kwargs)
+        return self._output(
+            QuestionAnsweringModelOutput, return_dict, outputs, loss=loss, start_logits=start_logits,
+            end_logits=end_logits,
+        )  # fmt: skip
+
+
+__all__ = [
+    "HfSftGPTPreTrainedModel",
+    "HfSftGPTModel",
+    "HfSftGPTForCausalLM",
+    "HfSftGPTForSequenceClassification",
+    "HfSftGPTForTokenClassification",
+    "HfSftGPTForQuestionAnswering",
+]

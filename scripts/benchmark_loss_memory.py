@@ -67,9 +67,9 @@ def measure(mode: str, vocab: int, batch: int, length: int, width: int) -> dict:
         num_hidden_layers=0,
         num_attention_heads=8,
         max_position_embeddings=length,
-        supervised_logits_in_training=mode == "supervised",
     )
     model = HfSftGPTForCausalLM(config).train()
+    model.supervised_logits_only = mode == "supervised"
     model.model.norm = torch.nn.Identity()  # no blocks, no norm: the hidden states below reach the head as they are
     hidden = torch.randn(batch, length, width, requires_grad=True)
     num_items = int((labels[:, 1:] != -100).sum())

@@ -91,6 +91,9 @@ def test_saved_folder_carries_the_code_and_auto_map(trained):
         "AutoConfig": "configuration_hfsft_gpt.HfSftGPTConfig",
         "AutoModel": "modeling_hfsft_gpt.HfSftGPTModel",
         "AutoModelForCausalLM": "modeling_hfsft_gpt.HfSftGPTForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_hfsft_gpt.HfSftGPTForSequenceClassification",
+        "AutoModelForTokenClassification": "modeling_hfsft_gpt.HfSftGPTForTokenClassification",
+        "AutoModelForQuestionAnswering": "modeling_hfsft_gpt.HfSftGPTForQuestionAnswering",
     }
     for name in ("configuration_hfsft_gpt.py", "modeling_hfsft_gpt.py"):
         code = (trained / name).read_text()

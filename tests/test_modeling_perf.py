@@ -119,12 +119,13 @@ def test_supervised_only_logits_give_the_full_loss_and_gradients(name, chunked, 
     if chunked:  # 97-token vocabulary, 2 rows per chunk
         monkeypatch.setattr(modeling_hfsft_gpt, "LOSS_CHUNK_ELEMENTS", 2 * 97)
     model = make_model(name).train()
+    model.supervised_logits_only = True
     input_ids, attention_mask, labels = right_padded_batch()
     num_items = torch.tensor(int((labels[:, 1:] != -100).sum()) + 5)  # as if other micro-batches had 5 more
     out = model(input_ids, attention_mask=attention_mask, labels=labels, num_items_in_batch=num_items)
     out.loss.backward()
     supervised_grads = gradients(model)
-    model.config.supervised_logits_in_training = False
+    model.supervised_logits_only = False
     full = model(input_ids, attention_mask=attention_mask, labels=labels, num_items_in_batch=num_items)
     full.loss.backward()
     assert full.logits.shape == (3, 12, 97)
@@ -137,21 +138,23 @@ def test_supervised_only_logits_give_the_full_loss_and_gradients(name, chunked, 
         torch.testing.assert_close(supervised_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_full_logits_outside_trainers_training_step():
-    model = make_model("nanogpt")
+def test_full_logits_unless_the_memory_saving_mode_is_asked_for():
+    model = make_model("nanogpt").train()
     input_ids, attention_mask, labels = right_padded_batch()
-    model.train()
-    assert model(input_ids, attention_mask=attention_mask, labels=labels).logits.shape == (3, 12, 97)
-    model.eval()
     out = model(input_ids, attention_mask=attention_mask, labels=labels, num_items_in_batch=torch.tensor(10))
-    assert out.logits.shape == (3, 12, 97)
+    assert out.logits.shape == (3, 12, 97)  # Trainer's training step included
+    model.eval()
+    assert model(input_ids, attention_mask=attention_mask, labels=labels).logits.shape == (3, 12, 97)
 
 
-def test_config_field_round_trips(tmp_path):
-    config = HfSftGPTConfig(supervised_logits_in_training=False)
-    config.save_pretrained(tmp_path)
-    assert HfSftGPTConfig.from_pretrained(tmp_path).supervised_logits_in_training is False
-    assert HfSftGPTConfig().supervised_logits_in_training is True
+def test_the_switch_is_not_saved_and_old_configs_load(tmp_path):
+    model = make_model("nanogpt")
+    model.supervised_logits_only = True
+    model.save_pretrained(tmp_path)
+    assert "supervised" not in (tmp_path / "config.json").read_text()
+    assert HfSftGPTForCausalLM.from_pretrained(tmp_path).supervised_logits_only is False
+    old = HfSftGPTConfig(supervised_logits_in_training=False)  # folders saved by earlier versions carry the key
+    assert not hasattr(old, "supervised_logits_in_training")
 
 
 def _run_script(*argv: str) -> str:

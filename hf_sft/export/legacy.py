@@ -40,8 +40,9 @@ def _simple_llama_blockers(config) -> list[str]:
         found.append("biases (simple_llama has none)")
     if config.num_key_value_heads != config.num_attention_heads:
         found.append("grouped-query attention (simple_llama's fused qkv has one key/value head per query head)")
-    if config.rope_parameters.get("rope_type", "default") != "default":
-        found.append(f"{config.rope_parameters['rope_type']!r} rotary scaling (simple_llama has plain rotary)")
+    rope_type = getattr(config, "rope_parameters", {}).get("rope_type", "default")  # learned positions have none
+    if rope_type != "default":
+        found.append(f"{rope_type!r} rotary scaling (simple_llama has plain rotary)")
     if _multiple_of(config) is None:
         found.append(f"a SwiGLU width of {config.intermediate_size}, below simple_llama's smallest")
     return found

@@ -90,6 +90,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SFTTraining
     model, tokenizer, base_description = loaded or load_model_and_tokenizer(model_args, data_args)
     record["base_model"] = base_description
     sync_special_token_ids(model, tokenizer)
+    model.supervised_logits_only = True  # Trainer reads only the loss: the LM head runs on supervised positions alone
     install_chat_template(tokenizer, template)
     data = build_datasets(
         data_args.data_path,
