@@ -61,15 +61,16 @@ def test_fast_layout_is_chosen_only_where_it_is_exact():
     base = model.model
     input_ids, attention_mask, _ = right_padded_batch()
     positions = base._default_position_ids(model.config, base.embed_tokens(input_ids), attention_mask, None)
-    assert base._fast_training_layout(attention_mask, positions) == []
+    assert base._fast_training_layout(attention_mask, positions) == (None, {})
     left = attention_mask.flip(-1)
     assert base._fast_training_layout(left, positions) is None
     _, packed_positions, _ = packed_row()
-    assert base._fast_training_layout(None, packed_positions) == [5, 9, 3]
+    segments = (None, {"segment_lengths": [5, 9, 3]})
+    assert base._fast_training_layout(None, packed_positions) == segments
     assert base._fast_training_layout(None, packed_positions + 1) is None  # not restarting at 0: not packed
     model.eval()
     assert base._fast_training_layout(attention_mask, positions) is None
-    assert base._fast_training_layout(None, packed_positions) == [5, 9, 3]  # exact everywhere: eval too
+    assert base._fast_training_layout(None, packed_positions) == segments  # exact everywhere: eval too
     model.train().config._attn_implementation = "eager"
     assert base._fast_training_layout(attention_mask, positions) is None
 
@@ -111,6 +112,68 @@ def test_packed_training_forward_equals_examples_alone(name):
         alone = model(input_ids[:, start : start + length]).logits
         torch.testing.assert_close(alone, packed.logits[:, start : start + length], atol=1e-5, rtol=1e-5)
         start += length
+
+
+def test_packed_attention_kind_follows_device_precision_and_dropout():
+    kind = modeling_hfsft_gpt.packed_attention_kind
+    assert kind(torch.device("cpu"), half_precision=False, dropout=0.0) == "segments"
+    assert kind(torch.device("cpu"), half_precision=True, dropout=0.0) == "segments"
+    assert kind(torch.device("meta"), half_precision=True, dropout=0.0) == "document_mask"
+    cuda = torch.device("cuda")
+    expected = "varlen" if modeling_hfsft_gpt.varlen_attn is not None else "document_mask"
+    assert kind(cuda, half_precision=True, dropout=0.0) == expected
+    assert kind(cuda, half_precision=False, dropout=0.0) == "document_mask"  # the flash kernel has no fp32
+    assert kind(cuda, half_precision=True, dropout=0.1) == "document_mask"
+
+
+def test_varlen_boundaries_have_a_fixed_size():
+    _, position_ids, _ = packed_row()
+    document_ids = modeling_hfsft_gpt.packed_document_ids(position_ids)
+    assert document_ids.tolist() == [[0] * 5 + [1] * 9 + [2] * 3]
+    boundaries = modeling_hfsft_gpt.varlen_boundaries(document_ids)
+    assert boundaries.dtype == torch.int32
+    assert boundaries.tolist() == [0, 5, 14] + [17] * 15  # T + 1 entries: the tail is empty examples
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_document_mask_packed_attention_equals_examples_alone(name, monkeypatch):
+    model = make_model(name).train()
+    input_ids, position_ids, labels = packed_row()
+    segments = model(input_ids, position_ids=position_ids, labels=labels)
+    segments.loss.backward()
+    segment_grads = gradients(model)
+    monkeypatch.setattr(modeling_hfsft_gpt, "packed_attention_kind", lambda *args: "document_mask")
+    assert model.model._fast_training_layout(None, position_ids)[0].shape == (1, 1, 17, 17)
+    packed = model(input_ids, position_ids=position_ids, labels=labels)
+    packed.loss.backward()
+    torch.testing.assert_close(packed.logits, segments.logits, atol=1e-5, rtol=1e-5)
+    for name, grad in gradients(model).items():
+        torch.testing.assert_close(segment_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    model.eval()
+    start = 0
+    for length in (5, 9, 3):
+        alone = model(input_ids[:, start : start + length]).logits
+        torch.testing.assert_close(alone, packed.logits[:, start : start + length], atol=1e-5, rtol=1e-5)
+        start += length
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CONFIGS)
+def test_packed_training_step_compiles_in_one_graph(name):
+    """fullgraph=True raises at the first graph break; aot_eager traces forward and backward without codegen."""
+    model = make_model(name).train()
+    input_ids, position_ids, labels = packed_row()
+    num_items = torch.tensor(int((labels[:, 1:] != -100).sum()))
+    eager = model(input_ids, position_ids=position_ids, labels=labels, num_items_in_batch=num_items)
+    eager.loss.backward()
+    eager_grads = gradients(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    loss = compiled(input_ids, position_ids=position_ids, labels=labels, num_items_in_batch=num_items).loss
+    loss.backward()
+    torch.testing.assert_close(loss, eager.loss, atol=1e-5, rtol=1e-5)
+    for name, grad in gradients(model).items():
+        torch.testing.assert_close(eager_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("chunked", [False, True])
