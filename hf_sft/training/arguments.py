@@ -112,6 +112,13 @@ class SFTArguments:
         metadata={"help": "Padding-free packing of each batch into one row; `--packing false` pads instead."},
     )
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batches to a multiple of N (e.g. 8)."})
+    token_budget_batches: bool = field(
+        default=True,
+        metadata={
+            "help": "With packing: each optimizer step's examples repacked into as few micro-batches of "
+            "batch_size x max_seq_len tokens as fit (same examples and loss per step, fewer and larger forwards)."
+        },
+    )
     device: str = field(
         default="cuda",
         metadata={"help": "cuda or cpu; cuda falls back to cpu with a warning.", "choices": ["cuda", "cpu"]},

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import transformers
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 
 from hf_sft.errors import UsageError
 from hf_sft.training.arguments import SFTArguments, parse_args
@@ -22,6 +22,7 @@ from hf_sft.training.feedback import (
 )
 from hf_sft.training.output import check_hub_args, save_final
 from hf_sft.training.setup import load_model_and_tokenizer, resolve_device_and_precision, sync_special_token_ids
+from hf_sft.training.token_budget import TokenBudgetTrainer
 
 logger = logging.getLogger("hf_sft.train")
 
@@ -59,11 +60,12 @@ def run(sft: SFTArguments, args: TrainingArguments) -> int:
     model, tokenizer, base_description = load_model_and_tokenizer(sft)
     sync_special_token_ids(model, tokenizer)
     install_chat_template(tokenizer)
+    max_seq_len = resolve_max_seq_len(sft.max_seq_len, model.config.max_position_embeddings)
     data = build_datasets(
         sft.data_path,
         tokenizer,
         field_map=parse_field_map(sft.field_map),
-        max_seq_len=resolve_max_seq_len(sft.max_seq_len, model.config.max_position_embeddings),
+        max_seq_len=max_seq_len,
         length_policy=sft.length_policy,
         skip_bad_records=sft.skip_bad_records,
         val_split=0.0 if sft.eval_data_path else sft.val_split,
@@ -86,7 +88,9 @@ def run(sft: SFTArguments, args: TrainingArguments) -> int:
         max_new_tokens=sft.sample_max_new_tokens,
     )
     preemption = PreemptionCallback()
-    trainer = Trainer(
+    budget = args.per_device_train_batch_size * max_seq_len if sft.packing and sft.token_budget_batches else None
+    trainer = TokenBudgetTrainer(
+        token_budget=budget,
         model=model,
         args=args,
         train_dataset=train_dataset,
