@@ -232,8 +232,11 @@ def test_loss_memory_benchmark_tiny():
     assert out.strip().splitlines()[-1].startswith("loss_path_ratio=")
 
 
+@pytest.mark.slow
 def test_throughput_benchmark_tiny(tmp_path):
     out = _run_script("scripts/benchmark_throughput.py", "--tiny", "--work_dir", str(tmp_path))
     last = out.strip().splitlines()[-1]
     assert last.startswith("ratio_vs_loop=") and " ratio_vs_trl=" in last and " mfu=" in last
+    assert " bf16_of_peak=" in last and " mfu_bf16=" in last
     assert "nan" not in last
+    assert "micro-batch x accumulation 2x8" in out  # read back from the run itself

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import transformers
-from transformers import TrainingArguments, set_seed
+from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from hf_sft.errors import UsageError
 from hf_sft.training.arguments import SFTArguments, parse_args
@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     return run(sft, args)
 
 
-def run(sft: SFTArguments, args: TrainingArguments) -> int:
-    """Train as configured; returns the process exit status."""
+def run(sft: SFTArguments, args: TrainingArguments, callbacks: list[TrainerCallback] | None = None) -> int:
+    """Train as configured; returns the process exit status. `callbacks` are added to the Trainer's own."""
     if sft.demo:
         _fill_demo_paths(sft)
     if not sft.data_path:
@@ -97,7 +97,12 @@ def run(sft: SFTArguments, args: TrainingArguments) -> int:
         eval_dataset=eval_dataset,
         data_collator=make_collator(tokenizer.pad_token_id, sft.packing, sft.pad_to_multiple_of),
         processing_class=tokenizer,
-        callbacks=[AtomicCheckpointCallback(save_total_limit), preemption, LogFileCallback(output_dir / "train.log")],
+        callbacks=[
+            AtomicCheckpointCallback(save_total_limit),
+            preemption,
+            LogFileCallback(output_dir / "train.log"),
+            *(callbacks or []),
+        ],
     )
     trainer.callback_handler.callbacks.insert(0, ThroughputCallback())
     if eval_dataset is not None:
