@@ -142,29 +142,44 @@ def segmented_sdpa_attention(
     segment_lengths: list[int] | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Padding-free packed attention as one causal SDPA call per example (one packed row, no mask).
+    """Padding-free packed attention computed example by example (one packed row, no mask).
 
     A block-diagonal mask sends SDPA to its slow masked kernel (on CPU about 8x slower than padding); causal calls on
-    the slices of each example use the fast flash kernel and compute the same outputs.
+    the slices of each example use the fast flash kernel and compute the same outputs. In half precision on CPU the
+    flash kernel's backward is the slowest op of a training step (2x the matmul form on a 1k-token row), so there
+    each example takes the eager form: matmuls, causal mask, softmax in float32.
     """
-    outputs = [
-        F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            dropout_p=dropout,
-            is_causal=True,
-            scale=scaling,
-            enable_gqa=module.num_key_value_groups > 1,
-        )
-        for q, k, v in zip(
-            query.split(segment_lengths, dim=2),
-            key.split(segment_lengths, dim=2),
-            value.split(segment_lengths, dim=2),
-            strict=True,
-        )
-    ]
+    eager = query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
+    if eager:
+        key = repeat_kv(key, module.num_key_value_groups)
+        value = repeat_kv(value, module.num_key_value_groups)
+    outputs = []
+    for q, k, v in zip(
+        query.split(segment_lengths, dim=2),
+        key.split(segment_lengths, dim=2),
+        value.split(segment_lengths, dim=2),
+        strict=True,
+    ):
+        if eager:
+            outputs.append(causal_eager_attention(q, k, v, scaling, dropout, module.training))
+        else:
+            gqa = module.num_key_value_groups > 1
+            output = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa
+            )
+            outputs.append(output)
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None  # (B, T, nh, hs)
+
+
+def causal_eager_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, dropout: float, training: bool
+) -> torch.Tensor:
+    """(B, nh, T, hs) causal attention as `eager_attention_forward` computes it, without returning the weights."""
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, nh, T, T)
+    causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+    weights = weights.masked_fill(~causal, torch.finfo(weights.dtype).min)
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(F.dropout(weights, p=dropout, training=training), value)
 
 
 def varlen_attention(

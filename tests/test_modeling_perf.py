@@ -135,6 +135,27 @@ def test_varlen_boundaries_have_a_fixed_size():
     assert boundaries.tolist() == [0, 5, 14] + [17] * 15  # T + 1 entries: the tail is empty examples
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_half_precision_segments_take_the_eager_form_and_agree_with_fp32(groups):
+    torch.manual_seed(3)
+    module = torch.nn.Module()
+    module.num_key_value_groups = groups
+    lengths = [5, 9, 3]
+    query = torch.randn(1, 4, 17, 8)
+    key, value = torch.randn(1, 4 // groups, 17, 8), torch.randn(1, 4 // groups, 17, 8)
+    reference, _ = modeling_hfsft_gpt.segmented_sdpa_attention(module, query, key, value, None, 8**-0.5, 0.0, lengths)
+    half, _ = modeling_hfsft_gpt.segmented_sdpa_attention(
+        module, query.bfloat16(), key.bfloat16(), value.bfloat16(), None, 8**-0.5, 0.0, lengths
+    )
+    assert half.dtype == torch.bfloat16 and half.shape == (1, 17, 4, 8)
+    torch.testing.assert_close(half.float(), reference, atol=3e-2, rtol=3e-2)
+    start = 0
+    for length in lengths:  # causal within each example: the first token sees only itself
+        first = value[:, :, start].repeat_interleave(groups, dim=1)  # (1, nh, hs)
+        torch.testing.assert_close(reference[:, start], first, atol=1e-6, rtol=1e-6)
+        start += length
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_document_mask_packed_attention_equals_examples_alone(name, monkeypatch):
     model = make_model(name).train()
