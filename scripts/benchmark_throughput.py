@@ -78,6 +78,7 @@ def benchmark(model_name: str, dtype: str, point: str, stacks: str, options: arg
         "steps": options.warmup + options.steps,
         "warmup": options.warmup,
         "dtype": dtype,
+        "device": options.device,
         "batch": batch,
         "accum": accum,
         "hf_sft_args": options.hf_sft_args.split() + point_flags(batch, accum),
@@ -153,7 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtypes", default="float32,bfloat16", help="Comma-separated: float32, bfloat16.")
     parser.add_argument("--points", default=f"{BATCH}x{ACCUM},8x2", help="Operating points, micro-batch x accum.")
     parser.add_argument("--stacks", default="abc", help="Which stacks: a (hf-sft), b (loop), c (TRL).")
-    parser.add_argument("--bf16_stacks", default="abc", help="Stacks run in bf16 (at the first point only).")
+    parser.add_argument("--bf16_stacks", default="abc", help="Stacks run in bf16 (first point only, with fp32).")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3, help="Optimizer steps before the clock starts.")
     parser.add_argument("--steps", type=int, default=20, help="Timed optimizer steps.")
@@ -161,6 +162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--records", type=int, default=1500)
     parser.add_argument("--eval_records", type=int, default=32)
     parser.add_argument("--peak_seconds", type=float, default=2.0, help="Per matrix size and precision.")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="Where all stacks train.")
     parser.add_argument(
         "--hf_sft_args", default="", help="Extra flags for (a), given with '=': --hf_sft_args='--packing false'."
     )
@@ -187,12 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     models, dtypes, points = (getattr(options, name).split(",") for name in ("models", "dtypes", "points"))
     with tempfile.TemporaryDirectory(prefix="hf_sft_bench_") as tmp:
         work = Path(options.work_dir or tmp)
-        peaks = {dtype: measure_matmul_peak(dtype, options.peak_seconds) for dtype in ("float32", "bfloat16")}
+        peaks = {d: measure_matmul_peak(d, options.peak_seconds, options.device) for d in ("float32", "bfloat16")}
         print("matmul peak: " + ", ".join(f"{d} {p:.0f} GFLOP/s" for d, p in peaks.items()), flush=True)
         summary = {}
         for model_name in models:
             for dtype in dtypes:
-                for point in points if dtype == "float32" else points[:1]:
+                for point in points if dtype == "float32" or "float32" not in dtypes else points[:1]:
                     stacks = options.stacks if dtype == "float32" else options.bf16_stacks
                     outcome = benchmark(model_name, dtype, point, stacks, options, work)
                     title = f"{model_name}-style, {dtype}, micro-batch x accumulation {point}"

@@ -1,7 +1,8 @@
 """Where a training step's time goes: torch.profiler over the optimizer steps `hf-sft train` runs on Dolly.
 
-The benchmark's nanoGPT-style model and data; each optimizer step is the seed's 2 x 8 examples, packed into token-budget
-rows of 2 x 512 tokens as `hf-sft train` does, forward + backward in fp32 or under bf16 autocast, clipping and AdamW.
+The benchmark's nanoGPT-style model and data; each optimizer step is the seed's 2 x 8 examples, packed into
+token-budget rows of 2 x 512 tokens as `hf-sft train` does, forward + backward in fp32 or under bf16 autocast,
+clipping and AdamW.
 Prints the ops by self CPU time, and the step time of each precision.
 
     python scripts/profile_step.py                        # fp32 and bf16, 3 profiled steps each

@@ -20,16 +20,19 @@ class Meter:
         self.batch = self.accum = None  # as the run reports them
 
     def count(self, input_ids, attention_mask, labels) -> None:
-        real = int(attention_mask.sum()) if attention_mask is not None else input_ids.numel()
-        supervised = int((labels[:, 1:] != -100).sum())
+        """Adds one forward's tokens; tensors stay on their device (no host sync until `result`)."""
+        real = attention_mask.sum() if attention_mask is not None else input_ids.numel()
+        supervised = (labels[:, 1:] != -100).sum()
         for i, n in enumerate((real, supervised, input_ids.numel())):
             self.current[i] += n
 
     def step_done(self, step: int, loss: float | None = None) -> None:
         self.done.append(tuple(self.current))
         self.current = [0, 0, 0]
-        self.losses.append(self.step_loss / max(1, self.done[-1][1]) if loss is None else loss)
+        self.losses.append(self.step_loss / self.done[-1][1] if loss is None else loss)
         self.step_loss = 0.0
+        if step in (self.warmup, self.steps):
+            _synchronize()  # the clock reads finished work, not queued GPU kernels
         if step == self.warmup:
             self.start = time.perf_counter()
         if step == self.steps:
@@ -38,14 +41,15 @@ class Meter:
 
     def result(self) -> dict:
         timed = self.done[self.warmup : self.steps]
-        real, supervised, positions = (sum(column) for column in zip(*timed, strict=True))
+        real, supervised, positions = (float(sum(column)) for column in zip(*timed, strict=True))
         elapsed = self.end - self.start
         return {
+            "peak_gpu_mb": _peak_gpu_mb(),
             "real_tok_s": real / elapsed,
             "sup_tok_s": supervised / elapsed,
             "pad_frac": 1 - real / positions,
             "peak_rss_mb": self.rss_kb / 1024,
-            "final_loss": self.losses[-1] if self.losses else float("nan"),
+            "final_loss": float(self.losses[-1]) if self.losses else float("nan"),
             "seconds": elapsed,
             "batch": self.batch,
             "accum": self.accum,
@@ -65,7 +69,7 @@ def meter_callback(meter: Meter):
         if module.training:  # back to summed token losses: divided by num_items_in_batch if given, else a mean
             count = kwargs.get("num_items_in_batch")
             count = (kwargs["labels"][:, 1:] != -100).sum() if count is None else count
-            meter.step_loss += float(output.loss * count)
+            meter.step_loss += (output.loss * count).detach()
 
     class MeterCallback(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -100,3 +104,16 @@ def eval_loss(model_dir: str, eval_path: str, max_len: int) -> float:
             total += float(model(**batch).loss) * n
             count += n
     return total / count
+
+
+def _synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_gpu_mb() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0

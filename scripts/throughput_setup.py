@@ -26,21 +26,41 @@ MODELS = {
         "multiple_of": 32,
     },
     "tiny": {"family": "nanogpt", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
+    # GPU sizes, about 124M parameters each (GPT-2 small; the vocabularies pad the 4k tokenizer's ids).
+    "nanogpt124m": {
+        "family": "nanogpt",
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "vocab_size": 50304,
+    },
+    "llama124m": {
+        "family": "llama",
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 4,
+        "multiple_of": 256,
+        "vocab_size": 32000,
+    },
 }
 
 
-def measure_matmul_peak(dtype_name: str, seconds: float) -> float:
-    """Best GFLOP/s of square matmuls (1024 and 2048) in this process, on all the cores torch uses."""
+def measure_matmul_peak(dtype_name: str, seconds: float, device: str = "cpu") -> float:
+    """Best GFLOP/s of square matmuls in this process (CPU: 1024 and 2048 on all the cores torch uses; CUDA: 8192)."""
     import torch
 
     dtype, best = getattr(torch, dtype_name), 0.0
-    for size in (1024, 2048):
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    for size in (1024, 2048) if device == "cpu" else (8192,):
+        a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
         torch.mm(a, b)
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
+            sync()
             start = time.perf_counter()
             torch.mm(a, b)
+            sync()
             best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
     return best
 
@@ -72,12 +92,11 @@ def prepare(work: Path, model_name: str, max_len: int, num_records: int, num_eva
                 handle.write(json.dumps({k: r[k] for k in ("instruction", "context", "response")}) + "\n")
     torch.manual_seed(SEED)
     config = HfSftGPTConfig(
-        vocab_size=len(tokenizer),
         max_position_embeddings=max_len,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **MODELS[model_name],
+        **{"vocab_size": len(tokenizer), **MODELS[model_name]},
     )
     model = HfSftGPTForCausalLM(config)
     model.save_pretrained(work / "model")

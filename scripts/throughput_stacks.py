@@ -41,7 +41,7 @@ def worker_hfsft(spec: dict, meter: Meter) -> dict:
     argv = [
         "--pretrained_ckpt_path", spec["model_dir"], "--data_path", spec["train"], "--out_dir", spec["out_dir"],
         "--max_seq_len", str(spec["max_len"]), "--max_iters", str(spec["steps"]), "--val_split", "0",
-        "--device", "cpu", "--train_sampling_strategy", "sequential", "--disable_tqdm", "true",
+        "--device", spec["device"], "--train_sampling_strategy", "sequential", "--disable_tqdm", "true",
         *(["--dtype", "bfloat16"] if spec["dtype"] == "bfloat16" else []),
         *spec.get("hf_sft_args", []),
     ]  # fmt: skip
@@ -61,7 +61,8 @@ def worker_loop(spec: dict, meter: Meter) -> dict:
 
     torch.manual_seed(SEED)
     tokenizer = load_tokenizer(spec["model_dir"])
-    model = HfSftGPTForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32).train()
+    device = torch.device(spec["device"])
+    model = HfSftGPTForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32).to(device).train()
     examples = []
     for line in Path(spec["train"]).read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
@@ -98,8 +99,9 @@ def worker_loop(spec: dict, meter: Meter) -> dict:
                 input_ids[row, : len(ids)] = torch.tensor(ids)
                 attention_mask[row, : len(ids)] = 1
                 labels[row, : len(ids)] = torch.tensor(labs)
+            input_ids, attention_mask, labels = (t.to(device) for t in (input_ids, attention_mask, labels))
             meter.count(input_ids, attention_mask, labels)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
             targets = labels[:, 1:]
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1))
@@ -148,7 +150,7 @@ def worker_trl(spec: dict, meter: Meter) -> dict:
         logging_steps=10,
         save_strategy="no",
         report_to="none",
-        use_cpu=True,
+        use_cpu=spec["device"] == "cpu",
         bf16=spec["dtype"] == "bfloat16",
         seed=SEED,
         train_sampling_strategy="sequential",
