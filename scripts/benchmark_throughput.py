@@ -18,7 +18,7 @@ fraction (pad / all positions computed), peak RSS, loss of the last optimizer st
 tokens), and model-FLOPs utilisation = 6 x parameters x real tokens/s / the matmul peak of that precision, both
 peaks (fp32 and bf16) measured first in this process.
 
-    python scripts/benchmark_throughput.py --quick            # nanoGPT-style: fp32 both points, bf16 (a); ~10 min
+    python scripts/benchmark_throughput.py --quick            # nanoGPT-style: fp32 both points, bf16 (a); ~5 min
     python scripts/benchmark_throughput.py                    # both models, all stacks, more steps
     python scripts/benchmark_throughput.py --tiny             # seconds: a smoke test of the machinery
 
@@ -148,7 +148,7 @@ def last_line(summary: dict, model_name: str, points: list[str], peaks: dict) ->
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="nanoGPT-style, 2 repeats of 1+5 steps; bf16: (a).")
+    parser.add_argument("--quick", action="store_true", help="nanoGPT-style, 1 run of 1+5 steps each; bf16: (a).")
     parser.add_argument("--tiny", action="store_true", help="Tiny model, 1 repeat of 1+1 steps: checks the machinery.")
     parser.add_argument("--models", default="nanogpt,llama", help="Comma-separated: nanogpt, llama, tiny.")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="Comma-separated: float32, bfloat16.")
@@ -171,7 +171,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker", nargs=2, metavar=("STACK", "SPEC"), help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.quick:
-        options.models, options.bf16_stacks, options.repeats, options.warmup, options.steps = "nanogpt", "a", 2, 1, 5
+        options.models, options.bf16_stacks, options.repeats, options.warmup, options.steps = "nanogpt", "a", 1, 1, 5
     if options.tiny:
         options.models, options.bf16_stacks, options.repeats, options.warmup, options.steps = "tiny", "a", 1, 1, 1
         options.records, options.max_len, options.eval_records = 64, 256, 8
