@@ -456,7 +456,9 @@ class HfSftGPTModel(HfSftGPTPreTrainedModel):
         if position_ids is None:
             position_ids = self._default_position_ids(self.config, inputs_embeds, attention_mask, cache)
 
-        layout = self._fast_training_layout(attention_mask, position_ids) if mask_cache is None else None
+        # Attention weights come from the eager path only, which needs the full mask.
+        fast = mask_cache is None and not output_attentions
+        layout = self._fast_training_layout(attention_mask, position_ids) if fast else None
         if layout is None:
             # The cache goes by position: its keyword is `cache` from transformers 5.24, `past_key_values` before.
             causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, mask_cache, position_ids)

@@ -176,6 +176,9 @@ def test_document_mask_packed_attention_equals_examples_alone(name, monkeypatch)
         alone = model(input_ids[:, start : start + length]).logits
         torch.testing.assert_close(alone, packed.logits[:, start : start + length], atol=1e-5, rtol=1e-5)
         start += length
+    with_weights = model(input_ids, position_ids=position_ids, output_attentions=True)  # eager, full mask
+    torch.testing.assert_close(with_weights.logits, packed.logits, atol=1e-5, rtol=1e-5)
+    assert with_weights.attentions[0][0, :, 5, :5].abs().sum() == 0  # an example's first token sees no earlier one
 
 
 @pytest.mark.slow
