@@ -40,6 +40,11 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_hfsft_gpt import HfSftGPTConfig
 
+try:  # torch >= 2.10: variable-length flash attention for packed rows on CUDA
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
 # transformers 5.24 renamed the KV-cache argument and output field `past_key_values` to `cache`; older 5.x releases
 # pass and read `past_key_values`. The forwards accept both, the outputs use the name this release reads.
 CACHE_FIELD = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
@@ -166,29 +171,122 @@ def segmented_sdpa_attention(
     segment_lengths: list[int] | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Padding-free packed attention as one causal SDPA call per example (one packed row, no mask).
+    """Padding-free packed attention computed example by example (one packed row, no mask).
 
     A block-diagonal mask sends SDPA to its slow masked kernel (on CPU about 8x slower than padding); causal calls on
-    the slices of each example use the fast flash kernel and compute the same outputs.
+    the slices of each example use the fast flash kernel and compute the same outputs. In half precision on CPU the
+    flash kernel's backward is the slowest op of a training step (2x the matmul form on a 1k-token row), so there
+    each example takes the eager form: matmuls, causal mask, softmax in float32.
     """
-    outputs = [
-        F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            dropout_p=dropout,
-            is_causal=True,
-            scale=scaling,
-            enable_gqa=module.num_key_value_groups > 1,
-        )
-        for q, k, v in zip(
-            query.split(segment_lengths, dim=2),
-            key.split(segment_lengths, dim=2),
-            value.split(segment_lengths, dim=2),
-            strict=True,
-        )
-    ]
+    eager = query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
+    if eager:
+        key = repeat_kv(key, module.num_key_value_groups)
+        value = repeat_kv(value, module.num_key_value_groups)
+    outputs = []
+    for q, k, v in zip(
+        query.split(segment_lengths, dim=2),
+        key.split(segment_lengths, dim=2),
+        value.split(segment_lengths, dim=2),
+        strict=True,
+    ):
+        if eager:
+            outputs.append(causal_eager_attention(q, k, v, scaling, dropout, module.training))
+        else:
+            gqa = module.num_key_value_groups > 1
+            output = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa
+            )
+            outputs.append(output)
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None  # (B, T, nh, hs)
+
+
+def causal_eager_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, dropout: float, training: bool
+) -> torch.Tensor:
+    """(B, nh, T, hs) causal attention as `eager_attention_forward` computes it, without returning the weights."""
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, nh, T, T)
+    causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+    weights = weights.masked_fill(~causal, torch.finfo(weights.dtype).min)
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(F.dropout(weights, p=dropout, training=training), value)
+
+
+def varlen_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    cu_seq_lens: torch.Tensor | None = None,
+    max_length: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Padding-free packed attention with torch's variable-length flash kernel (CUDA, half precision, no dropout).
+
+    `cu_seq_lens` are the example boundaries of the flattened batch (a device tensor, built without reading it on
+    the host) and `max_length` an upper bound of the example length: nothing here synchronises with the host.
+    """
+    batch, _, seq_len, head_dim = query.shape
+    flat = [t.transpose(1, 2).reshape(batch * seq_len, -1, head_dim) for t in (query, key, value)]  # (B*T, nh, hs)
+    output = varlen_attn(
+        *flat,
+        cu_seq_lens,
+        cu_seq_lens,
+        max_length,
+        max_length,
+        scale=scaling,
+        window_size=(-1, 0),  # causal
+        enable_gqa=module.num_key_value_groups > 1,
+    )
+    return output.view(batch, seq_len, -1, head_dim), None  # (B, T, nh, hs)
+
+
+def packed_document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) index of the example each token belongs to: a new example wherever the position does not go up by 1.
+
+    The rule transformers uses to recognise packed rows; computed on the device, with no host synchronisation.
+    """
+    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    return (step != 1).cumsum(-1)
+
+
+def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) boolean mask: causal attention within each packed example, none across examples."""
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    return same.tril()[:, None]
+
+
+def varlen_boundaries(document_ids: torch.Tensor) -> torch.Tensor:
+    """Cumulative example lengths of one packed (1, T) row, padded to a fixed T + 1 entries.
+
+    Fixed-size so no data-dependent shape (and no host sync) arises: entries past the last example repeat T, i.e.
+    empty examples, which the kernel skips.
+    """
+    ids = document_ids[0]
+    total = ids.shape[0]
+    index = torch.arange(total, device=ids.device)
+    is_start = torch.diff(ids, prepend=ids[:1] - 1) != 0
+    starts = torch.where(is_start, index, total).sort().values
+    return torch.cat([starts, starts.new_full((1,), total)]).to(torch.int32)
+
+
+def packed_attention_kind(device: torch.device, half_precision: bool, dropout: float) -> str:
+    """How a padding-free packed batch is attended on `device`.
+
+    - "segments": one causal SDPA call per example (lengths read on the host). Fastest on CPU, where reading them
+      costs nothing, but not traceable: `torch.compile` breaks the graph there and recompiles for each new layout.
+    - "varlen": torch's variable-length flash kernel on CUDA (half precision, no dropout): no host sync.
+    - "document_mask": SDPA with a block-diagonal causal mask built on the device: no host sync, any device, dtype
+      or dropout, traceable in one graph; it attends to every pair of positions, hence the CPU's eager default stays
+      "segments".
+    """
+    if device.type == "cuda" and varlen_attn is not None and half_precision and dropout == 0.0:
+        return "varlen"
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        return "segments"
+    return "document_mask"
 
 
 class HfSftGPTAttention(nn.Module):
@@ -232,6 +330,8 @@ class HfSftGPTAttention(nn.Module):
         attention_interface: Callable = eager_attention_forward
         if kwargs.get("segment_lengths") is not None and not output_attentions:
             attention_interface = segmented_sdpa_attention
+        elif kwargs.get("cu_seq_lens") is not None and not output_attentions:
+            attention_interface = varlen_attention
         elif not output_attentions:  # only the eager path materialises the weights
             attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, eager_attention_forward
@@ -383,7 +483,9 @@ class HfSftGPTModel(HfSftGPTPreTrainedModel):
         if position_ids is None:
             position_ids = self._default_position_ids(self.config, inputs_embeds, attention_mask, cache)
 
-        layout = self._fast_training_layout(attention_mask, position_ids) if mask_cache is None else None
+        # Attention weights come from the eager path only, which needs the full mask.
+        fast = mask_cache is None and not output_attentions
+        layout = self._fast_training_layout(attention_mask, position_ids) if fast else None
         if layout is None:
             # By keyword: the cache's is `cache` from transformers 5.24, `past_key_values` before (keyword-only there).
             causal_mask = create_causal_mask(
@@ -394,9 +496,8 @@ class HfSftGPTModel(HfSftGPTPreTrainedModel):
                 **{CACHE_FIELD: mask_cache},
             )
         else:
-            causal_mask = None  # SDPA's is_causal path, per packed example when segment lengths are given
-            if layout:
-                kwargs["segment_lengths"] = layout
+            causal_mask, attention_kwargs = layout
+            kwargs.update(attention_kwargs)
         hidden_states = inputs_embeds
         position_embeddings = None
         if self.config.position_embedding_type == "learned":
@@ -437,13 +538,14 @@ class HfSftGPTModel(HfSftGPTPreTrainedModel):
 
     def _fast_training_layout(
         self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor
-    ) -> list[int] | None:
-        """With SDPA, the batch layouts that need no attention mask, so SDPA takes its fast causal kernel.
+    ) -> tuple[torch.Tensor | None, dict] | None:
+        """With SDPA, the batch layouts that need no `create_causal_mask`: `(mask, attention kwargs)`, or None.
 
-        Returns `[]` for a right-padded training batch (real tokens never attend to the pads that follow them, so plain
-        causal attention gives the real tokens the same outputs; pad positions are left unspecified, hence training
-        only), the example lengths for one padding-free packed row (attention then runs per example: exact for every
-        position), `None` when the mask is needed. Left padding, caches and custom positions keep the masked path.
+        A right-padded training batch gives `(None, {})`: plain causal attention (real tokens never attend to the pads
+        that follow them, so they get the same outputs; pad positions are left unspecified, hence training only).
+        A padding-free packed row (`position_ids` restarting per example, no `attention_mask`) is attended per
+        example, exactly for every position, by the kernel `packed_attention_kind` picks for the device. Left
+        padding, caches and custom positions keep the masked path.
         """
         if self.config._attn_implementation != "sdpa":
             return None
@@ -454,11 +556,25 @@ class HfSftGPTModel(HfSftGPTPreTrainedModel):
             positions = torch.arange(real.shape[1], device=real.device)
             right_padded = real[:, 0].all() and not (real[:, 1:] & ~real[:, :-1]).any()
             if right_padded and ((position_ids == positions) | ~real).all():
-                return []
+                return None, {}
             return None
         if position_ids.shape[0] != 1 or position_ids.shape[1] < 2:
             return None
-        positions = position_ids[0]
+        weight = self.embed_tokens.weight
+        half = weight.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(weight.device.type)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        kind = packed_attention_kind(weight.device, half, dropout)
+        if kind == "segments":
+            lengths = self._segment_lengths(position_ids[0])
+            return None if lengths is None else (None, {"segment_lengths": lengths})
+        document_ids = packed_document_ids(position_ids)
+        if kind == "varlen":
+            return None, {"cu_seq_lens": varlen_boundaries(document_ids), "max_length": position_ids.shape[1]}
+        return document_causal_mask(document_ids), {}
+
+    @staticmethod
+    def _segment_lengths(positions: torch.Tensor) -> list[int] | None:
+        """Example lengths of a packed row whose positions count 0, 1, ... per example; None for any other row."""
         starts = (positions == 0).nonzero().flatten()
         if starts.numel() < 2 or starts[0] != 0:
             return None

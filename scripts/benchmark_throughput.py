@@ -4,22 +4,27 @@ The three stacks train the same model (saved once, loaded by each) on the same r
 is shuffled once here, then read sequentially by all), with the same examples per optimizer step, maximum length,
 precision, optimizer settings and number of optimizer steps:
 
-  (a) `hf-sft train` as users run it: our defaults (batch 2 x accumulation 8, ...), only data, model, steps and
-      `--val_split 0` given (and `--dtype bfloat16` for bf16);
+  (a) `hf-sft train` as users run it: our defaults (packing, token-budget micro-batches, ...), only data, model,
+      steps and `--val_split 0` given (plus `--dtype bfloat16`, and the batch flags off the default point);
   (b) a loop in the style of the seed `finetune_gpt.py`: format, tokenize, right-pad each micro-batch, mask the
       prompt, model logits -> cross-entropy, AdamW, clipping, cosine schedule;
   (c) `trl.SFTTrainer` on {"prompt", "completion"} records (completion-only loss), no packing.
 
-Each run is a fresh process; runs alternate a b c a b c ... and the medians are reported. Timing starts after the
-warm-up steps. Per stack: real (non-pad) tokens/s, supervised tokens/s, padding fraction (pad / all positions
-computed), peak RSS, loss of the last optimizer step (summed token losses / supervised tokens), and model-FLOPs
-utilisation = 6 x parameters x real tokens/s / the matmul peak measured first in this process.
+Two operating points: the seed's defaults (micro-batch 2 x accumulation 8) and 8 x 2, where padding costs the loop
+and TRL most. The batch and accumulation each run used are read from the run itself (a Trainer callback), and the
+prompt format is the package's. Each run is a fresh process; runs alternate a b c a b c ... and the medians are
+reported. Timing starts after the warm-up steps. Per stack: real (non-pad) tokens/s, supervised tokens/s, padding
+fraction (pad / all positions computed), peak RSS, loss of the last optimizer step (summed token losses / supervised
+tokens), and model-FLOPs utilisation = 6 x parameters x real tokens/s / the matmul peak of that precision, both
+peaks (fp32 and bf16) measured first in this process.
 
-    python scripts/benchmark_throughput.py --quick            # nanoGPT-style, fp32, < 10 min on 2 CPU cores
-    python scripts/benchmark_throughput.py                    # both models, fp32 and bf16, more steps
+    python scripts/benchmark_throughput.py --quick            # nanoGPT-style: fp32 both points, bf16 (a); ~5 min
+    python scripts/benchmark_throughput.py                    # both models, all stacks, more steps
     python scripts/benchmark_throughput.py --tiny             # seconds: a smoke test of the machinery
 
-The last line reads `ratio_vs_loop=X ratio_vs_trl=Y mfu=Z pad_frac=W` for the first model and precision.
+The last line, for the first model: `ratio_vs_loop=X ratio_vs_trl=Y mfu=Z pad_frac=W bf16_of_peak=B mfu_bf16=M`
+(fp32 at the seed's defaults; bf16_of_peak = (a)'s bf16/fp32 real tokens/s over the bf16/fp32 matmul peak ratio),
+followed by `loop_8x2=X trl_8x2=Y`, the ratios at the second operating point.
 """
 
 from __future__ import annotations
@@ -27,101 +32,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from throughput_stacks import SEED, prompt_text, run_worker
+from throughput_setup import DOLLY, measure_matmul_peak, prepare
+from throughput_stacks import ACCUM, BATCH, run_worker
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
-DOLLY = SHARED / "dolly" / "dolly_sample.jsonl"
-TOKENIZER = SHARED / "tokenizers" / "dolly_bpe_4k.json"
 STACKS = {"a": "hf-sft train", "b": "hand-written loop", "c": "TRL SFTTrainer"}
-
-MODELS = {
-    # About 21M parameters (19M in the blocks): the size the MFU target refers to.
-    "nanogpt": {"family": "nanogpt", "hidden_size": 512, "num_hidden_layers": 6, "num_attention_heads": 8},
-    # About 17M parameters, untied head, grouped-query attention.
-    "llama": {
-        "family": "llama",
-        "hidden_size": 384,
-        "num_hidden_layers": 8,
-        "num_attention_heads": 6,
-        "num_key_value_heads": 2,
-        "multiple_of": 32,
-    },
-    "tiny": {"family": "nanogpt", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
-}
-
-
-def measure_matmul_peak(dtype_name: str, seconds: float = 2.0) -> float:
-    """Best GFLOP/s of square matmuls (1024 and 2048) in this process, on all the cores torch uses."""
-    import torch
-
-    dtype, best = getattr(torch, dtype_name), 0.0
-    for size in (1024, 2048):
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        torch.mm(a, b)
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            start = time.perf_counter()
-            torch.mm(a, b)
-            best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
-    return best
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Preparation: data files, the model folder
-
-
-def prepare(work: Path, model_name: str, max_len: int, num_records: int, num_eval: int) -> dict:
-    """Write the training/eval records (both layouts) and the initial model; returns the run spec."""
-    import torch
-
-    from hf_sft.configuration_hfsft_gpt import HfSftGPTConfig
-    from hf_sft.modeling_hfsft_gpt import HfSftGPTForCausalLM
-    from hf_sft.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(TOKENIZER)
-    records = [json.loads(line) for line in DOLLY.read_text(encoding="utf-8").splitlines() if line.strip()]
-    # Keep records that every stack fits whole (a small margin covers tokenisation differences at the boundary).
-    fits = [r for r in records if len(tokenizer(prompt_text(r) + " " + r["response"]).input_ids) + 8 <= max_len]
-    rng = random.Random(SEED)
-    eval_records = rng.sample(fits, min(num_eval, len(fits) // 4))
-    pool, train = [r for r in fits if r not in eval_records], []
-    while len(train) < num_records:
-        block = list(pool)
-        rng.shuffle(block)
-        train += block
-    train = train[:num_records]
-    work.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", train), ("eval", eval_records)):
-        with (work / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
-            for r in rows:
-                handle.write(json.dumps({k: r[k] for k in ("instruction", "context", "response")}) + "\n")
-    torch.manual_seed(SEED)
-    config = HfSftGPTConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=max_len,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **MODELS[model_name],
-    )
-    model = HfSftGPTForCausalLM(config)
-    model.save_pretrained(work / "model")
-    tokenizer.save_pretrained(work / "model")
-    return {"parameters": sum(p.numel() for p in model.parameters()), "records": len(train), "max_len": max_len}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Workers: one stack, one process
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # The driver
@@ -142,12 +62,14 @@ def run_stack(stack: str, spec: dict, work: Path, index: int) -> dict:
 
 
 def median_results(runs: list[dict]) -> dict:
-    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0] if key not in ("batch", "accum")}
 
 
-def benchmark(model_name: str, dtype: str, options: argparse.Namespace, work: Path) -> dict:
-    info = prepare(work / f"{model_name}", model_name, options.max_len, options.records, options.eval_records)
+def benchmark(model_name: str, dtype: str, point: str, stacks: str, options: argparse.Namespace, work: Path) -> dict:
     base = work / model_name
+    if not (base / "model").is_dir():
+        prepare(base, model_name, options.max_len, options.records, options.eval_records)
+    batch, accum = (int(n) for n in point.split("x"))
     spec = {
         "model_dir": str(base / "model"),
         "train": str(base / "train.jsonl"),
@@ -156,52 +78,91 @@ def benchmark(model_name: str, dtype: str, options: argparse.Namespace, work: Pa
         "steps": options.warmup + options.steps,
         "warmup": options.warmup,
         "dtype": dtype,
-        "extra_args": options.hf_sft_args.split(),
+        "device": options.device,
+        "batch": batch,
+        "accum": accum,
+        "hf_sft_args": options.hf_sft_args.split() + point_flags(batch, accum),
     }
-    runs: dict[str, list[dict]] = {stack: [] for stack in options.stacks}
+    runs: dict[str, list[dict]] = {stack: [] for stack in stacks}
     for repeat in range(options.repeats):
-        for stack in options.stacks:
-            result = run_stack(stack, spec, base, f"{dtype}_{repeat}")
+        for stack in stacks:
+            result = run_stack(stack, spec, base, f"{dtype}_{point}_{repeat}")
+            if (result["batch"], result["accum"]) != (batch, accum):
+                raise SystemExit(f"stack {stack} ran {result['batch']}x{result['accum']}, not {point}")
             runs[stack].append(result)
-            print(f"  [{model_name} {dtype} #{repeat + 1}] {stack}: {result['real_tok_s']:.0f} real tok/s", flush=True)
-    return {"info": info, "medians": {stack: median_results(r) for stack, r in runs.items()}}
+            tag = f"[{model_name} {dtype} {point} #{repeat + 1}] {stack}"
+            print(f"  {tag}: {result['real_tok_s']:.0f} real tok/s", flush=True)
+    params = json.loads((base / "model" / "params.json").read_text())
+    return {"parameters": params, "medians": {stack: median_results(r) for stack, r in runs.items()}}
 
 
-def report(model_name: str, dtype: str, outcome: dict, peak: float) -> dict:
-    params = outcome["info"]["parameters"]
-    medians = outcome["medians"]
-    print(f"\n{model_name}-style, {params / 1e6:.1f}M parameters, {dtype}, matmul peak {peak:.0f} GFLOP/s")
+def point_flags(batch: int, accum: int) -> list[str]:
+    """hf-sft's flags for an operating point: none at its defaults, so (a) runs as users run it."""
+    if (batch, accum) == (BATCH, ACCUM):
+        return []
+    return ["--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", str(accum)]
+
+
+def report(title: str, outcome: dict, peak: float) -> dict:
+    params, medians = outcome["parameters"], outcome["medians"]
+    print(f"\n{title}, {params / 1e6:.1f}M parameters, matmul peak {peak:.0f} GFLOP/s")
     header = f"{'stack':<20}{'real tok/s':>11}{'sup tok/s':>11}{'pad frac':>10}{'peak RSS MB':>13}"
     print(header + f"{'final loss':>12}{'MFU':>8}{'eval loss':>11}")
     for stack, m in medians.items():
-        mfu = 6 * params * m["real_tok_s"] / (peak * 1e9)
-        m["mfu"] = mfu
+        m["mfu"] = 6 * params * m["real_tok_s"] / (peak * 1e9)
         line = f"{STACKS[stack]:<20}{m['real_tok_s']:>11.0f}{m['sup_tok_s']:>11.0f}{m['pad_frac']:>10.3f}"
-        line += f"{m['peak_rss_mb']:>13.0f}{m['final_loss']:>12.4f}{mfu:>8.1%}"
+        line += f"{m['peak_rss_mb']:>13.0f}{m['final_loss']:>12.4f}{m['mfu']:>8.1%}"
         print(line + (f"{m['eval_loss']:>11.4f}" if "eval_loss" in m else ""))
     ratios = {}
-    if "a" in medians:
-        for other, name in (("b", "ratio_vs_loop"), ("c", "ratio_vs_trl")):
-            if other in medians:
-                ratios[name] = medians["a"]["real_tok_s"] / medians[other]["real_tok_s"]
-                loss_gap = abs(medians["a"]["final_loss"] / medians[other]["final_loss"] - 1)
-                print(f"(a)/({other}) real tokens/s: {ratios[name]:.2f}x; final losses differ by {loss_gap:.2%}")
+    for other, name in (("b", "ratio_vs_loop"), ("c", "ratio_vs_trl")):
+        if "a" in medians and other in medians:
+            ratios[name] = medians["a"]["real_tok_s"] / medians[other]["real_tok_s"]
+            loss_gap = abs(medians["a"]["final_loss"] / medians[other]["final_loss"] - 1)
+            print(f"(a)/({other}) real tokens/s: {ratios[name]:.2f}x; final losses differ by {loss_gap:.2%}")
     return {"params": params, "peak": peak, "medians": medians, **ratios}
+
+
+def last_line(summary: dict, model_name: str, points: list[str], peaks: dict) -> str:
+    """The figures the targets are stated in, for one model (nan where not measured)."""
+    nan = {"medians": {}}
+    fp32 = summary.get(f"{model_name}/float32/{points[0]}", nan)
+    bf16 = summary.get(f"{model_name}/bfloat16/{points[0]}", nan)
+    a32, a16 = fp32["medians"].get("a", {}), bf16["medians"].get("a", {})
+    speed = a16.get("real_tok_s", float("nan")) / a32.get("real_tok_s", float("nan"))
+    if a32 and a16:
+        gap = a16["eval_loss"] / a32["eval_loss"] - 1
+        print(f"{model_name}: (a) bf16/fp32 real tokens/s {speed:.2f}x; eval loss bf16 vs fp32 {gap:+.2%}")
+    line = (
+        f"ratio_vs_loop={fp32.get('ratio_vs_loop', float('nan')):.2f} "
+        f"ratio_vs_trl={fp32.get('ratio_vs_trl', float('nan')):.2f} "
+        f"mfu={a32.get('mfu', float('nan')):.3f} pad_frac={a32.get('pad_frac', float('nan')):.3f} "
+        f"bf16_of_peak={speed / (peaks['bfloat16'] / peaks['float32']):.2f} "
+        f"mfu_bf16={a16.get('mfu', float('nan')):.3f}"
+    )
+    for point in points[1:]:
+        other = summary.get(f"{model_name}/float32/{point}", nan)
+        line += f" loop_{point}={other.get('ratio_vs_loop', float('nan')):.2f}"
+        line += f" trl_{point}={other.get('ratio_vs_trl', float('nan')):.2f}"
+    return line
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="nanoGPT-style, fp32, 3 repeats of 1+5 steps.")
+    parser.add_argument("--quick", action="store_true", help="nanoGPT-style, 1 run of 1+5 steps each; bf16: (a).")
     parser.add_argument("--tiny", action="store_true", help="Tiny model, 1 repeat of 1+1 steps: checks the machinery.")
     parser.add_argument("--models", default="nanogpt,llama", help="Comma-separated: nanogpt, llama, tiny.")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="Comma-separated: float32, bfloat16.")
+    parser.add_argument("--points", default=f"{BATCH}x{ACCUM},8x2", help="Operating points, micro-batch x accum.")
     parser.add_argument("--stacks", default="abc", help="Which stacks: a (hf-sft), b (loop), c (TRL).")
+    parser.add_argument("--bf16_stacks", default="abc", help="Stacks run in bf16 (first point only, with fp32).")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3, help="Optimizer steps before the clock starts.")
     parser.add_argument("--steps", type=int, default=20, help="Timed optimizer steps.")
     parser.add_argument("--max_len", type=int, default=512)
     parser.add_argument("--records", type=int, default=1500)
     parser.add_argument("--eval_records", type=int, default=32)
+    parser.add_argument("--peak_seconds", type=float, default=2.0, help="Per matrix size and precision.")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="Where all stacks train.")
     parser.add_argument(
         "--hf_sft_args", default="", help="Extra flags for (a), given with '=': --hf_sft_args='--packing false'."
     )
@@ -210,10 +171,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker", nargs=2, metavar=("STACK", "SPEC"), help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.quick:
-        options.models, options.dtypes, options.repeats, options.warmup, options.steps = "nanogpt", "float32", 3, 1, 5
+        options.models, options.bf16_stacks, options.repeats, options.warmup, options.steps = "nanogpt", "a", 1, 1, 5
     if options.tiny:
-        options.models, options.dtypes, options.repeats, options.warmup, options.steps = "tiny", "float32", 1, 1, 1
+        options.models, options.bf16_stacks, options.repeats, options.warmup, options.steps = "tiny", "a", 1, 1, 1
         options.records, options.max_len, options.eval_records = 64, 256, 8
+        options.points, options.peak_seconds = f"{BATCH}x{ACCUM}", 0.2
     return options
 
 
@@ -224,32 +186,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not DOLLY.is_file():
         raise SystemExit(f"needs the shared Dolly sample at {DOLLY}")
-    options.stacks = list(options.stacks)
+    models, dtypes, points = (getattr(options, name).split(",") for name in ("models", "dtypes", "points"))
     with tempfile.TemporaryDirectory(prefix="hf_sft_bench_") as tmp:
         work = Path(options.work_dir or tmp)
-        dtypes = options.dtypes.split(",")
-        peaks = {dtype: measure_matmul_peak(dtype) for dtype in dtypes}
+        peaks = {d: measure_matmul_peak(d, options.peak_seconds, options.device) for d in ("float32", "bfloat16")}
         print("matmul peak: " + ", ".join(f"{d} {p:.0f} GFLOP/s" for d, p in peaks.items()), flush=True)
         summary = {}
-        for model_name in options.models.split(","):
+        for model_name in models:
             for dtype in dtypes:
-                outcome = benchmark(model_name, dtype, options, work)
-                summary[f"{model_name}/{dtype}"] = report(model_name, dtype, outcome, peaks[dtype])
-    for model_name in options.models.split(","):
-        fp32, bf16 = summary.get(f"{model_name}/float32"), summary.get(f"{model_name}/bfloat16")
-        if fp32 and bf16 and "a" in fp32["medians"] and "a" in bf16["medians"]:
-            speed = bf16["medians"]["a"]["real_tok_s"] / fp32["medians"]["a"]["real_tok_s"]
-            gap = bf16["medians"]["a"]["eval_loss"] / fp32["medians"]["a"]["eval_loss"] - 1
-            print(f"{model_name}: (a) bf16/fp32 real tokens/s {speed:.2f}x; eval loss bf16 vs fp32 {gap:+.2%}")
+                for point in points if dtype == "float32" or "float32" not in dtypes else points[:1]:
+                    stacks = options.stacks if dtype == "float32" else options.bf16_stacks
+                    outcome = benchmark(model_name, dtype, point, stacks, options, work)
+                    title = f"{model_name}-style, {dtype}, micro-batch x accumulation {point}"
+                    summary[f"{model_name}/{dtype}/{point}"] = report(title, outcome, peaks[dtype])
     if options.json:
-        Path(options.json).write_text(json.dumps(summary, indent=1))
-    first = next(iter(summary.values()))
-    a = first["medians"].get("a", {})
-    print(
-        f"ratio_vs_loop={first.get('ratio_vs_loop', float('nan')):.2f} "
-        f"ratio_vs_trl={first.get('ratio_vs_trl', float('nan')):.2f} "
-        f"mfu={a.get('mfu', float('nan')):.3f} pad_frac={a.get('pad_frac', float('nan')):.3f}"
-    )
+        Path(options.json).write_text(json.dumps({"peaks": peaks, **summary}, indent=1))
+    lines = [last_line(summary, model_name, points, peaks) for model_name in models]
+    print("\n".join(lines[1:] + lines[:1]))  # the first model's line last
     return 0
 
 

@@ -10,131 +10,45 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
-import time
 from pathlib import Path
 
-# The seed's optimisation settings (our defaults); the loop and TRL are given the same.
-BATCH, ACCUM, LR, MIN_LR = 2, 8, 3e-5, 3e-6
-WEIGHT_DECAY, BETAS, CLIP, WARMUP_RATIO, SEED = 0.1, (0.9, 0.95), 1.0, 0.03, 1337
+from throughput_meter import Meter, eval_loss, meter_callback
+
+from hf_sft.data import DEFAULT_TEMPLATE
+from hf_sft.training.arguments import DEFAULTS
+
+# The optimisation settings of hf-sft's defaults (the seed's); the loop and TRL are given the same.
+BATCH, ACCUM = DEFAULTS["per_device_train_batch_size"], DEFAULTS["gradient_accumulation_steps"]
+LR, MIN_LR, CLIP = DEFAULTS["learning_rate"], DEFAULTS["learning_rate"] / 10, DEFAULTS["max_grad_norm"]
+WEIGHT_DECAY, BETAS = DEFAULTS["weight_decay"], (DEFAULTS["adam_beta1"], DEFAULTS["adam_beta2"])
+WARMUP_RATIO, SEED = DEFAULTS["warmup_steps"], DEFAULTS["seed"]
 
 
 def prompt_text(record: dict, bos: str = "[BOS]") -> str:
-    """The seed's prompt format (the Input part only when the input is not empty)."""
-    context = record.get("context") or record.get("input") or ""
-    if context.strip():
-        return f"{bos} Instruction: {record['instruction']} Input: {context} Response:"
-    return f"{bos} Instruction: {record['instruction']} Response:"
+    """The package's prompt for a Dolly record (instruction, optional context)."""
+    return DEFAULT_TEMPLATE.prompt_text(record["instruction"], record.get("context") or "", bos_token=bos)
 
 
-class Meter:
-    """Counts the tokens of every micro-batch a collator builds and the loss of every optimizer step."""
-
-    def __init__(self, warmup: int, steps: int):
-        self.warmup, self.steps = warmup, steps
-        self.batches: list[tuple[int, int, int]] = []  # (real, supervised, positions computed)
-        self.losses: list[float] = []
-        self.start = self.end = None
-        self.rss_kb = 0
-
-    def count(self, batch: dict) -> dict:
-        labels = batch["labels"]
-        real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else labels.numel()
-        self.batches.append((real, int((labels[:, 1:] != -100).sum()), labels.numel()))
-        return batch
-
-    def step_done(self, step: int) -> None:
-        if step == self.warmup:
-            self.start = time.perf_counter()
-        if step == self.steps:
-            self.end = time.perf_counter()
-            self.rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-    def result(self, accum: int) -> dict:
-        timed = self.batches[self.warmup * accum : self.steps * accum]
-        real, supervised, positions = (sum(column) for column in zip(*timed, strict=True))
-        elapsed = self.end - self.start
-        return {
-            "real_tok_s": real / elapsed,
-            "sup_tok_s": supervised / elapsed,
-            "pad_frac": 1 - real / positions,
-            "peak_rss_mb": self.rss_kb / 1024,
-            "final_loss": self.losses[-1] if self.losses else float("nan"),
-            "seconds": elapsed,
-            "timed_real_tokens": real,
-        }
+def response_text(record: dict) -> str:
+    return DEFAULT_TEMPLATE.response_text(record["response"])
 
 
 def worker_hfsft(spec: dict, meter: Meter) -> dict:
-    """(a): `hf-sft train` in this process, with a callback that reads the clock and the step losses."""
-    import transformers
+    """(a): `hf-sft train` in this process, as users run it, with a callback that measures."""
+    from hf_sft.training.arguments import parse_args
+    from hf_sft.training.run import run
 
-    import hf_sft.training.run as train_run
-
-    class TimedTrainer(transformers.Trainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            collate = self.data_collator
-            self.data_collator = lambda features: meter.count(collate(features))
-            self.add_callback(step_callback(meter))
-            self._step_loss = 0.0
-            self._micro = 0
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            self._step_loss += float(loss)
-            self._micro += 1
-            if self._micro % self.args.gradient_accumulation_steps == 0:
-                meter.losses.append(self._step_loss)
-                self._step_loss = 0.0
-            return loss
-
-    train_run.Trainer = TimedTrainer
     argv = [
         "--pretrained_ckpt_path", spec["model_dir"], "--data_path", spec["train"], "--out_dir", spec["out_dir"],
         "--max_seq_len", str(spec["max_len"]), "--max_iters", str(spec["steps"]), "--val_split", "0",
-        "--device", "cpu", "--train_sampling_strategy", "sequential", "--disable_tqdm", "true",
+        "--device", spec["device"], "--train_sampling_strategy", "sequential", "--disable_tqdm", "true",
         *(["--dtype", "bfloat16"] if spec["dtype"] == "bfloat16" else []),
-        *spec.get("extra_args", []),
+        *spec.get("hf_sft_args", []),
     ]  # fmt: skip
-    train_run.main(argv)
-    result = meter.result(ACCUM)
+    run(*parse_args(argv), callbacks=[meter_callback(meter)])
+    result = meter.result()
     result["eval_loss"] = eval_loss(spec["out_dir"], spec["eval"], spec["max_len"])
     return result
-
-
-def step_callback(meter: Meter):
-    """A Trainer callback that tells `meter` when each optimizer step ends."""
-    from transformers import TrainerCallback
-
-    class StepCallback(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            meter.step_done(state.global_step)
-
-    return StepCallback()
-
-
-def eval_loss(model_dir: str, eval_path: str, max_len: int) -> float:
-    """Mean token loss of the trained model on the held-out records (fp32, eval mode)."""
-    import torch
-
-    from hf_sft.data import build_datasets, install_chat_template, make_collator
-    from hf_sft.modeling_hfsft_gpt import HfSftGPTForCausalLM
-    from hf_sft.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(model_dir)
-    install_chat_template(tokenizer)
-    model = HfSftGPTForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    data = build_datasets(eval_path, tokenizer, max_seq_len=max_len).train.dataset
-    collate = make_collator(tokenizer.pad_token_id)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(data), 8):
-            batch = collate([data[i] for i in range(start, min(start + 8, len(data)))])
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            total += float(model(**batch).loss) * n
-            count += n
-    return total / count
 
 
 def worker_loop(spec: dict, meter: Meter) -> dict:
@@ -147,12 +61,13 @@ def worker_loop(spec: dict, meter: Meter) -> dict:
 
     torch.manual_seed(SEED)
     tokenizer = load_tokenizer(spec["model_dir"])
-    model = HfSftGPTForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32).train()
+    device = torch.device(spec["device"])
+    model = HfSftGPTForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32).to(device).train()
     examples = []
     for line in Path(spec["train"]).read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
         prompt = tokenizer(prompt_text(record, tokenizer.bos_token), add_special_tokens=False).input_ids
-        response = tokenizer(" " + record["response"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        response = tokenizer(response_text(record), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         examples.append((prompt + response, [-100] * len(prompt) + response))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -166,15 +81,16 @@ def worker_loop(spec: dict, meter: Meter) -> dict:
         progress = (step - warmup) / max(1, spec["steps"] - warmup)
         return MIN_LR + 0.5 * (LR - MIN_LR) * (1 + math.cos(math.pi * progress))
 
-    bf16 = spec["dtype"] == "bfloat16"
+    bf16, batch, accum = spec["dtype"] == "bfloat16", spec["batch"], spec["accum"]
+    meter.batch, meter.accum = batch, accum
     cursor = 0
     for step in range(spec["steps"]):
         for group in optimizer.param_groups:
             group["lr"] = get_lr(step)
         step_loss, step_tokens = 0.0, 0
-        for _ in range(ACCUM):
-            chunk = examples[cursor : cursor + BATCH]
-            cursor += BATCH
+        for _ in range(accum):
+            chunk = examples[cursor : cursor + batch]
+            cursor += batch
             width = max(len(ids) for ids, _ in chunk)
             input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
             attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -183,21 +99,21 @@ def worker_loop(spec: dict, meter: Meter) -> dict:
                 input_ids[row, : len(ids)] = torch.tensor(ids)
                 attention_mask[row, : len(ids)] = 1
                 labels[row, : len(ids)] = torch.tensor(labs)
-            meter.count({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            input_ids, attention_mask, labels = (t.to(device) for t in (input_ids, attention_mask, labels))
+            meter.count(input_ids, attention_mask, labels)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
             targets = labels[:, 1:]
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1))
-            (loss / ACCUM).backward()
+            (loss / accum).backward()
             n = int((targets != -100).sum())
             step_loss += float(loss) * n
             step_tokens += n
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        meter.losses.append(step_loss / step_tokens)
-        meter.step_done(step + 1)
-    return meter.result(ACCUM)
+        meter.step_done(step + 1, loss=step_loss / step_tokens)
+    return meter.result()
 
 
 def worker_trl(spec: dict, meter: Meter) -> dict:
@@ -213,12 +129,12 @@ def worker_trl(spec: dict, meter: Meter) -> dict:
     model = HfSftGPTForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
     rows = [json.loads(line) for line in Path(spec["train"]).read_text(encoding="utf-8").splitlines()]
     dataset = Dataset.from_list(
-        [{"prompt": prompt_text(r, tokenizer.bos_token), "completion": " " + r["response"]} for r in rows]
+        [{"prompt": prompt_text(r, tokenizer.bos_token), "completion": response_text(r)} for r in rows]
     )
     config = SFTConfig(
         output_dir=spec["out_dir"],
-        per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=ACCUM,
+        per_device_train_batch_size=spec["batch"],
+        gradient_accumulation_steps=spec["accum"],
         learning_rate=LR,
         lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr": MIN_LR},
@@ -234,31 +150,21 @@ def worker_trl(spec: dict, meter: Meter) -> dict:
         logging_steps=10,
         save_strategy="no",
         report_to="none",
-        use_cpu=True,
+        use_cpu=spec["device"] == "cpu",
         bf16=spec["dtype"] == "bfloat16",
         seed=SEED,
         train_sampling_strategy="sequential",
         disable_tqdm=True,
     )
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
-    collate = trainer.data_collator
-    trainer.data_collator = lambda features: meter.count(collate(features))
-    trainer.add_callback(step_callback(meter))
-    original_step = trainer.training_step
-    state = {"loss": 0.0, "micro": 0}
-
-    def training_step(model, inputs, num_items_in_batch=None):
-        loss = original_step(model, inputs, num_items_in_batch)
-        state["loss"] += float(loss)
-        state["micro"] += 1
-        if state["micro"] % ACCUM == 0:
-            meter.losses.append(state["loss"])
-            state["loss"] = 0.0
-        return loss
-
-    trainer.training_step = training_step
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[meter_callback(meter)],
+    )
     trainer.train()
-    return meter.result(ACCUM)
+    return meter.result()
 
 
 WORKERS = {"a": worker_hfsft, "b": worker_loop, "c": worker_trl}

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import DataCollatorWithFlattening
 
 import hf_sft.data.collator as collator_module
-from hf_sft.data.collator import IGNORE_INDEX, PackingCollator, PaddingCollator, make_collator, padded_length
+from hf_sft.data.collator import IGNORE_INDEX, PaddingCollator, make_collator, padded_length
 from hf_sft.data.masking import Encoder, tokenize_and_mask
 from hf_sft.tokenizer import load_tokenizer
 
@@ -56,8 +57,10 @@ def test_packing_concatenates_without_attention_mask(features):
     supervised = sum(label != IGNORE_INDEX for f in features for label in f["labels"])
     assert int((batch["labels"] != IGNORE_INDEX).sum()) == supervised  # nothing lost: first tokens are prompt
     fully_supervised = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}]
-    assert PackingCollator()(fully_supervised)["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]
-    assert isinstance(make_collator(0), PaddingCollator) and isinstance(make_collator(0, True), PackingCollator)
+    packed = make_collator(0, packing=True)(fully_supervised)
+    assert packed["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]
+    assert isinstance(make_collator(0), PaddingCollator)
+    assert isinstance(make_collator(0, packing=True), DataCollatorWithFlattening)
 
 
 def per_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -91,7 +94,7 @@ def model(request):
 @torch.no_grad()
 def test_packed_and_padded_batches_give_the_same_per_token_losses(model, features):
     padded = PaddingCollator(pad_token_id=0)(features)
-    packed = PackingCollator()(features)
+    packed = make_collator(0, packing=True)(features)
     padded_out = model(**padded)
     packed_out = model(**packed)
     padded_losses = per_token_losses(padded_out.logits, padded["labels"])
@@ -103,7 +106,7 @@ def test_packed_and_padded_batches_give_the_same_per_token_losses(model, feature
 
 @torch.no_grad()
 def test_no_token_attends_across_an_example_boundary(model, features):
-    packed = PackingCollator()(features)
+    packed = make_collator(0, packing=True)(features)
     lengths = [len(f["input_ids"]) for f in features]
     bounds = [(sum(lengths[:i]), sum(lengths[: i + 1])) for i in range(len(lengths))]
     reference = model(**packed).logits

@@ -61,15 +61,16 @@ def test_fast_layout_is_chosen_only_where_it_is_exact():
     base = model.model
     input_ids, attention_mask, _ = right_padded_batch()
     positions = base._default_position_ids(model.config, base.embed_tokens(input_ids), attention_mask, None)
-    assert base._fast_training_layout(attention_mask, positions) == []
+    assert base._fast_training_layout(attention_mask, positions) == (None, {})
     left = attention_mask.flip(-1)
     assert base._fast_training_layout(left, positions) is None
     _, packed_positions, _ = packed_row()
-    assert base._fast_training_layout(None, packed_positions) == [5, 9, 3]
+    segments = (None, {"segment_lengths": [5, 9, 3]})
+    assert base._fast_training_layout(None, packed_positions) == segments
     assert base._fast_training_layout(None, packed_positions + 1) is None  # not restarting at 0: not packed
     model.eval()
     assert base._fast_training_layout(attention_mask, positions) is None
-    assert base._fast_training_layout(None, packed_positions) == [5, 9, 3]  # exact everywhere: eval too
+    assert base._fast_training_layout(None, packed_positions) == segments  # exact everywhere: eval too
     model.train().config._attn_implementation = "eager"
     assert base._fast_training_layout(attention_mask, positions) is None
 
@@ -111,6 +112,92 @@ def test_packed_training_forward_equals_examples_alone(name):
         alone = model(input_ids[:, start : start + length]).logits
         torch.testing.assert_close(alone, packed.logits[:, start : start + length], atol=1e-5, rtol=1e-5)
         start += length
+
+
+def test_packed_attention_kind_follows_device_precision_and_dropout():
+    kind = modeling_hfsft_gpt.packed_attention_kind
+    assert kind(torch.device("cpu"), half_precision=False, dropout=0.0) == "segments"
+    assert kind(torch.device("cpu"), half_precision=True, dropout=0.0) == "segments"
+    assert kind(torch.device("meta"), half_precision=True, dropout=0.0) == "document_mask"
+    cuda = torch.device("cuda")
+    expected = "varlen" if modeling_hfsft_gpt.varlen_attn is not None else "document_mask"
+    assert kind(cuda, half_precision=True, dropout=0.0) == expected
+    assert kind(cuda, half_precision=False, dropout=0.0) == "document_mask"  # the flash kernel has no fp32
+    assert kind(cuda, half_precision=True, dropout=0.1) == "document_mask"
+
+
+def test_varlen_boundaries_have_a_fixed_size():
+    _, position_ids, _ = packed_row()
+    document_ids = modeling_hfsft_gpt.packed_document_ids(position_ids)
+    assert document_ids.tolist() == [[0] * 5 + [1] * 9 + [2] * 3]
+    boundaries = modeling_hfsft_gpt.varlen_boundaries(document_ids)
+    assert boundaries.dtype == torch.int32
+    assert boundaries.tolist() == [0, 5, 14] + [17] * 15  # T + 1 entries: the tail is empty examples
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_half_precision_segments_take_the_eager_form_and_agree_with_fp32(groups):
+    torch.manual_seed(3)
+    module = torch.nn.Module()
+    module.num_key_value_groups = groups
+    lengths = [5, 9, 3]
+    query = torch.randn(1, 4, 17, 8)
+    key, value = torch.randn(1, 4 // groups, 17, 8), torch.randn(1, 4 // groups, 17, 8)
+    reference, _ = modeling_hfsft_gpt.segmented_sdpa_attention(module, query, key, value, None, 8**-0.5, 0.0, lengths)
+    half, _ = modeling_hfsft_gpt.segmented_sdpa_attention(
+        module, query.bfloat16(), key.bfloat16(), value.bfloat16(), None, 8**-0.5, 0.0, lengths
+    )
+    assert half.dtype == torch.bfloat16 and half.shape == (1, 17, 4, 8)
+    torch.testing.assert_close(half.float(), reference, atol=3e-2, rtol=3e-2)
+    start = 0
+    for length in lengths:  # causal within each example: the first token sees only itself
+        first = value[:, :, start].repeat_interleave(groups, dim=1)  # (1, nh, hs)
+        torch.testing.assert_close(reference[:, start], first, atol=1e-6, rtol=1e-6)
+        start += length
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_document_mask_packed_attention_equals_examples_alone(name, monkeypatch):
+    model = make_model(name).train()
+    input_ids, position_ids, labels = packed_row()
+    segments = model(input_ids, position_ids=position_ids, labels=labels)
+    segments.loss.backward()
+    segment_grads = gradients(model)
+    monkeypatch.setattr(modeling_hfsft_gpt, "packed_attention_kind", lambda *args: "document_mask")
+    assert model.model._fast_training_layout(None, position_ids)[0].shape == (1, 1, 17, 17)
+    packed = model(input_ids, position_ids=position_ids, labels=labels)
+    packed.loss.backward()
+    torch.testing.assert_close(packed.logits, segments.logits, atol=1e-5, rtol=1e-5)
+    for name, grad in gradients(model).items():
+        torch.testing.assert_close(segment_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    model.eval()
+    start = 0
+    for length in (5, 9, 3):
+        alone = model(input_ids[:, start : start + length]).logits
+        torch.testing.assert_close(alone, packed.logits[:, start : start + length], atol=1e-5, rtol=1e-5)
+        start += length
+    with_weights = model(input_ids, position_ids=position_ids, output_attentions=True)  # eager, full mask
+    torch.testing.assert_close(with_weights.logits, packed.logits, atol=1e-5, rtol=1e-5)
+    assert with_weights.attentions[0][0, :, 5, :5].abs().sum() == 0  # an example's first token sees no earlier one
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CONFIGS)
+def test_packed_training_step_compiles_in_one_graph(name):
+    """fullgraph=True raises at the first graph break; aot_eager traces forward and backward without codegen."""
+    model = make_model(name).train()
+    input_ids, position_ids, labels = packed_row()
+    num_items = torch.tensor(int((labels[:, 1:] != -100).sum()))
+    eager = model(input_ids, position_ids=position_ids, labels=labels, num_items_in_batch=num_items)
+    eager.loss.backward()
+    eager_grads = gradients(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    loss = compiled(input_ids, position_ids=position_ids, labels=labels, num_items_in_batch=num_items).loss
+    loss.backward()
+    torch.testing.assert_close(loss, eager.loss, atol=1e-5, rtol=1e-5)
+    for name, grad in gradients(model).items():
+        torch.testing.assert_close(eager_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("chunked", [False, True])
@@ -172,8 +259,11 @@ def test_loss_memory_benchmark_tiny():
     assert out.strip().splitlines()[-1].startswith("loss_path_ratio=")
 
 
+@pytest.mark.slow
 def test_throughput_benchmark_tiny(tmp_path):
     out = _run_script("scripts/benchmark_throughput.py", "--tiny", "--work_dir", str(tmp_path))
     last = out.strip().splitlines()[-1]
     assert last.startswith("ratio_vs_loop=") and " ratio_vs_trl=" in last and " mfu=" in last
+    assert " bf16_of_peak=" in last and " mfu_bf16=" in last
     assert "nan" not in last
+    assert "micro-batch x accumulation 2x8" in out  # read back from the run itself

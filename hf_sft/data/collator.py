@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from transformers import DataCollatorWithFlattening
 
 from hf_sft.data.masking import IGNORE_INDEX
 
@@ -58,16 +59,27 @@ class PaddingCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-class PackingCollator:
-    """Padding-free packing: the batch's examples concatenated into one row, positions restarting per example.
+# Padding-free packing is transformers' `DataCollatorWithFlattening`: the batch's examples concatenated into one row,
+# `position_ids` restarting per example, the label of each example's first token -100 (so the last token of one
+# example is never trained to predict the next), and deliberately no `attention_mask` (the model derives
+# per-example causal attention from `position_ids` only when the mask is absent). The name stays importable.
+PackingCollator = DataCollatorWithFlattening
 
-    There is deliberately no `attention_mask`: the model derives per-example causal attention from `position_ids`
-    only when `attention_mask` is absent (an all-ones mask would let examples attend to each other). The label of each
-    example's first token is -100, so the last token of one example is never trained to predict the next example.
-    Per-token losses equal those of the padded batch.
 
-    >>> collate = PackingCollator()
-    >>> batch = collate([
+def make_collator(
+    pad_token_id: int, packing: bool = False, pad_to_multiple_of: int | None = None
+) -> PaddingCollator | DataCollatorWithFlattening:
+    """The collator for a training run.
+
+    Args:
+        pad_token_id: the tokenizer's pad id (used only without packing).
+        packing: padding-free packing instead of padding.
+        pad_to_multiple_of: padding granularity (ignored with packing, which has no padding).
+
+    Returns:
+        A callable turning a list of dataset rows into a batch of tensors.
+
+    >>> batch = make_collator(pad_token_id=0, packing=True)([
     ...     {"input_ids": [1, 7, 8, 2], "attention_mask": [1, 1, 1, 1], "labels": [-100, -100, 8, 2]},
     ...     {"input_ids": [1, 9, 2], "attention_mask": [1, 1, 1], "labels": [-100, 9, 2]},
     ... ])
@@ -80,37 +92,9 @@ class PackingCollator:
     >>> batch["labels"]
     tensor([[-100, -100,    8,    2, -100,    9,    2]])
     """
-
-    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        input_ids: list[int] = []
-        labels: list[int] = []
-        position_ids: list[int] = []
-        for feature in features:
-            ids = list(feature["input_ids"])
-            input_ids += ids
-            labels += [IGNORE_INDEX] + list(feature["labels"])[1:]
-            position_ids += range(len(ids))
-        return {
-            "input_ids": torch.tensor([input_ids], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
-            "position_ids": torch.tensor([position_ids], dtype=torch.long),
-        }
-
-
-def make_collator(
-    pad_token_id: int, packing: bool = False, pad_to_multiple_of: int | None = None
-) -> PaddingCollator | PackingCollator:
-    """The collator for a training run.
-
-    Args:
-        pad_token_id: the tokenizer's pad id (used only without packing).
-        packing: padding-free packing instead of padding.
-        pad_to_multiple_of: padding granularity (ignored with packing, which has no padding).
-
-    Returns:
-        A callable turning a list of dataset rows into a batch of tensors.
-    """
-    return PackingCollator() if packing else PaddingCollator(pad_token_id, pad_to_multiple_of)
+    if packing:
+        return DataCollatorWithFlattening(separator_id=IGNORE_INDEX)
+    return PaddingCollator(pad_token_id, pad_to_multiple_of)
 
 
 def padded_length(length: int, multiple: int | None) -> int:

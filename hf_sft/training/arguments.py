@@ -136,6 +136,13 @@ class SFTTrainingArguments(TrainingArguments):
         metadata={"help": "Padding-free packing of each batch into one row; `--packing false` pads instead."},
     )
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batches to a multiple of N (e.g. 8)."})
+    token_budget_batches: bool = field(
+        default=True,
+        metadata={
+            "help": "With packing: each optimizer step's examples repacked into as few micro-batches of "
+            "batch_size x max_seq_len tokens as fit (same examples and loss per step, fewer and larger forwards)."
+        },
+    )
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import transformers
-from transformers import Trainer, set_seed
+from transformers import TrainerCallback, set_seed
 
 from hf_sft.errors import UsageError
 from hf_sft.training import engines
@@ -38,6 +38,7 @@ from hf_sft.training.run_folder import check_run_folder, claim_run_folder, relea
 from hf_sft.training.run_log import ConsoleHandler, hold_run_log, start_run_log
 from hf_sft.training.setup import load_model_and_tokenizer, resolve_device_and_precision, sync_special_token_ids
 from hf_sft.training.sharded_save import CheckpointFilesCallback
+from hf_sft.training.token_budget import TokenBudgetTrainer
 from hf_sft.training.validation import validate_arguments
 
 logger = logging.getLogger("hf_sft.train")
@@ -50,15 +51,28 @@ def main(argv: list[str] | None = None) -> int:
     return run(model_args, data_args, args)
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, args: SFTTrainingArguments) -> int:
-    """Train as configured; returns the process exit status (raises `RunInterrupted` when stopped by a signal)."""
+def run(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    args: SFTTrainingArguments,
+    callbacks: list[TrainerCallback] | None = None,
+) -> int:
+    """Train as configured; returns the process exit status (raises `RunInterrupted` when stopped by a signal).
+
+    `callbacks` are added to the Trainer's own (the throughput benchmark measures through one).
+    """
     try:
-        return _run(model_args, data_args, args)
+        return _run(model_args, data_args, args, callbacks or [])
     finally:
         release_run_folders()
 
 
-def _run(model_args: ModelArguments, data_args: DataArguments, args: SFTTrainingArguments) -> int:
+def _run(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    args: SFTTrainingArguments,
+    callbacks: list[TrainerCallback],
+) -> int:
     validate_arguments(model_args, data_args, args)
     record = record_arguments((model_args, data_args, args), parse_args)
     if args.demo:
@@ -92,12 +106,13 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SFTTraining
     sync_special_token_ids(model, tokenizer)
     model.supervised_logits_only = True  # Trainer reads only the loss: the LM head runs on supervised positions alone
     install_chat_template(tokenizer, template)
+    max_seq_len = resolve_max_seq_len(data_args.max_seq_len, model.config)
     data = build_datasets(
         data_args.data_path,
         tokenizer,
         template=template,
         field_map=parse_field_map(data_args.field_map),
-        max_seq_len=resolve_max_seq_len(data_args.max_seq_len, model.config),
+        max_seq_len=max_seq_len,
         length_policy=data_args.length_policy,
         skip_bad_records=data_args.skip_bad_records,
         val_split=0.0 if data_args.eval_data_path else data_args.val_split,
@@ -124,7 +139,9 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SFTTraining
     if args.process_index == 0:
         claim_run_folder(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
         start_run_log(output_dir)
-    trainer = Trainer(
+    budget = args.per_device_train_batch_size * max_seq_len if args.packing and args.token_budget_batches else None
+    trainer = TokenBudgetTrainer(
+        token_budget=budget,
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -137,6 +154,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SFTTraining
             AtomicCheckpointCallback(save_total_limit),
             preemption,
             LogFileCallback(output_dir / "train.log"),
+            *callbacks,
         ],
     )
     engines.check_engine(engine, trainer.accelerator)

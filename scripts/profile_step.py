@@ -1,0 +1,80 @@
+"""Where a training step's time goes: torch.profiler over the optimizer steps `hf-sft train` runs on Dolly.
+
+The benchmark's nanoGPT-style model and data; each optimizer step is the seed's 2 x 8 examples, packed into
+token-budget rows of 2 x 512 tokens as `hf-sft train` does, forward + backward in fp32 or under bf16 autocast,
+clipping and AdamW.
+Prints the ops by self CPU time, and the step time of each precision.
+
+    python scripts/profile_step.py                        # fp32 and bf16, 3 profiled steps each
+    python scripts/profile_step.py --dtypes bfloat16 --rows 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from throughput_setup import prepare
+from throughput_stacks import ACCUM, BATCH, LR
+
+from hf_sft.data import build_datasets, install_chat_template, make_collator
+from hf_sft.modeling_hfsft_gpt import HfSftGPTForCausalLM
+from hf_sft.tokenizer import load_tokenizer
+from hf_sft.training.token_budget import repack_micro_batches
+
+
+def optimizer_steps(work: Path, count: int, max_len: int) -> list[list[dict]]:
+    """The packed micro-batches of the first `count` optimizer steps."""
+    tokenizer = load_tokenizer(work / "model")
+    install_chat_template(tokenizer)
+    data = build_datasets(str(work / "train.jsonl"), tokenizer, max_seq_len=max_len).train.dataset
+    collate, per_step = make_collator(tokenizer.pad_token_id, packing=True), BATCH * ACCUM
+    steps = []
+    for start in range(0, count * per_step, per_step):
+        micro = [collate([data[i] for i in range(j, j + BATCH)]) for j in range(start, start + per_step, BATCH)]
+        steps.append([batch for batch in repack_micro_batches(micro, BATCH * max_len) if batch["input_ids"].numel()])
+    return steps
+
+
+def train_step(model, optimizer, micro_batches: list[dict], bf16: bool) -> None:
+    num_items = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in micro_batches)
+    for batch in micro_batches:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch, num_items_in_batch=torch.tensor(num_items)).loss
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--steps", type=int, default=3, help="Profiled optimizer steps (after one warm-up step).")
+    parser.add_argument("--rows", type=int, default=20, help="Ops shown.")
+    parser.add_argument("--max_len", type=int, default=512)
+    options = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        prepare(work, "nanogpt", options.max_len, num_records=(options.steps + 1) * BATCH * ACCUM, num_eval=4)
+        steps = optimizer_steps(work, options.steps + 1, options.max_len)
+        for dtype in options.dtypes.split(","):
+            model = HfSftGPTForCausalLM.from_pretrained(work / "model", dtype=torch.float32).train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
+            bf16 = dtype == "bfloat16"
+            train_step(model, optimizer, steps[0], bf16)
+            start = time.perf_counter()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+                for micro_batches in steps[1:]:
+                    train_step(model, optimizer, micro_batches, bf16)
+            seconds = (time.perf_counter() - start) / options.steps
+            tokens = sum(batch["input_ids"].numel() for step in steps[1:] for batch in step) / options.steps
+            print(f"\n{dtype}: {seconds:.2f} s per optimizer step ({tokens:.0f} tokens, profiler on)")
+            print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=options.rows))
+
+
+if __name__ == "__main__":
+    main()
