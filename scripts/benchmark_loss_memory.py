@@ -27,17 +27,17 @@ TOKENIZER = SHARED / "tokenizers" / "dolly_bpe_4k.json"
 
 def dolly_labels(batch: int, length: int) -> list[list[bool]]:
     """Which positions are supervised when Dolly examples (seed format) fill `batch` rows of `length` tokens."""
+    from hf_sft.data import DEFAULT_FORMAT
     from hf_sft.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(TOKENIZER)
     records = [json.loads(line) for line in DOLLY.read_text(encoding="utf-8").splitlines() if line.strip()]
     flags: list[bool] = []
     for record in records * (1 + batch * length // 20000):
-        context = record["context"].strip()
-        prompt = f"[BOS] Instruction: {record['instruction']}" + (f" Input: {context}" if context else "")
-        prompt += " Response:"
-        n_prompt = len(tokenizer(prompt).input_ids)
-        n_response = len(tokenizer(" " + record["response"]).input_ids) + 1
+        prompt = DEFAULT_FORMAT.prompt_text(record["instruction"], record["context"], bos_token=tokenizer.bos_token)
+        n_prompt = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+        response = DEFAULT_FORMAT.response_text(record["response"])
+        n_response = len(tokenizer(response, add_special_tokens=False).input_ids) + 1
         flags += [False] * n_prompt + [True] * n_response
         if len(flags) >= batch * length:
             break

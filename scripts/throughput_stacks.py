@@ -14,28 +14,29 @@ from pathlib import Path
 
 from throughput_meter import Meter, eval_loss, meter_callback
 
-from hf_sft.data import DEFAULT_TEMPLATE
-from hf_sft.training.arguments import DEFAULTS
+from hf_sft.data import DEFAULT_FORMAT
+from hf_sft.training.arguments import parse_args
 
-# The optimisation settings of hf-sft's defaults (the seed's); the loop and TRL are given the same.
-BATCH, ACCUM = DEFAULTS["per_device_train_batch_size"], DEFAULTS["gradient_accumulation_steps"]
-LR, MIN_LR, CLIP = DEFAULTS["learning_rate"], DEFAULTS["learning_rate"] / 10, DEFAULTS["max_grad_norm"]
-WEIGHT_DECAY, BETAS = DEFAULTS["weight_decay"], (DEFAULTS["adam_beta1"], DEFAULTS["adam_beta2"])
-WARMUP_RATIO, SEED = DEFAULTS["warmup_steps"], DEFAULTS["seed"]
+# The optimisation settings of hf-sft's defaults (the seed's), as a plain invocation parses them; the loop and TRL
+# are given the same.
+_DEFAULTS = parse_args(["--data_path", "unused.jsonl"])[2]
+BATCH, ACCUM = _DEFAULTS.per_device_train_batch_size, _DEFAULTS.gradient_accumulation_steps
+LR, MIN_LR, CLIP = _DEFAULTS.learning_rate, _DEFAULTS.learning_rate / 10, _DEFAULTS.max_grad_norm
+WEIGHT_DECAY, BETAS = _DEFAULTS.weight_decay, (_DEFAULTS.adam_beta1, _DEFAULTS.adam_beta2)
+WARMUP_RATIO, SEED = _DEFAULTS.warmup_steps, _DEFAULTS.seed
 
 
 def prompt_text(record: dict, bos: str = "[BOS]") -> str:
     """The package's prompt for a Dolly record (instruction, optional context)."""
-    return DEFAULT_TEMPLATE.prompt_text(record["instruction"], record.get("context") or "", bos_token=bos)
+    return DEFAULT_FORMAT.prompt_text(record["instruction"], record.get("context") or "", bos_token=bos)
 
 
 def response_text(record: dict) -> str:
-    return DEFAULT_TEMPLATE.response_text(record["response"])
+    return DEFAULT_FORMAT.response_text(record["response"])
 
 
 def worker_hfsft(spec: dict, meter: Meter) -> dict:
     """(a): `hf-sft train` in this process, as users run it, with a callback that measures."""
-    from hf_sft.training.arguments import parse_args
     from hf_sft.training.run import run
 
     argv = [
