@@ -691,7 +691,11 @@ class HfSftGPTForCausalLM(HfSftGPTPreTrainedModel, GenerationMixin):
         return output if return_dict else output.to_tuple()
 
     def _lm_loss(
-        self, hidden_states: torch.Tensor, next_labels: torch.Tensor, num_items_in_batch=None, **kwargs
+        self,
+        hidden_states: torch.Tensor,
+        next_labels: torch.Tensor,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        **kwargs,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Logits and `self.loss_function` on the positions kept: all of them, or the supervised ones alone.
 
@@ -715,7 +719,9 @@ class HfSftGPTForCausalLM(HfSftGPTPreTrainedModel, GenerationMixin):
         ]
         return None, torch.stack(losses).sum()
 
-    def _loss(self, logits: torch.Tensor, next_labels: torch.Tensor, num_items_in_batch, **kwargs) -> torch.Tensor:
+    def _loss(
+        self, logits: torch.Tensor, next_labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None, **kwargs
+    ) -> torch.Tensor:
         # Labels come already shifted: `shift_labels` tells the loss so.
         return self.loss_function(
             logits=logits,
@@ -726,7 +732,9 @@ class HfSftGPTForCausalLM(HfSftGPTPreTrainedModel, GenerationMixin):
             **kwargs,
         )
 
-    def _chunk_loss(self, hidden_states: torch.Tensor, targets: torch.Tensor, denominator, **kwargs) -> torch.Tensor:
+    def _chunk_loss(
+        self, hidden_states: torch.Tensor, targets: torch.Tensor, denominator: torch.Tensor | int, **kwargs
+    ) -> torch.Tensor:
         return self._loss(self.lm_head(hidden_states), targets, denominator, **kwargs)
 
 
