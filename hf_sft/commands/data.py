@@ -40,11 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hf_sft.data import build_datasets, get_format, parse_field_map, resolve_max_seq_len
+    from hf_sft.data import get_format, resolve_max_seq_len
     from hf_sft.data.report import plural, render_preview, split_line, summary_lines, write_dump
     from hf_sft.errors import UsageError
     from hf_sft.training.arguments import DataArguments, ModelArguments, SFTTrainingArguments, from_namespace
-    from hf_sft.training.setup import base_config, load_run_tokenizer
+    from hf_sft.training.setup import base_config, build_run_datasets, load_run_tokenizer
 
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be positive, got {args.batch_size}")
@@ -56,19 +56,8 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_run_tokenizer(model_args, data_args)
     max_seq_len = resolve_max_seq_len(data_args.max_seq_len, base_config(model_args, tokenizer))
     seed = args.seed if args.seed is not None else SFTTrainingArguments.seed
-    data = build_datasets(
-        data_args.data_path,
-        tokenizer,
-        template=template,
-        field_map=parse_field_map(data_args.field_map),
-        max_seq_len=max_seq_len,
-        length_policy=data_args.length_policy,
-        skip_bad_records=data_args.skip_bad_records,
-        val_split=0.0 if data_args.eval_data_path else data_args.val_split,
-        eval_data_path=data_args.eval_data_path,
-        seed=seed,
-        num_proc=data_args.num_proc,
-        cache_dir=args.cache_dir,
+    data = build_run_datasets(
+        data_args, tokenizer, template, max_seq_len=max_seq_len, seed=seed, cache_dir=args.cache_dir
     )
     split = data.train
     print(f"data: {split.source} (format {template.name})")

@@ -36,7 +36,12 @@ from hf_sft.training.resume import (
 )
 from hf_sft.training.run_folder import check_run_folder, claim_run_folder, release_run_folders
 from hf_sft.training.run_log import ConsoleHandler, hold_run_log, start_run_log
-from hf_sft.training.setup import load_model_and_tokenizer, resolve_device_and_precision, sync_special_token_ids
+from hf_sft.training.setup import (
+    build_run_datasets,
+    load_model_and_tokenizer,
+    resolve_device_and_precision,
+    sync_special_token_ids,
+)
 from hf_sft.training.sharded_save import CheckpointFilesCallback
 from hf_sft.training.token_budget import TokenBudgetTrainer
 from hf_sft.training.validation import validate_arguments
@@ -90,14 +95,7 @@ def _run(
     resume = resolve_resume_path(args.resume_from_checkpoint, output_dir)
     set_seed(args.seed)
 
-    from hf_sft.data import (
-        build_datasets,
-        get_format,
-        install_chat_template,
-        make_collator,
-        parse_field_map,
-        resolve_max_seq_len,
-    )
+    from hf_sft.data import get_format, install_chat_template, make_collator, resolve_max_seq_len
 
     template = get_format(data_args.template)
     loaded = load_from_checkpoint(resume, model_args, args.use_lora) if resume else None
@@ -107,19 +105,7 @@ def _run(
     model.supervised_logits_only = True  # Trainer reads only the loss: the LM head runs on supervised positions alone
     install_chat_template(tokenizer, template)
     max_seq_len = resolve_max_seq_len(data_args.max_seq_len, model.config)
-    data = build_datasets(
-        data_args.data_path,
-        tokenizer,
-        template=template,
-        field_map=parse_field_map(data_args.field_map),
-        max_seq_len=max_seq_len,
-        length_policy=data_args.length_policy,
-        skip_bad_records=data_args.skip_bad_records,
-        val_split=0.0 if data_args.eval_data_path else data_args.val_split,
-        eval_data_path=data_args.eval_data_path,
-        seed=args.seed,
-        num_proc=data_args.num_proc,
-    )
+    data = build_run_datasets(data_args, tokenizer, template, max_seq_len=max_seq_len, seed=args.seed)
     _log_data(data)
     train_dataset = data.train.dataset
     eval_dataset = data.eval.dataset if data.eval is not None else None

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast, TrainingArguments
@@ -15,6 +16,10 @@ from hf_sft.errors import UsageError
 from hf_sft.modeling_hfsft_gpt import HfSftGPTForCausalLM
 from hf_sft.tokenizer import load_tokenizer
 from hf_sft.training.arguments import DataArguments, ModelArguments
+
+if TYPE_CHECKING:
+    from hf_sft.data.jinja_format import JinjaFormat
+    from hf_sft.data.template import PromptFormat
 
 logger = logging.getLogger("hf_sft.train")
 
@@ -107,6 +112,34 @@ def base_config(model_args: ModelArguments, tokenizer: PreTrainedTokenizerFast) 
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_run_datasets(
+    data_args: DataArguments,
+    tokenizer: PreTrainedTokenizerFast,
+    template: PromptFormat | JinjaFormat,
+    *,
+    max_seq_len: int,
+    seed: int,
+    cache_dir: str | None = None,
+):
+    """The run's datasets from its `DataArguments`: what `hf-sft train` trains on and `hf-sft data` reports."""
+    from hf_sft.data import build_datasets, parse_field_map
+
+    return build_datasets(
+        data_args.data_path,
+        tokenizer,
+        template=template,
+        field_map=parse_field_map(data_args.field_map),
+        max_seq_len=max_seq_len,
+        length_policy=data_args.length_policy,
+        skip_bad_records=data_args.skip_bad_records,
+        val_split=0.0 if data_args.eval_data_path else data_args.val_split,
+        eval_data_path=data_args.eval_data_path,
+        seed=seed,
+        num_proc=data_args.num_proc,
+        cache_dir=cache_dir,
     )
 
 
