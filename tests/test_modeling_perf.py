@@ -56,6 +56,16 @@ def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return grads
 
 
+def assert_each_example_alone(model, input_ids: torch.Tensor, packed_logits: torch.Tensor, lengths) -> None:
+    """The logits of each packed example equal its logits when it is run alone (eval mode)."""
+    model.eval()
+    start = 0
+    for length in lengths:
+        alone = model(input_ids[:, start : start + length]).logits
+        torch.testing.assert_close(alone, packed_logits[:, start : start + length], atol=1e-5, rtol=1e-5)
+        start += length
+
+
 def test_fast_layout_is_chosen_only_where_it_is_exact():
     model = make_model("nanogpt").train()
     base = model.model
@@ -106,12 +116,7 @@ def test_packed_training_forward_equals_examples_alone(name):
     torch.testing.assert_close(packed.logits, masked.logits, atol=1e-5, rtol=1e-5)
     for name, grad in gradients(model).items():
         torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
-    model.eval()
-    start = 0
-    for length in (5, 9, 3):
-        alone = model(input_ids[:, start : start + length]).logits
-        torch.testing.assert_close(alone, packed.logits[:, start : start + length], atol=1e-5, rtol=1e-5)
-        start += length
+    assert_each_example_alone(model, input_ids, packed.logits, (5, 9, 3))
 
 
 def test_packed_attention_kind_follows_device_precision_and_dropout():
@@ -170,12 +175,7 @@ def test_document_mask_packed_attention_equals_examples_alone(name, monkeypatch)
     torch.testing.assert_close(packed.logits, segments.logits, atol=1e-5, rtol=1e-5)
     for name, grad in gradients(model).items():
         torch.testing.assert_close(segment_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
-    model.eval()
-    start = 0
-    for length in (5, 9, 3):
-        alone = model(input_ids[:, start : start + length]).logits
-        torch.testing.assert_close(alone, packed.logits[:, start : start + length], atol=1e-5, rtol=1e-5)
-        start += length
+    assert_each_example_alone(model, input_ids, packed.logits, (5, 9, 3))
     with_weights = model(input_ids, position_ids=position_ids, output_attentions=True)  # eager, full mask
     torch.testing.assert_close(with_weights.logits, packed.logits, atol=1e-5, rtol=1e-5)
     assert with_weights.attentions[0][0, :, 5, :5].abs().sum() == 0  # an example's first token sees no earlier one
