@@ -2,7 +2,8 @@
 
 Every subcommand exits 0 on success, 2 on bad usage or bad input (`UsageError`: one line on stderr), 130/143 when
 a training run stopped on SIGINT/SIGTERM after saving a checkpoint (`RunInterrupted`: its last line says how to
-resume), and 1 on any other failure (one line too, unless `--debug` asks for the traceback).
+resume), and 1 on any other failure: a write the system refused (`WriteFailed`, naming the path and the cause) or
+anything else (one line too, unless `--debug` asks for the traceback).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from hf_sft.errors import RunInterrupted, UsageError
+from hf_sft.errors import RunInterrupted, UsageError, WriteFailed
 
 COMMANDS = ("convert", "train", "data", "generate", "export", "push")
 
@@ -59,6 +60,11 @@ def _guarded(action, debug: bool) -> int:
         if str(stop):  # only the main process says it
             print(stop, file=sys.stderr, flush=True)
         return stop.status
+    except WriteFailed as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

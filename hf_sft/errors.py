@@ -15,3 +15,10 @@ class RunInterrupted(Exception):
     def __init__(self, message: str, status: int):
         super().__init__(message)
         self.status = status
+
+
+class WriteFailed(Exception):
+    """A write the system refused (disk full, read-only, no permission): the CLI prints the line and exits 1.
+
+    The message names the path and the cause; `hf_sft.writer` has already removed what it had started.
+    """

@@ -2,13 +2,13 @@
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.ports import free_port
 
 from hf_sft import HfSftGPTConfig, HfSftGPTForCausalLM
 
@@ -46,9 +46,7 @@ def test_two_process_tensor_parallel_forward_equals_one_process(name, tmp_path):
     input_ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(1))
     torch.save(input_ids, tmp_path / "input_ids.pt")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
-    with socket.socket() as free:  # a port of our own: concurrent runs on one machine must not meet
-        free.bind(("127.0.0.1", 0))
-        port = str(free.getsockname()[1])
+    port = str(free_port())
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     args = [str(HELPER), str(tmp_path / "model"), str(tmp_path / "input_ids.pt"), str(tmp_path / "out.pt")]
     proc = subprocess.run([*torchrun, *args], env=env, capture_output=True, text=True, timeout=120)

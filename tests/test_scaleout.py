@@ -1,6 +1,5 @@
 """FSDP2 and DeepSpeed ZeRO-2/3 on two CPU processes (gloo, fp32) equal one process, resume exactly, save whole."""
 
-import itertools
 import json
 import os
 import shutil
@@ -13,6 +12,7 @@ import pytest
 import torch
 import yaml
 from accelerate.state import AcceleratorState
+from helpers.ports import free_port
 from test_training import TINY, TRAIN, subprocess_env, train, weights
 from transformers import AutoModelForCausalLM
 
@@ -44,7 +44,6 @@ RUNS = [
 STOCK = {"llama": "llama", "nanogpt": "gpt2"}  # `hf-sft export --to` for each family
 # The files a checkpoint needs to say which model it holds, whatever the engine wrote beside them.
 MODEL_FILES = {"config.json", "configuration_hfsft_gpt.py", "modeling_hfsft_gpt.py", "tokenizer.json"}
-_ports = itertools.count(29631)  # one port per launch: a port still held by a finished launch cannot clash
 
 
 def launch(
@@ -57,7 +56,7 @@ def launch(
     if logits is not None:
         env["HF_SFT_RANK0_LOGITS"] = str(logits)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config or CONFIGS / twin)]
-    cmd += [*launch_flags, "--main_process_port", str(next(_ports)), TRAIN, *TINY, "--batch_size", "2"]
+    cmd += [*launch_flags, "--main_process_port", str(free_port()), TRAIN, *TINY, "--batch_size", "2"]
     return subprocess.run([*cmd, "--out_dir", str(out), *flags], env=env, capture_output=True, text=True, timeout=600)
 
 

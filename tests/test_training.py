@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers.ports import free_port
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -72,7 +73,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     flags = [*TINY, "--max_iters", "6", "--save_interval", "100", "--gradient_accumulation_steps", "1"]
     config = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"  # the config alone: no environment variable needed
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-    launch += ["--main_process_port", "29517"]
+    launch += ["--main_process_port", str(free_port())]
     two = subprocess.run(
         [*launch, TRAIN, *flags, "--batch_size", "2", "--out_dir", str(tmp_path / "two")],
         env=subprocess_env(), capture_output=True, text=True, timeout=300,
