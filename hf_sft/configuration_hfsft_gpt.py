@@ -203,7 +203,7 @@ class HfSftGPTConfig(PretrainedConfig):
 # Registered wherever this file runs: with the hf_sft package, and for Hub users when `trust_remote_code=True` runs
 # the folder's copy. `AutoTokenizer.from_pretrained(folder)` reads the folder's config first, and an unregistered
 # `model_type` with an `auto_map` would make it ask whether to run custom code (and wait for an answer, in a
-# terminal) although the tokenizer needs none. Once registered, later folders of this type use this copy of the code.
+# terminal) although the tokenizer needs none. AutoConfig then reads every folder of this type with this class.
 AutoConfig.register(HfSftGPTConfig.model_type, HfSftGPTConfig, exist_ok=True)
 
 __all__ = ["HfSftGPTConfig"]
