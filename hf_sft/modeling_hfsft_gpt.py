@@ -6,12 +6,11 @@
   scaling type of transformers' `ROPE_INIT_FUNCTIONS`), SwiGLU MLP, no biases, untied LM head.
 
 Heads: causal LM, and sequence classification / token classification / question answering on the same backbone
-(`model.`, so an SFT folder loads into them; their computations are in `heads_hfsft_gpt.py`).
-
-Attention goes through transformers' attention interface (SDPA by default, eager as reference), the KV cache through
-transformers' `Cache` classes, the mask through `create_causal_mask` (`position_ids` without an `attention_mask`
-describe a padding-free packed batch), or a packed kernel for the training layouts that need no mask
-(`packing_hfsft_gpt.py`). This file imports only torch, transformers and its siblings: Hub users execute it.
+(`model.`, so an SFT folder loads into them), computed in `heads_hfsft_gpt.py`. Attention goes through transformers'
+attention interface (SDPA by default, eager as reference), the KV cache through its `Cache` classes, the mask through
+`create_causal_mask` (`position_ids` without an `attention_mask` describe a padding-free packed batch), or a packed
+kernel for the training layouts that need no mask (`packing_hfsft_gpt.py`). This file imports only torch,
+transformers and its siblings: Hub users execute it.
 """
 
 from collections.abc import Callable
@@ -39,8 +38,7 @@ from .heads_hfsft_gpt import (
 from .packing_hfsft_gpt import CACHE_FIELD, attention_inputs, packed_attention_interface
 
 # The forwards take both names of the cache argument (`cache` from transformers 5.24, `past_key_values` before). From
-# 5.24 `past_key_values=` warns as in stock models; before, it is the current name (`generate` passes it) and is
-# renamed silently: a deprecation whose version is already reached warns nobody.
+# 5.24 `past_key_values=` warns as in stock models; before, it is renamed silently (a reached version warns nobody).
 cache_keyword = deprecate_kwarg("past_key_values", "5.40.0" if CACHE_FIELD == "cache" else "5.0.0", new_name="cache")
 
 
@@ -68,8 +66,7 @@ def build_norm(config: HfSftGPTConfig) -> nn.Module:
 class HfSftGPTRotaryEmbedding(nn.Module):
     """cos/sin tables for rotary positions, as stock Llama computes them for every `rope_type` transformers knows.
 
-    `inv_freq` and `attention_scaling` come from `ROPE_INIT_FUNCTIONS[rope_type]` (`compute_default_rope_parameters`
-    for `"default"`); `dynamic_rope_update` recomputes them for the dynamic and longrope types as sequences grow.
+    `inv_freq` and `attention_scaling` from `ROPE_INIT_FUNCTIONS[rope_type]`, updated by `dynamic_rope_update`.
     """
 
     def __init__(self, config: HfSftGPTConfig):
@@ -129,8 +126,7 @@ def eager_attention_forward(
             attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
         else:
             attn_weights = attn_weights + attention_mask
-    elif query.shape[2] > 1:
-        # No mask at all means plain causal attention over the whole key range.
+    elif query.shape[2] > 1:  # no mask at all means plain causal attention over the whole key range
         causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device)
         causal = causal.tril(key.shape[2] - query.shape[2])
         attn_weights = attn_weights.masked_fill(~causal, torch.finfo(attn_weights.dtype).min)
@@ -181,15 +177,9 @@ class HfSftGPTAttention(nn.Module):
             attention_interface = packed_attention_interface(kwargs) or ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, eager_attention_forward
             )
+        dropout = self.config.attention_dropout if self.training else 0.0
         attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.config.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
+            self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
         )
         attn_output = attn_output.reshape(batch, seq_len, -1).contiguous()  # (B, T, nh * hs)
         return self.o_proj(attn_output), attn_weights
@@ -234,13 +224,11 @@ class HfSftGPTDecoderLayer(GradientCheckpointingLayer):
         use_cache: bool | None = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # By keyword: accelerate's context parallelism finds `attention_mask` among the attention's kwargs.
         attn_output, attn_weights = self.self_attn(
-            self.input_layernorm(hidden_states),
-            attention_mask=attention_mask,
-            position_embeddings=position_embeddings,
-            cache=cache,
-            **kwargs,
-        )
+            self.input_layernorm(hidden_states), attention_mask=attention_mask,
+            position_embeddings=position_embeddings, cache=cache, **kwargs,
+        )  # fmt: skip
         hidden_states = hidden_states + self.dropout(attn_output)
         hidden_states = hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
         return hidden_states, attn_weights
@@ -311,8 +299,7 @@ class HfSftGPTModel(HfSftGPTPreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        # A cache created here is empty: the mask must not see it, or a packed batch (position_ids restarting per
-        # example, no attention_mask) would not be recognised as packed.
+        # A cache created here is empty: the mask must not see it, or a packed batch would not be recognised as such.
         mask_cache = cache
         if use_cache and cache is None:
             cache = DynamicCache(config=config)
@@ -334,16 +321,10 @@ class HfSftGPTModel(HfSftGPTPreTrainedModel):
         all_attentions = () if output_attentions else None
         for layer in self.layers:
             hidden_states, attn_weights = layer(
-                hidden_states,
-                attention_mask=causal_mask,
-                position_embeddings=position_embeddings,
-                cache=cache,
-                use_cache=use_cache,
-                output_attentions=output_attentions,
-                position_ids=position_ids,
-                **attention_kwargs,
-                **kwargs,
-            )
+                hidden_states, attention_mask=causal_mask, position_embeddings=position_embeddings, cache=cache,
+                use_cache=use_cache, output_attentions=output_attentions, position_ids=position_ids,
+                **attention_kwargs, **kwargs,
+            )  # fmt: skip
             all_attentions = all_attentions + (attn_weights,) if output_attentions else None
             all_hidden_states = all_hidden_states + (hidden_states,) if output_hidden_states else None
         hidden_states = self.norm(hidden_states)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PretrainedConfig
 from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import create_causal_mask
@@ -29,46 +30,36 @@ except ImportError:
     varlen_attn = None
 
 # transformers 5.24 renamed the KV-cache argument and output field `past_key_values` to `cache`; older 5.x releases
-# pass and read `past_key_values` (keyword-only in `create_causal_mask`).
+# pass and read `past_key_values`.
 CACHE_FIELD = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
 def attention_inputs(
-    config,
-    inputs_embeds: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    position_ids: torch.Tensor,
-    cache: Cache | None,
-    training: bool,
-    output_attentions: bool,
-) -> tuple[torch.Tensor | None, dict]:
+    config: PretrainedConfig, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor, cache: Cache | None, training: bool, output_attentions: bool,
+) -> tuple[torch.Tensor | None, dict]:  # fmt: skip
     """The mask every layer attends with, and the kwargs that select a packed kernel (empty for the configured one).
 
-    A batch continuing a cache, or asking for attention weights (the eager path, which needs the full mask), always
-    gets `create_causal_mask`'s mask; so does every batch `fast_attention_layout` does not recognise.
+    A batch continuing a cache, asking for attention weights (the eager path needs the full mask) or not recognised
+    by `fast_attention_layout` gets `create_causal_mask`'s mask. The arguments are the base model forward's.
     """
     layout = None
     if cache is None and not output_attentions:
         layout = fast_attention_layout(config, inputs_embeds, attention_mask, position_ids, training)
     if layout is not None:
         return layout
+    # By keyword: the cache's is `cache` from transformers 5.24, `past_key_values` before (keyword-only there).
     mask = create_causal_mask(
-        config=config,
-        inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
+        config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
         **{CACHE_FIELD: cache},
-    )
+    )  # fmt: skip
     return mask, {}
 
 
 def fast_attention_layout(
-    config,
-    inputs_embeds: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    position_ids: torch.Tensor,
-    training: bool,
-) -> tuple[torch.Tensor | None, dict] | None:
+    config: PretrainedConfig, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor, training: bool,
+) -> tuple[torch.Tensor | None, dict] | None:  # fmt: skip
     """`(mask, attention kwargs)` for a batch that SDPA attends without `create_causal_mask`, else None.
 
     Args:
@@ -115,9 +106,8 @@ def packed_attention_interface(attention_kwargs: dict) -> Callable | None:
 def is_right_padded(attention_mask: torch.Tensor, position_ids: torch.Tensor) -> bool:
     """Whether every row is real tokens then padding, at positions 0, 1, ...: then causal attention is exact for them.
 
-    Deciding reads the mask on the host. On the CPU that is free; on an accelerator it would make every forward wait
-    for the device, so there (and under `torch.compile`, which cannot trace the read) the answer is False and the
-    batch keeps the masked path.
+    Deciding reads the mask on the host: free on the CPU; elsewhere every forward would wait for the device, so there
+    (and under `torch.compile`, which cannot trace the read) the answer is False: the batch keeps the masked path.
     """
     if attention_mask.dim() != 2 or attention_mask.device.type != "cpu" or torch.compiler.is_compiling():
         return False
@@ -208,19 +198,12 @@ def segmented_sdpa_attention(
     if eager and groups > 1:
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)  # (B, nh, T, hs)
     outputs = []
-    for q, k, v in zip(
-        query.split(segment_lengths, dim=2),
-        key.split(segment_lengths, dim=2),
-        value.split(segment_lengths, dim=2),
-        strict=True,
-    ):
+    for q, k, v in zip(*(t.split(segment_lengths, dim=2) for t in (query, key, value)), strict=True):
         if eager:
             outputs.append(causal_eager_attention(q, k, v, scaling, dropout, module.training))
         else:
-            output = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=groups > 1
-            )
-            outputs.append(output)
+            sdpa = F.scaled_dot_product_attention
+            outputs.append(sdpa(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=groups > 1))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None  # (B, T, nh, hs)
 
 
@@ -255,13 +238,8 @@ def varlen_attention(
     batch, _, seq_len, head_dim = query.shape
     flat = [t.transpose(1, 2).reshape(batch * seq_len, -1, head_dim) for t in (query, key, value)]  # (B*T, nh, hs)
     output = varlen_attn(
-        *flat,
-        cu_seq_lens,
-        cu_seq_lens,
-        max_length,
-        max_length,
-        scale=scaling,
+        *flat, cu_seq_lens, cu_seq_lens, max_length, max_length, scale=scaling,
         window_size=(-1, 0),  # causal
         enable_gqa=module.num_key_value_groups > 1,
-    )
+    )  # fmt: skip
     return output.view(batch, seq_len, -1, head_dim), None  # (B, T, nh, hs)
