@@ -95,7 +95,13 @@ def fast_attention_layout(
 
 
 def packed_attention_interface(attention_kwargs: dict) -> Callable | None:
-    """The kernel that the kwargs of `fast_attention_layout` ask for, or None (the configured attention)."""
+    """The kernel that the kwargs of `fast_attention_layout` ask for, or None (the configured attention).
+
+    A caller that asks for plain causal attention gets it: accelerate's context parallelism drops the mask and passes
+    `is_causal=True`, and its ring attention exchanges the sequence shards inside SDPA only.
+    """
+    if attention_kwargs.get("is_causal"):
+        return None
     if attention_kwargs.get("segment_lengths") is not None:
         return segmented_sdpa_attention
     if attention_kwargs.get("cu_seq_lens") is not None:

@@ -108,6 +108,19 @@ def test_a_replaced_sdpa_function_sees_every_attention_call(monkeypatch):
     torch.testing.assert_close(out.logits, reference.logits, atol=1e-5, rtol=1e-5)
 
 
+def test_context_parallel_attention_is_left_to_sdpa():
+    """accelerate's context-parallel hook asks the attention for plain causal SDPA, where its ring attention works."""
+    from accelerate.big_modeling import _attach_context_parallel_hooks
+
+    model = make_model("llama_gqa").train()
+    input_ids, position_ids, _ = packed_row()
+    plain_causal = model(input_ids, position_ids=position_ids, attention_mask=torch.ones_like(input_ids)).logits
+    packed = model(input_ids, position_ids=position_ids).logits
+    assert not torch.allclose(packed, plain_causal, atol=1e-3)  # the row's examples attend to each other there
+    _attach_context_parallel_hooks(model)
+    torch.testing.assert_close(model(input_ids, position_ids=position_ids).logits, plain_causal, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_off_the_cpu_choosing_a_layout_reads_no_device_tensor(name):
     """Meta tensors stand in for an accelerator's: the host cannot read them, so any read while choosing raises."""
