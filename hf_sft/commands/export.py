@@ -4,6 +4,9 @@
 --to llama      a LlamaForCausalLM folder (LLaMA-style models: RMSNorm, rotary positions, SwiGLU MLP)
 --to legacy-pt  one .pt file in the layout the original training code loads: nanoGPT's
                 {"model_state_dict", "model_args"}, or simple_llama's {"model_state_dict", "config"}
+--to gguf       one .gguf file for llama.cpp / llama-cpp-python / Ollama / LM Studio (nanoGPT-style -> llama.cpp's
+                gpt2, LLaMA-style -> llama), with the tokenizer, the chat template and NAME.Modelfile for Ollama;
+                its tokenizer is checked on the written file (llama.cpp itself when llama-cpp-python is installed)
 
 The stock folders hold the same weights (same logits), the generation config and the tokenizer, with no model code
 and no auto_map: `AutoModelForCausalLM.from_pretrained(DIR)` and serving engines that know only stock architectures
@@ -13,6 +16,7 @@ example:
   hf-sft export models/sft --to gpt2 --out models/sft-gpt2
   hf-sft export models/sft-llama --to llama --out models/sft-llama-stock
   hf-sft export models/sft --to legacy-pt --out out/finetune/best_model.pt
+  hf-sft export models/sft --to gguf --out models/sft.gguf --outtype q8_0 --check_data data/dolly.jsonl
 """
 
 from __future__ import annotations
@@ -24,13 +28,21 @@ HELP = "export a model as a stock GPT-2 / LLaMA folder, or as a legacy nanoGPT /
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="model folder or checkpoint-STEP folder")
-    parser.add_argument("--to", required=True, choices=("gpt2", "llama", "legacy-pt"), help="target format")
-    parser.add_argument("--out", required=True, help="output folder (gpt2, llama) or .pt file (legacy-pt)")
+    parser.add_argument("--to", required=True, choices=("gpt2", "llama", "legacy-pt", "gguf"), help="target format")
+    parser.add_argument("--out", required=True, help="output folder (gpt2, llama), .pt file (legacy-pt), .gguf file")
     parser.add_argument(
         "--mask_buffers",
         action="store_true",
         help="legacy-pt of a nanoGPT-style model: also write the attn.bias causal masks that nanoGPT saves when "
         "PyTorch lacks flash attention (its load_state_dict then finds every key it expects)",
+    )
+    gguf = parser.add_argument_group("--to gguf")
+    gguf.add_argument("--outtype", choices=("f32", "f16", "bf16", "q8_0"), default="f32", help="weight matrices' type")
+    gguf.add_argument(
+        "--check_data", metavar="PATH", help="also check the tokenizer on these records' prompts and training texts"
+    )
+    gguf.add_argument(
+        "--allow_tokenizer_mismatch", action="store_true", help="write the file even if some checked text differs"
     )
 
 
@@ -41,6 +53,30 @@ def run(args: argparse.Namespace) -> int:
     from hf_sft.export import export_model
 
     hf_logging.disable_progress_bar()
+    if args.to == "gguf":
+        return _run_gguf(args)
     out = export_model(args.model_dir, args.to, args.out, mask_buffers=args.mask_buffers)
     print(f"exported {args.model_dir} to {args.to}: {out}")
+    return 0
+
+
+def _run_gguf(args: argparse.Namespace) -> int:
+    from hf_sft.errors import UsageError
+    from hf_sft.export.gguf_file import export_gguf
+
+    if args.mask_buffers:
+        raise UsageError("--mask_buffers only applies to --to legacy-pt")
+    done = export_gguf(
+        args.model_dir,
+        args.out,
+        outtype=args.outtype,
+        check_data=args.check_data,
+        allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
+        overwrite=getattr(args, "overwrite", False),
+    )
+    print(f"exported {args.model_dir} to gguf ({done.arch}, {done.outtype}): {done.path}")
+    print(done.check)
+    for note in done.notes:
+        print(f"note: {note}")
+    print(f"Ollama: ollama create NAME -f {done.modelfile}")
     return 0

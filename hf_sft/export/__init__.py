@@ -4,6 +4,8 @@
 - `llama`: a `LlamaForCausalLM` folder, for LLaMA-style models (RMSNorm, rotary positions, SwiGLU MLP).
 - `legacy-pt`: `{"model_state_dict", "model_args"}` with nanoGPT's `GPT` keys, or simple_llama's
   `{"model_state_dict", "config"}` with its `LLaMaTransformer` keys, which the original training code loads.
+- `gguf`: one GGUF file for llama.cpp and the tools built on it, with an Ollama Modelfile beside it
+  (`hf_sft.export.gguf_file`).
 
 The stock folders hold config.json (no `auto_map`), model.safetensors, generation_config.json and the tokenizer, and
 no Python file: serving engines that know only stock architectures load them. A model whose architecture the target
@@ -18,7 +20,7 @@ from pathlib import Path
 from hf_sft.errors import UsageError
 from hf_sft.generate import resolve_model_dir
 
-TARGETS = ("gpt2", "llama", "legacy-pt")
+TARGETS = ("gpt2", "llama", "legacy-pt", "gguf")
 # Where each stock target differs from our configurable architecture: (config test, the feature that prevents it).
 _STOCK_REQUIREMENTS = {
     "gpt2": (
@@ -106,6 +108,10 @@ def export_model(model_dir: str | Path, target: str, out: str | Path, mask_buffe
         raise UsageError(f"--to must be one of {', '.join(TARGETS)}, got {target!r}")
     if mask_buffers and target != "legacy-pt":
         raise UsageError("--mask_buffers only applies to --to legacy-pt")
+    if target == "gguf":
+        from hf_sft.export.gguf_file import export_gguf
+
+        return export_gguf(model_dir, out).path
     model_dir, out = resolve_model_dir(model_dir), Path(out)
     config = load_hfsft_config(model_dir)
     if target == "legacy-pt":
