@@ -226,16 +226,16 @@ def _file_tokenizer(path: Path, pre: str) -> tuple[Callable[[str, bool], list[in
     # llama.cpp's own tokenizer through its C API (vocab only: no weights, no context). llama-cpp-python prints
     # llama.cpp's log lines at or above its logger's level; loading logs a "may be incorrect" line at error level
     # for any EOS whose text is not one of the end tokens llama.cpp knows, and then adds it to them itself.
+    # A probe that starts with BOS and is encoded with special tokens makes llama.cpp warn about the two BOS (as
+    # ours, it adds one anyway): the check's own texts, not news for the user.
     log = logging.getLogger("llama-cpp-python")
     level = log.level
     log.setLevel(logging.CRITICAL)
-    try:
-        params = llama_cpp.llama_model_default_params()
-        params.vocab_only = True
-        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-    finally:
-        log.setLevel(level)
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
     if model is None:
+        log.setLevel(level)
         raise RuntimeError(f"llama.cpp could not load the vocabulary of {path}")
     vocab = llama_cpp.llama_model_get_vocab(model)
 
@@ -249,7 +249,11 @@ def _file_tokenizer(path: Path, pre: str) -> tuple[Callable[[str, bool], list[in
                 return list(ids[:n])
             size = -n
 
-    return tokenize, f"llama.cpp, llama-cpp-python {llama_cpp.__version__}", lambda: llama_cpp.llama_model_free(model)
+    def close() -> None:
+        llama_cpp.llama_model_free(model)
+        log.setLevel(level)
+
+    return tokenize, f"llama.cpp, llama-cpp-python {llama_cpp.__version__}", close
 
 
 def _readback_tokenizer(path: Path, pre: str) -> Callable[[str, bool], list[int]]:

@@ -45,7 +45,7 @@ def gguf_architecture(config, where: str = "the model") -> str:
             if arch == "llama":
                 _rope_tables(config, where)  # refuses the rotary types llama.cpp cannot apply
             return arch
-    target = "gpt2" if config.position_embedding_type == "learned" else "llama"
+    target = "gpt2" if config.family == "nanogpt" else "llama"
     raise UsageError(
         f"cannot export {where} to gguf: llama.cpp's {target} architecture cannot express "
         f"{', '.join(blockers(config, target))}"
