@@ -5,22 +5,19 @@ training texts (the ids training used) for built-in sample records and for the u
 plus raw probe texts (digits, contractions, whitespace runs, accents, CJK, emoji, special tokens inside text)
 encoded with and without special tokens, which checks the BOS/EOS the file adds.
 
-The file's side is llama.cpp itself (`llama_cpp.Llama(path, vocab_only=True)`, from llama-cpp-python) when that is
-importable. Without it, the file's vocabulary is read back with `gguf` and run through a `tokenizers` BPE set up as
-llama.cpp sets up its own (the named pre-tokenizer's regex, no prefix space, special tokens by type): that checks
-what was written, not llama.cpp's code, and the report says so.
+The file's side is llama.cpp itself when llama-cpp-python is importable, else a read-back of the file's vocabulary
+(`hf_sft.export.gguf_tokenize`); the report says which.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hf_sft.data import Encoder, encode_prompt, tokenize_and_mask
 from hf_sft.data.masking import unencodable_characters
+from hf_sft.export.gguf_tokenize import file_tokenizer, lost_symbols_break
 
 SAMPLE_RECORDS = (
     {"instruction": "Give me three ideas for a rainy day.", "input": "", "output": "Read, bake bread, or nap."},
@@ -163,7 +160,7 @@ def check_file(path: Path, probe_list: list[Probe], tokenizer, pre: str) -> Chec
         tokenizer: the folder's tokenizer (to recognise characters it cannot encode).
         pre: the file's pre-tokenizer name.
     """
-    tokenize, by, close = _file_tokenizer(path, pre)
+    tokenize, by, close = file_tokenizer(path, pre)
     encoder = Encoder.from_tokenizer(tokenizer)
     breaking = lost_symbols_break(tokenizer)
     report, lost = CheckReport(by=by, checked=len(probe_list)), set()
@@ -183,25 +180,6 @@ def check_file(path: Path, probe_list: list[Probe], tokenizer, pre: str) -> Chec
     return report
 
 
-def lost_symbols_break(tokenizer):
-    """The folder's tokenizer, changed so that byte symbols missing from its vocabulary end a word and vanish.
-
-    That is what llama.cpp does with them; ours drops them before merging. The two agree on every text without such
-    characters.
-    """
-    import re
-
-    from tokenizers import Tokenizer, pre_tokenizers
-
-    missing = sorted(set(pre_tokenizers.ByteLevel.alphabet()) - set(tokenizer.get_vocab()))
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    if missing:
-        split = {"type": "Split", "pattern": {"Regex": f"[{''.join(map(re.escape, missing))}]"}}
-        split |= {"behavior": "Removed", "invert": False}
-        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [spec["pre_tokenizer"], split]}
-    return Tokenizer.from_str(json.dumps(spec))
-
-
 def _record_probes(what: str, record: dict, tokenizer, encoder: Encoder, template) -> list[Probe]:
     bos, eos = tokenizer.bos_token, tokenizer.eos_token
     if "messages" in record:
@@ -216,77 +194,6 @@ def _record_probes(what: str, record: dict, tokenizer, encoder: Encoder, templat
         prompt_ids = encode_prompt(tokenizer, record["instruction"], record["input"], template=template)
     full_ids = tokenize_and_mask({key: [value] for key, value in record.items()}, encoder, template)["input_ids"][0]
     return [Probe(f"{what} prompt", prompt, prompt_ids), Probe(f"{what} training text", full, full_ids)]
-
-
-def _file_tokenizer(path: Path, pre: str) -> tuple[Callable[[str, bool], list[int]], str, Callable[[], None]]:
-    try:
-        import llama_cpp
-    except ImportError:
-        return _readback_tokenizer(path, pre), "read back with gguf; llama-cpp-python is not installed", lambda: None
-    # llama.cpp's own tokenizer through its C API (vocab only: no weights, no context). llama-cpp-python prints
-    # llama.cpp's log lines at or above its logger's level; loading logs a "may be incorrect" line at error level
-    # for any EOS whose text is not one of the end tokens llama.cpp knows, and then adds it to them itself.
-    # A probe that starts with BOS and is encoded with special tokens makes llama.cpp warn about the two BOS (as
-    # ours, it adds one anyway): the check's own texts, not news for the user.
-    log = logging.getLogger("llama-cpp-python")
-    level = log.level
-    log.setLevel(logging.CRITICAL)
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-    if model is None:
-        log.setLevel(level)
-        raise RuntimeError(f"llama.cpp could not load the vocabulary of {path}")
-    vocab = llama_cpp.llama_model_get_vocab(model)
-
-    def tokenize(text: str, add_special: bool) -> list[int]:
-        data = text.encode("utf-8")
-        size = len(data) + 2
-        while True:
-            ids = (llama_cpp.llama_token * size)()
-            n = llama_cpp.llama_tokenize(vocab, data, len(data), ids, size, add_special, True)
-            if n >= 0:
-                return list(ids[:n])
-            size = -n
-
-    def close() -> None:
-        llama_cpp.llama_model_free(model)
-        log.setLevel(level)
-
-    return tokenize, f"llama.cpp, llama-cpp-python {llama_cpp.__version__}", close
-
-
-def _readback_tokenizer(path: Path, pre: str) -> Callable[[str, bool], list[int]]:
-    """A `tokenizers` BPE from the file's own vocabulary, set up as llama.cpp sets up its tokenizer."""
-    import gguf
-    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
-
-    from hf_sft.export.gguf_vocab import PRE_TOKENIZERS
-
-    reader = gguf.GGUFReader(path)
-
-    def value(key: str, default=None):
-        found = reader.get_field(key)
-        return default if found is None else found.contents()
-
-    tokens, types = value("tokenizer.ggml.tokens"), value("tokenizer.ggml.token_type")
-    merges = [tuple(merge.split(" ", 1)) for merge in value("tokenizer.ggml.merges")]
-    backend = Tokenizer(models.BPE({token: i for i, token in enumerate(tokens)}, merges, ignore_merges=False))
-    regex, backend.model.ignore_merges = PRE_TOKENIZERS[pre]
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=regex is None)
-    split = [] if regex is None else [pre_tokenizers.Split(Regex(regex), behavior="isolated")]
-    backend.pre_tokenizer = pre_tokenizers.Sequence([*split, byte_level])
-    control, user = int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED)
-    backend.add_special_tokens([AddedToken(tokens[i], special=True) for i, t in enumerate(types) if t == control])
-    backend.add_tokens([AddedToken(tokens[i], special=False) for i, t in enumerate(types) if t == user])
-    bos, eos = value("tokenizer.ggml.bos_token_id"), value("tokenizer.ggml.eos_token_id")
-    add_bos, add_eos = value("tokenizer.ggml.add_bos_token", False), value("tokenizer.ggml.add_eos_token", False)
-
-    def tokenize(text: str, add_special: bool) -> list[int]:
-        ids = backend.encode(text, add_special_tokens=False).ids
-        return [bos] * (add_special and add_bos) + ids + [eos] * (add_special and add_eos)
-
-    return tokenize
 
 
 def records_for_check(path: str | Path) -> list[dict]:

@@ -165,7 +165,8 @@ def _pre_tokenizer(pre: dict | None) -> tuple[str, bool]:
     types = [part.get("type") if part else None for part in parts]
     if types == ["ByteLevel"] and parts[0].get("use_regex", True):
         return "gpt-2", bool(parts[0].get("add_prefix_space"))
-    if types == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
+    # After a Split, ByteLevel's prefix space would go before every piece of the split, which llama.cpp never does.
+    if types == ["Split", "ByteLevel"] and not (parts[1].get("use_regex", True) or parts[1].get("add_prefix_space")):
         split = parts[0]
         regex = (split.get("pattern") or {}).get("Regex")
         for name, (known, _) in PRE_TOKENIZERS.items():
@@ -175,7 +176,7 @@ def _pre_tokenizer(pre: dict | None) -> tuple[str, bool]:
                 and split.get("behavior") == "Isolated"
                 and not split.get("invert")
             ):
-                return name, bool(parts[1].get("add_prefix_space"))
+                return name, False
     raise UsageError(
         _refusal(
             f"pre_tokenizer {_describe(pre)}",
