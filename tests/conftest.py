@@ -28,3 +28,12 @@ def gguf_folders(shared_dir, tmp_path_factory) -> dict:
     from helpers.gguf_folders import build_folders
 
     return build_folders(shared_dir, tmp_path_factory.mktemp("gguf_folders"))
+
+
+@pytest.fixture(scope="session")
+def gguf_files(gguf_folders, tmp_path_factory) -> dict:
+    """The f32 GGUF of each folder of `gguf_folders`, exported once."""
+    from hf_sft.export.gguf_file import export_gguf
+
+    root = tmp_path_factory.mktemp("gguf_files")
+    return {case: export_gguf(folder, root / f"{'-'.join(case)}.gguf").path for case, folder in gguf_folders.items()}

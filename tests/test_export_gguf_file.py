@@ -36,6 +36,8 @@ def test_file_carries_architecture_tokenizer_and_chat_template(gguf_folders, tmp
     arch = {"nanogpt": "gpt2", "llama": "llama"}[family]
     assert code == 0
     assert f"to gguf ({arch}, f32): {tmp_path / 'sft.gguf'}" in out and "0 mismatches" in out
+    if family == "llama":  # simple_llama's vocabulary has <EOT>, one of llama.cpp's end-of-generation texts
+        assert "note: llama.cpp also ends generation at '<EOT>' (9)" in out
     tokenizer = load_tokenizer(folder)
     meta = metadata(tmp_path / "sft.gguf")
     assert meta["general.architecture"] == arch and meta["tokenizer.ggml.model"] == "gpt2"

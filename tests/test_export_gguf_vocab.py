@@ -36,11 +36,9 @@ def check_dolly(folder: Path, path: Path, shared: Path):
 
 
 @pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
-def test_llama_cpp_tokenizes_every_dolly_record_as_we_do(shared_dir, gguf_folders, tmp_path, case):
+def test_llama_cpp_tokenizes_every_dolly_record_as_we_do(shared_dir, gguf_folders, gguf_files, case):
     """Prompts (BOS included) and whole training texts of all 198 records, plus the built-in probes."""
-    folder = gguf_folders[case]
-    assert export(folder, tmp_path / "model.gguf") == 0
-    tokenizer, report = check_dolly(folder, tmp_path / "model.gguf", shared_dir)
+    tokenizer, report = check_dolly(gguf_folders[case], gguf_files[case], shared_dir)
     assert report.by.startswith("llama.cpp")
     assert report.checked == 2 * 198 + 2 * 5 + 2 * 7
     assert report.mismatches == []
@@ -50,37 +48,25 @@ def test_llama_cpp_tokenizes_every_dolly_record_as_we_do(shared_dir, gguf_folder
         # simple_llama's 8k vocabulary lacks 161 byte symbols (accented letters, IPA, dashes, CJK, emoji). Ours
         # drops such a symbol and merges across it; llama.cpp keeps it, so it blocks merges, then drops it. Every
         # text that differs differs exactly so, and holds such a character.
-        encoder = Encoder.from_tokenizer(tokenizer)
+        encoder, breaking = Encoder.from_tokenizer(tokenizer), lost_symbols_break(tokenizer)
         assert report.lost_texts > 0 and report.lost_differences
-        for probe, _ in report.lost_differences:
+        for probe, got in report.lost_differences:
             assert unencodable_characters(encoder, [probe.text])
+            assert breaking.encode(probe.text, add_special_tokens=probe.add_special).ids == got
+        records = {p.what.split()[1] for p, _ in report.lost_differences if p.what.startswith("record")}
+        assert len(records) == 10  # of 198: those with such a character inside a word (5, 46, 71, 95, 98, ...)
 
 
-def test_lost_symbols_differ_only_as_word_breaks(shared_dir, gguf_folders, tmp_path):
-    """The divergence model of the 8k tokenizer, checked against llama.cpp on every record's texts."""
-    folder = gguf_folders["llama", "trained"]
-    assert export(folder, tmp_path / "model.gguf") == 0
-    tokenizer, report = check_dolly(folder, tmp_path / "model.gguf", shared_dir)
-    breaking = lost_symbols_break(tokenizer)
-    for probe, got in report.lost_differences:
-        assert breaking.encode(probe.text, add_special_tokens=probe.add_special).ids == got
-    records = {probe.what.split()[1] for probe, _ in report.lost_differences if probe.what.startswith("record")}
-    assert len(records) == 10  # of 198: those with such a character inside a word (5, 46, 71, 95, 98, ...)
-
-
-def test_readback_without_llama_cpp_agrees_with_llama_cpp(shared_dir, gguf_folders, tmp_path, monkeypatch):
-    for case in (("nanogpt", "trained"), ("llama", "trained")):
-        folder = gguf_folders[case]
-        assert export(folder, tmp_path / f"{case[0]}.gguf") == 0
-        _, real = check_dolly(folder, tmp_path / f"{case[0]}.gguf", shared_dir)
-        with monkeypatch.context() as patch:
-            patch.setitem(sys.modules, "llama_cpp", None)  # import fails
-            _, readback = check_dolly(folder, tmp_path / f"{case[0]}.gguf", shared_dir)
-        assert readback.by == "read back with gguf; llama-cpp-python is not installed"
-        assert [(p.what, ids) for p, ids in readback.lost_differences] == [
-            (p.what, ids) for p, ids in real.lost_differences
-        ]
-        assert readback.mismatches == real.mismatches == []
+def test_readback_without_llama_cpp_agrees_with_llama_cpp(shared_dir, gguf_folders, gguf_files, monkeypatch):
+    """On the 8k tokenizer, whose lost byte symbols make the read-back model llama.cpp's word breaks too."""
+    case = ("llama", "trained")
+    _, real = check_dolly(gguf_folders[case], gguf_files[case], shared_dir)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails
+    _, readback = check_dolly(gguf_folders[case], gguf_files[case], shared_dir)
+    assert readback.by == "read back with gguf; llama-cpp-python is not installed"
+    differences = [[(p.what, ids) for p, ids in r.lost_differences] for r in (readback, real)]
+    assert differences[0] == differences[1]
+    assert readback.mismatches == real.mismatches == []
 
 
 def trained_tokenizer(shared: Path, pre_tokenizer, decoder=None, normalizer=None, **bpe) -> Tokenizer:

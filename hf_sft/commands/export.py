@@ -1,4 +1,4 @@
-"""Export a model to a stock transformers architecture, or back to the legacy checkpoint format.
+"""Export a model to a stock transformers architecture, back to the legacy checkpoint format, or to GGUF.
 
 --to gpt2       a GPT2LMHeadModel folder (nanoGPT-style models: LayerNorm, learned positions, GELU MLP)
 --to llama      a LlamaForCausalLM folder (LLaMA-style models: RMSNorm, rotary positions, SwiGLU MLP)
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "export a model as a stock GPT-2 / LLaMA folder, or as a legacy nanoGPT / simple_llama checkpoint"
+HELP = "export a model as a stock GPT-2 / LLaMA folder, a legacy nanoGPT / simple_llama checkpoint, or a GGUF"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

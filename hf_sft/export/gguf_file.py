@@ -18,6 +18,17 @@ from hf_sft.generate import resolve_model_dir, tokenizer_dir
 
 COMMAND = "export --to gguf"
 
+# Token texts that llama.cpp always treats as end-of-generation, whatever the metadata says (`special_eog_ids` in
+# `src/llama-vocab.cpp`, llama-cpp-python 0.3.36).
+LLAMA_CPP_END_TOKENS = frozenset(
+    {
+        "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
+        "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
+        "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>", "<\uff5cend\u2581of\u2581sentence\uff5c>",
+        "[e~[",
+    }
+)  # fmt: skip
+
 
 class TokenizerMismatch(Exception):
     """The written GGUF tokenizes some text differently from the folder's tokenizer (the CLI exits 1)."""
@@ -127,8 +138,6 @@ def _added_tokens(tokenizer) -> list[str]:
 
 def _notes(vocab) -> tuple[str, ...]:
     """llama.cpp behaviours that differ from transformers' for this vocabulary."""
-    from hf_sft.export.gguf_vocab import LLAMA_CPP_END_TOKENS
-
     eos = vocab.special_ids.get("eos")
     also = [f"{token!r} ({i})" for i, token in enumerate(vocab.tokens) if token in LLAMA_CPP_END_TOKENS and i != eos]
     if not also:

@@ -47,17 +47,6 @@ PRE_TOKENIZERS = {
     ),
 }
 
-# Token texts that llama.cpp always treats as end-of-generation, whatever the metadata says (`special_eog_ids` in
-# `src/llama-vocab.cpp`, llama-cpp-python 0.3.36).
-LLAMA_CPP_END_TOKENS = frozenset(
-    {
-        "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
-        "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
-        "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>", "<\uff5cend\u2581of\u2581sentence\uff5c>",
-        "[e~[",
-    }
-)  # fmt: skip
-
 
 @dataclass(frozen=True)
 class GGUFVocab:
