@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "PyTorch lacks flash attention (its load_state_dict then finds every key it expects)",
     )
     gguf = parser.add_argument_group("--to gguf")
-    gguf.add_argument("--outtype", choices=("f32", "f16", "bf16", "q8_0"), default="f32", help="weight matrices' type")
+    gguf.add_argument("--outtype", default="f32", help="type of the weight matrices: f32 (default), f16, bf16, q8_0")
     gguf.add_argument(
         "--check_data", metavar="PATH", help="also check the tokenizer on these records' prompts and training texts"
     )
