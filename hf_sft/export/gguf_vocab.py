@@ -158,14 +158,10 @@ def _pre_tokenizer(pre: dict | None) -> tuple[str, bool]:
     if types == ["Split", "ByteLevel"] and not (parts[1].get("use_regex", True) or parts[1].get("add_prefix_space")):
         split = parts[0]
         regex = (split.get("pattern") or {}).get("Regex")
-        for name, (known, _) in PRE_TOKENIZERS.items():
-            if (
-                known is not None
-                and regex == known
-                and split.get("behavior") == "Isolated"
-                and not split.get("invert")
-            ):
-                return name, False
+        if split.get("behavior") == "Isolated" and not split.get("invert"):
+            for name, (known, _) in PRE_TOKENIZERS.items():
+                if known is not None and regex == known:
+                    return name, False
     raise UsageError(
         _refusal(
             f"pre_tokenizer {_describe(pre)}",
