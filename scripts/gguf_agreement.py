@@ -4,7 +4,7 @@ For the first N records of a data file that leave room for the answer, the train
 hf_sft model in transformers and through each GGUF in llama.cpp (llama-cpp-python): the largest difference of the
 next-token logits over every prompt position, and how many prompts give the same greedy tokens as transformers.
 
-    python scripts/gguf_agreement.py out/sft --data_path data/dolly.jsonl --prompts 10 --new_tokens 24
+    python scripts/gguf_agreement.py out/sft --data_path data/dolly.jsonl --prompts 10 --new_tokens 24 [--kv_cache f32]
 
 Prints one line per file type, then `gguf_agreement f32=A/N f16=B/N bf16=C/N q8_0=D/N`.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+KV_TYPES = {"f32": 0, "f16": 1}  # ggml_type values
 
 
 def main() -> None:
@@ -26,6 +27,9 @@ def main() -> None:
     parser.add_argument("--data_path", required=True, help="records whose prompts are run")
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--new_tokens", type=int, default=24)
+    parser.add_argument(
+        "--kv_cache", choices=("f16", "f32"), default="f16", help="llama.cpp's KV-cache type (its default: f16)"
+    )
     args = parser.parse_args()
 
     import llama_cpp
@@ -57,7 +61,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for outtype in OUTTYPES:
             path = export_gguf(args.model_dir, Path(tmp) / f"model-{outtype}.gguf", outtype=outtype).path
-            llm = llama_cpp.Llama(model_path=str(path), n_ctx=limit, logits_all=True, verbose=False, n_threads=2)
+            kv = {"type_k": KV_TYPES[args.kv_cache], "type_v": KV_TYPES[args.kv_cache]}
+            llm = llama_cpp.Llama(str(path), n_ctx=limit, logits_all=True, verbose=False, n_threads=2, **kv)
             worst, same = 0.0, 0
             for ids, ours, tokens in zip(prompts, logits, greedy, strict=True):
                 llm.reset()
