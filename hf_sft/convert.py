@@ -19,6 +19,7 @@ from hf_sft.errors import UsageError
 from hf_sft.legacy_checkpoint import SOURCES, LegacyCheckpoint, describe, load_legacy_checkpoint
 from hf_sft.modeling_hfsft_gpt import HfSftGPTForCausalLM
 from hf_sft.tokenizer import load_tokenizer
+from hf_sft.writer import check_destination, new_folder
 
 __all__ = [
     "SOURCES",
@@ -29,6 +30,7 @@ __all__ = [
     "load_legacy_checkpoint",
 ]
 
+CONVERT_COMMAND = "convert"  # recorded in the folders it writes: a later conversion may replace them
 # nanoGPT rounds its vocabulary up to a multiple of this (GPT-2: 50257 -> 50304).
 NANOGPT_VOCAB_MULTIPLE = 64
 
@@ -73,21 +75,36 @@ def convert_to_folder(
     pad_token: str | None = None,
     unk_token: str | None = None,
     allow_vocab_mismatch: bool = False,
+    overwrite: bool = False,
 ) -> tuple[HfSftGPTForCausalLM, PreTrainedTokenizerFast, str]:
     """Convert (see `convert_checkpoint`) and `save_pretrained` model, code, generation config and tokenizer.
 
+    The destination is checked before anything is read (`hf_sft.writer.check_destination`): it may not be the
+    checkpoint or the tokenizer, lie inside them or hold them, and a non-empty folder that an earlier
+    `hf-sft convert` did not write (a training run's folder, say) is replaced only with `overwrite`. The folder is
+    written beside `out_dir` and renamed into place whole: it ends up holding exactly the converted model.
+
+    Args:
+        overwrite: replace a non-empty `out_dir` that is not an earlier conversion's output.
+        (the others as for `convert_checkpoint`; `out_dir` is the folder to write)
+
     Returns:
         The converted model and tokenizer, as saved in `out_dir`, and the checkpoint's source (a key of `SOURCES`).
+
+    Raises:
+        UsageError: a destination that may not be written, or inputs `convert_checkpoint` refuses.
+        WriteFailed: the system refused the write (nothing is left behind).
     """
     import hf_sft  # noqa: F401 - registers the Auto classes, so save_pretrained writes auto_map and the code files
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out {out_dir} exists and is not a folder")
+    out_dir = check_destination(
+        out_dir, kind="folder", command=CONVERT_COMMAND, sources=[checkpoint_path, tokenizer_path], overwrite=overwrite
+    )
     specials = (bos_token, eos_token, pad_token, unk_token)
     model, tokenizer, source = _convert(checkpoint_path, tokenizer_path, specials, allow_vocab_mismatch)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    with new_folder(out_dir, command=CONVERT_COMMAND) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return model, tokenizer, source
 
 
