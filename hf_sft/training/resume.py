@@ -2,8 +2,19 @@
 
 Each checkpoint holds `run_args.json`: the run's arguments that differ from the defaults of a plain or a `--demo`
 invocation, plus the values that fix the run's shape (model, max_seq_len, batch layout, number of processes). On
-resume those values fill every flag the command line (or its YAML) does not give; a given flag overrides, unless it
-would change the shape. JSON rather than Trainer's pickled `training_args.bin`, which nothing here unpickles.
+resume those values fill every flag the command line (or its YAML) does not give. JSON rather than Trainer's
+pickled `training_args.bin`, which nothing here unpickles.
+
+A flag given on resume, in any spelling the parser takes (`given_fields`), either takes effect or is refused:
+
+- `KEPT_ON_RESUME` are refused when they differ from the checkpoint's run, each named: the model and tokenizer, the
+  data and its order (the restored data position counts batches of the same examples in the same order), the batch
+  layout and the optimizer and schedule types (their restored state belongs to them).
+- Everything else takes effect. Most of it Trainer reads from the arguments as it goes; what it restores from the
+  checkpoint instead, `ResumeCallback` sets back from the arguments once Trainer has restored it: the optimizer's
+  learning rate, betas, epsilon and weight decay, the scheduler's peak (`base_lrs`), and the logging, evaluation
+  and checkpoint intervals. The schedule is then the one a run with the new arguments would follow from this step
+  on: its warmup, length and floor (`--min_lr`) come from the new arguments, evaluated at the restored step.
 """
 
 from __future__ import annotations
@@ -17,18 +28,20 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import yaml
+import torch
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback
 
 from hf_sft.errors import UsageError
-from hf_sft.training.arguments import LEGACY_NAMES
+from hf_sft.training.arguments import flag, given_fields
 from hf_sft.training.checkpoints import resolve_resume_path
-from hf_sft.training.validation import argument_values, flag
+from hf_sft.training.validation import argument_values
 
 logger = logging.getLogger("hf_sft.train")
 
 RUN_ARGS_FILE = "run_args.json"
 # Flags that a resumed run may not change: the weights, the sequence length and the batch layout are the run's.
+# They are recorded whatever their value.
 SHAPE_FIELDS = (
     "pretrained_ckpt_path",
     "tokenizer_path",
@@ -45,6 +58,51 @@ SHAPE_FIELDS = (
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
 )
+# Every flag a resumed run refuses to change (see the module docstring).
+KEPT_ON_RESUME = (
+    # the model and its tokenizer
+    "pretrained_ckpt_path",
+    "tokenizer_path",
+    "bos_token",
+    "eos_token",
+    "pad_token",
+    "unk_token",
+    "model_family",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "block_size",
+    "dropout",
+    "tokenizer_vocab_size",
+    "use_lora",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
+    # the data and their order: the restored data position counts batches of these examples in this order
+    "data_path",
+    "eval_data_path",
+    "field_map",
+    "val_split",
+    "template",
+    "length_policy",
+    "skip_bad_records",
+    "max_seq_len",
+    "seed",
+    "data_seed",
+    "train_sampling_strategy",
+    "dataloader_drop_last",
+    "packing",
+    "token_budget_batches",
+    # the batch layout
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    # the optimizer and the schedule: their restored state belongs to their types
+    "optim",
+    "optim_args",
+    "lr_scheduler_type",
+)
+KEPT = "its model, tokenizer, data, data order, batch layout, optimizer and schedule type"
 # Where the run is, what it resumes from, secrets, and the YAML file (its values are recorded one by one).
 _NOT_RECORDED = {"output_dir", "logging_dir", "resume_from_checkpoint", "hub_token", "config", "overwrite_output_dir"}
 
@@ -63,8 +121,7 @@ def record_arguments(parsed: tuple, parse: Callable[[list[str]], tuple]) -> dict
     """
     values = argument_values(*parsed)
     # Whether or not the resuming command says --demo, every value that its defaults would not give is recorded.
-    out_dir = ["--output_dir", str(values["output_dir"])]
-    defaults = [argument_values(*parse([*demo, *out_dir])) for demo in ([], ["--demo"])]
+    defaults = _defaults(parse, values["output_dir"])
     recorded, shape = {}, {}
     for name, value in values.items():
         value = _plain(value)
@@ -77,19 +134,25 @@ def record_arguments(parsed: tuple, parse: Callable[[list[str]], tuple]) -> dict
     return {"values": recorded, "shape": shape, "world_size": launched_processes()}
 
 
-def resume_arguments(argv: list[str], parsed: tuple) -> tuple:
+def resume_arguments(argv: list[str], parsed: tuple, parse: Callable[[list[str]], tuple] | None = None) -> tuple:
     """With `--resume_from_ckpt_path`, fill every flag not given from the checkpoint's `run_args.json`.
 
     `--out_dir` defaults to the folder that holds the checkpoint.
 
+    Args:
+        argv: the command line (the flags it gives are found with `given_fields`).
+        parsed: its parsed argument dataclasses.
+        parse: the command-line parser, for the defaults a run did not record (default: `parse_args`).
+
     Raises:
-        UsageError: a given flag would change the run's shape (all differences named), or a seed `.pt` was given.
+        UsageError: a given flag would change what a resumed run keeps (all differences named), `--max_iters` is
+            not beyond the checkpoint's step, or a seed `.pt` was given.
     """
     values = argument_values(*parsed)
     resume = values.get("resume_from_checkpoint")
     if not resume:
         return parsed
-    explicit = given_flags(argv, set(values))
+    explicit = given_fields(argv)
     checkpoint = Path(resolve_resume_path(resume, values["output_dir"]))
     changes: dict[str, Any] = {}
     if "output_dir" not in explicit:
@@ -99,38 +162,44 @@ def resume_arguments(argv: list[str], parsed: tuple) -> tuple:
         logger.warning("%s has no %s: the run's flags come from the command line alone", checkpoint, RUN_ARGS_FILE)
         return _replace(parsed, changes)
     saved = {**record["values"], **record["shape"]}
+    if parse is None:
+        from hf_sft.training.arguments import parse_args as parse
+    plain = _defaults(parse, values["output_dir"])[0]
+    # A field the run did not record had the value both invocations give by default.
+    used = {name: saved[name] if name in saved else _plain(plain.get(name)) for name in values}
     differences = [
-        f"{flag(name)} {values[name]} (the checkpoint's run: {saved[name]})"
-        for name in SHAPE_FIELDS
-        if name in explicit and name in saved and _plain(values[name]) != saved[name]
+        f"{flag(name)} {_plain(values[name])} (the checkpoint's run: {used[name]})"
+        for name in KEPT_ON_RESUME
+        if name in explicit and name in values and _plain(values[name]) != used[name]
     ]
     if record.get("world_size", 1) != launched_processes():
         differences.append(f"{launched_processes()} processes (the checkpoint's run: {record['world_size']})")
     if differences:
         raise UsageError(
-            f"--resume_from_ckpt_path {checkpoint}: {'; '.join(differences)}. A resumed run keeps its model, "
-            "max_seq_len and batch layout; to change them, start a new run with --pretrained_ckpt_path"
+            f"--resume_from_ckpt_path {checkpoint}: {'; '.join(differences)}. A resumed run keeps {KEPT}; to "
+            f"change them, start a new run from its weights with --pretrained_ckpt_path {checkpoint}"
+        )
+    step = checkpoint_step(checkpoint)
+    if "max_steps" in explicit and 0 < values["max_steps"] <= step:
+        raise UsageError(
+            f"--max_iters {values['max_steps']} is not beyond the checkpoint's step {step}: nothing is left to train"
         )
     changes.update({name: value for name, value in saved.items() if name not in explicit and name in values})
     return _replace(parsed, changes)
 
 
-def given_flags(argv: list[str], names: set[str]) -> set[str]:
-    """The fields named on the command line (seed names and `--no_x` included) or as keys of its `--config` YAML."""
-    given = set()
-    for i, arg in enumerate(argv):
-        if not arg.startswith("--"):
-            continue
-        name = arg[2:].split("=", 1)[0]
-        name = LEGACY_NAMES.get(name, name)
-        if name not in names and name.startswith("no_"):
-            name = name[3:]
-        given.add(name)
-        if name == "config":
-            path = arg.split("=", 1)[1] if "=" in arg else argv[i + 1] if i + 1 < len(argv) else None
-            keys = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {} if path else {}
-            given |= {LEGACY_NAMES.get(key, key) for key in keys}
-    return given
+def _defaults(parse: Callable[[list[str]], tuple], output_dir: str) -> list[dict[str, Any]]:
+    """The argument values of a plain and of a `--demo` invocation that give nothing else."""
+    out_dir = ["--output_dir", str(output_dir)]
+    return [argument_values(*parse([*demo, *out_dir])) for demo in ([], ["--demo"])]
+
+
+def checkpoint_step(checkpoint: str | Path) -> int:
+    """The optimizer step a checkpoint was written at (its `trainer_state.json`), 0 if unreadable."""
+    try:
+        return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def read_record(checkpoint: str | Path) -> dict | None:
@@ -197,14 +266,70 @@ class RunRecordCallback(TrainerCallback):
             processing_class.save_pretrained(folder)
 
 
-class ResumeLogCallback(TrainerCallback):
-    """Logs `resumed from checkpoint-N (step N of M)` once Trainer has restored the checkpoint's state."""
+class ResumeCallback(TrainerCallback):
+    """Once Trainer has restored a checkpoint: what it restored in place of the arguments is set back from them.
 
-    def __init__(self, checkpoint: str | Path):
+    Trainer restores the optimizer's param groups (learning rate, betas, epsilon, weight decay), the scheduler's
+    `base_lrs` and the logging, evaluation and checkpoint intervals from the checkpoint, so flags given on resume
+    would not reach them. On train begin they are set from the run's arguments: the peak learning rate becomes
+    `--learning_rate` (the groups' `initial_lr` and the scheduler's `base_lrs`), each group's current rate is the
+    schedule at the restored step (`base_lr * lr_lambda(step)`, as the scheduler computes it), and weight decay goes
+    to the groups Trainer decays. Without new flags every value is the one restored: the run stays bit-identical.
+    Logs `resumed from checkpoint-N (step N of M)`.
+    """
+
+    def __init__(self, checkpoint: str | Path, trainer):
         self.name = Path(checkpoint).name
+        self.trainer = trainer
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        state.compute_steps(args, state.max_steps)
+        if optimizer is not None:
+            self._set_optimizer(args, model, optimizer, lr_scheduler)
         logger.info("resumed from %s (step %d of %d)", self.name, state.global_step, state.max_steps)
+
+    def _set_optimizer(self, args, model, optimizer, scheduler) -> None:
+        decayed = _decayed_groups(optimizer, model, self.trainer.get_decay_parameter_names(model))
+        groups = optimizer.param_groups
+        if None in decayed and args.weight_decay and not any(group.get("weight_decay") for group in groups):
+            # The engine's groups hold flat shards (DeepSpeed) and none was decayed: which should be is unknown.
+            raise UsageError("--weight_decay cannot be set on resume here: the optimizer's groups are not named")
+        for group, decays in zip(groups, decayed, strict=True):
+            if "betas" in group:
+                group["betas"] = (args.adam_beta1, args.adam_beta2)
+            if "eps" in group:
+                group["eps"] = args.adam_epsilon
+            if "weight_decay" in group:
+                decays = bool(group["weight_decay"]) if decays is None else decays
+                group["weight_decay"] = args.weight_decay if decays else 0.0
+        peak = args.learning_rate
+        if isinstance(scheduler, LambdaLR):
+            scheduler.base_lrs = [peak] * len(optimizer.param_groups)
+            rates = [
+                base * fn(scheduler.last_epoch)
+                for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)
+            ]
+        else:  # another scheduler: the same position, scaled to the new peak
+            rates = [group["lr"] * peak / group.get("initial_lr", peak) for group in optimizer.param_groups]
+        for group, rate in zip(optimizer.param_groups, rates, strict=True):
+            group["initial_lr"] = peak
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(rate)
+            else:
+                group["lr"] = rate
+        if scheduler is not None and hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+
+
+def _decayed_groups(optimizer, model, decay_names: list[str]) -> list[bool | None]:
+    """Per param group: whether Trainer decays its parameters, None where none of them is a named parameter."""
+    names = {id(param): name for name, param in model.named_parameters()} if model is not None else {}
+    decay = set(decay_names)
+    found = []
+    for group in optimizer.param_groups:
+        named = [names[id(p)] for p in group["params"] if id(p) in names]
+        found.append(any(name in decay for name in named) if named else None)
+    return found
 
 
 class _Unrecordable:

@@ -28,7 +28,7 @@ from hf_sft.training.feedback import (
 )
 from hf_sft.training.output import check_hub_args, save_final
 from hf_sft.training.resume import (
-    ResumeLogCallback,
+    ResumeCallback,
     RunRecordCallback,
     load_from_checkpoint,
     record_arguments,
@@ -146,7 +146,7 @@ def _run(
     engines.check_engine(engine, trainer.accelerator)
     logger.info("engine %s", engines.describe(trainer.accelerator))
     if resume:
-        trainer.add_callback(ResumeLogCallback(resume))
+        trainer.add_callback(ResumeCallback(resume, trainer))
     trainer.callback_handler.callbacks.insert(0, ThroughputCallback())
     if eval_dataset is not None:
         trainer.add_callback(EvaluateAtEpochEndCallback())
