@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hf_sft.errors import UsageError
+from hf_sft.errors import UsageError, bad_input
 from hf_sft.generate import resolve_model_dir, tokenizer_dir
 from hf_sft.writer import check_destination, new_file, new_folder
 
@@ -78,7 +78,8 @@ def load_hfsft_config(model_dir: str | Path):
             f"{model_dir} holds a {model_type!r} model, not an hf_sft one ({HfSftGPTConfig.model_type!r}): "
             "export reads the folders written by hf-sft convert and hf-sft train"
         )
-    return HfSftGPTConfig.from_pretrained(model_dir)
+    with bad_input(f"cannot read the model configuration in {model_dir}"):
+        return HfSftGPTConfig.from_pretrained(model_dir)
 
 
 def load_hfsft_model(model_dir: str | Path):
@@ -90,7 +91,22 @@ def load_hfsft_model(model_dir: str | Path):
     from hf_sft import HfSftGPTForCausalLM
 
     config = load_hfsft_config(model_dir)
-    return HfSftGPTForCausalLM.from_pretrained(model_dir, config=config, dtype="auto").eval()
+    with bad_input(f"cannot load the model in {model_dir}"):
+        return HfSftGPTForCausalLM.from_pretrained(model_dir, config=config, dtype="auto").eval()
+
+
+def check_tokenizer(model_dir: Path) -> None:
+    """The model's tokenizer (copied into stock folders) loads; reads it, writes nothing.
+
+    Raises:
+        UsageError: naming the folder and what is wrong with its tokenizer files.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tokenizer_dir(model_dir)
+    if folder is not None:
+        with bad_input(f"cannot load the tokenizer in {folder}"):
+            PreTrainedTokenizerFast.from_pretrained(folder)
 
 
 def export_command(target: str) -> str:
@@ -157,6 +173,7 @@ def export_model(
     from hf_sft.export.stock import export_stock
 
     check_exportable(config, target, model_dir)
+    check_tokenizer(model_dir)
     model = load_hfsft_model(model_dir)
     with new_folder(out, command=export_command(target)) as staging:
         export_stock(model, target, model_dir, staging)

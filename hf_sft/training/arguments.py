@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,6 +244,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         model_args, data_args, training_args, leftover = parser.parse_args_into_dataclasses(
             argv, return_remaining_strings=True
         )
+    except json.JSONDecodeError as err:  # TrainingArguments.__post_init__ reads its dict flags as JSON
+        raise UsageError(f"{_json_flag(parser, argv)} is not valid JSON: {err}") from None
     except ValueError as err:  # TrainingArguments.__post_init__ rejects inconsistent combinations
         raise UsageError(str(err)) from None
     if leftover:
@@ -251,6 +254,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         # Counts real tokens for the tokens/s figure; argparse cannot take this as a default (its type is bool).
         training_args = dataclasses.replace(training_args, include_num_input_tokens_seen="non_padding")
     return model_args, data_args, training_args
+
+
+def _json_flag(parser: HfArgumentParser, argv: list[str]) -> str:
+    """The dict flag (given as a JSON string) whose value does not parse."""
+    namespace, _ = parser.parse_known_args(argv)
+    for name in getattr(TrainingArguments, "_VALID_DICT_FIELDS", ()):
+        value = getattr(namespace, name, None)
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            try:
+                json.loads(value)
+            except ValueError:
+                return flag(name)
+    return "a dict flag"
 
 
 def given_fields(argv: list[str]) -> set[str]:

@@ -32,7 +32,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback
 
-from hf_sft.errors import UsageError
+from hf_sft.errors import UsageError, bad_input
 from hf_sft.training.arguments import flag, given_fields
 from hf_sft.training.checkpoints import resolve_resume_path
 from hf_sft.training.validation import argument_values
@@ -238,7 +238,9 @@ def load_from_checkpoint(checkpoint: str | Path, model_args: Any, use_lora: bool
     specials = {name: getattr(model_args, name) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
     tokenizer = load_tokenizer(checkpoint, **specials)
     # The sharded checkpoints of FSDP/DeepSpeed hold no model.safetensors: the config suffices to build the model.
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint), dtype=torch.float32)
+    with bad_input(f"--resume_from_ckpt_path {checkpoint}: cannot read the model configuration"):
+        config = AutoConfig.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     base = (read_record(checkpoint) or {}).get("base_model", f"checkpoint {checkpoint}")
     return model, tokenizer, base
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import transformers
 from transformers import TrainerCallback, set_seed
 
-from hf_sft.errors import UsageError
+from hf_sft.errors import UsageError, bad_input
 from hf_sft.training import engines
 from hf_sft.training.arguments import DataArguments, ModelArguments, SFTTrainingArguments, parse_args
 from hf_sft.training.checkpoints import (
@@ -218,7 +218,8 @@ def _wrap_lora(model, args: SFTTrainingArguments):
         target_modules=[t.strip() for t in args.lora_targets.split(",") if t.strip()],
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, config)
+    with bad_input(f"--lora_targets {args.lora_targets}"):
+        model = get_peft_model(model, config)
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("LoRA: training %d of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
     return model

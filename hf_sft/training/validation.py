@@ -9,7 +9,8 @@ arguments are grouped. Three kinds of rule, each declared once:
 - `RANGES`: one field's admissible values;
 - `RELATIONS`: rules between two fields (`--min_lr` not above `--learning_rate`).
 
-Nothing here creates a file or a folder.
+Paths are checked for their kind, and what the run asks transformers for (a tracker, an optimizer) for being
+installed, so that none of it fails once the run has started. Nothing here creates a file or a folder.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ def validate_arguments(*parsed: Any) -> None:
             raise UsageError(f"{flag(name)} {requirement} {flag(other)}: got {value} > {reference}")
     _check_scheduler_floor(values)
     _check_paths(values)
+    _check_installed(values, parsed)
 
 
 def _floats(value: Any, where: str = "") -> list[tuple[str, float]]:
@@ -146,5 +148,54 @@ def _check_paths(values: dict[str, Any]) -> None:
     if tokenizer and not Path(tokenizer).exists():
         raise UsageError(f"{flag('tokenizer_path')} {tokenizer}: no such file or folder")
     pretrained = values.get("pretrained_ckpt_path")
-    if pretrained and Path(pretrained).suffix in LEGACY_SUFFIXES and not Path(pretrained).is_file():
-        raise UsageError(f"{flag('pretrained_ckpt_path')} {pretrained}: no such file")
+    if pretrained:
+        _check_pretrained(pretrained, tokenizer)
+
+
+def _check_pretrained(pretrained: str, tokenizer: str | None) -> None:
+    """A legacy file, a model folder, or (with `--tokenizer_path`) a Hub model id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from hf_sft.generate import resolve_model_dir
+
+    path, name = Path(pretrained), flag("pretrained_ckpt_path")
+    if path.suffix in LEGACY_SUFFIXES:
+        if not path.is_file():
+            raise UsageError(f"{name} {pretrained}: no such file")
+    elif path.is_dir():
+        try:
+            resolve_model_dir(path)
+        except UsageError as err:
+            raise UsageError(f"{name}: {err}") from None
+    elif not path.exists():
+        try:
+            validate_repo_id(pretrained)
+        except HFValidationError:
+            raise UsageError(f"{name} {pretrained}: no such file or folder") from None
+        if not tokenizer:  # tokenizers are read from local files only
+            raise UsageError(f"{name} {pretrained}: no such folder (a Hub model id needs --tokenizer_path too)")
+
+
+def _check_installed(values: dict[str, Any], parsed: tuple) -> None:
+    """The trackers and the optimizer asked for can be used: Trainer would fail on them once the run started."""
+    from transformers import Trainer, TrainingArguments
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    wanted = values.get("report_to") or []
+    for tracker in [wanted] if isinstance(wanted, str) else wanted:
+        if tracker in ("all", "none"):
+            continue
+        if tracker not in INTEGRATION_TO_CALLBACK:
+            known = ", ".join(sorted(INTEGRATION_TO_CALLBACK))
+            raise UsageError(f"--report_to {tracker} is not a tracker transformers knows ({known}, or none)")
+        if tracker not in get_available_reporting_integrations():
+            raise UsageError(f"--report_to {tracker}: its package is not installed")
+    for args in parsed:
+        if isinstance(args, TrainingArguments):
+            try:
+                Trainer.get_optimizer_cls_and_kwargs(args)
+            except ImportError as err:
+                raise UsageError(f"--optim {getattr(args.optim, 'value', args.optim)}: {err}") from None
+            except (ValueError, TypeError):  # an optimizer that needs the model: checked when it is built
+                pass
