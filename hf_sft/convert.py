@@ -160,12 +160,12 @@ def convert_state_dict(checkpoint: LegacyCheckpoint) -> dict[str, torch.Tensor]:
         UsageError: naming the checkpoint keys that are missing, left over, or of the wrong shape.
     """
     config, state_dict = checkpoint.config, checkpoint.state_dict
-    plan = _nanogpt_plan(config) if checkpoint.source != "simple_llama" else _simple_llama_plan(config)
+    plan = _plan(checkpoint)
     with torch.device("meta"):  # shapes only: no memory, no init
         expected = {k: tuple(v.shape) for k, v in HfSftGPTForCausalLM(config).state_dict().items()}
     planned = {src for src, _, _ in plan}
     missing = [src for src, _, _ in plan if src not in state_dict]
-    unexpected = [k for k in state_dict if k not in planned and not _is_ignored_buffer(k, state_dict[k])]
+    unexpected = [k for k in state_dict if k not in planned and not is_ignored_buffer(k, state_dict[k])]
     mismatched, converted = [], {}
     for src, targets, transform in plan:
         if src not in state_dict:
@@ -187,6 +187,29 @@ def convert_state_dict(checkpoint: LegacyCheckpoint) -> dict[str, torch.Tensor]:
     return converted
 
 
+def convert_parameter_tensors(
+    checkpoint: LegacyCheckpoint, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Tensors shaped like some of the checkpoint's weights (their gradients, AdamW's moments), under our names.
+
+    Each is split and permuted by the plan that converts the weight of the same name, so that an elementwise
+    quantity stays with its element. A tied head maps to nothing: it is the embedding.
+
+    Args:
+        checkpoint: the legacy checkpoint whose layout `tensors` follow.
+        tensors: checkpoint key -> tensor of that weight's shape.
+
+    Returns:
+        Our parameter name -> tensor.
+    """
+    plan = _plan(checkpoint)
+    converted = {}
+    for src, targets, transform in plan:
+        if src in tensors:
+            converted.update(zip(targets, transform(tensors[src]), strict=True))
+    return converted
+
+
 def _load_strict(model: HfSftGPTForCausalLM, weights: dict[str, torch.Tensor], checkpoint: LegacyCheckpoint) -> None:
     result = model.load_state_dict(weights, strict=False)
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
@@ -196,6 +219,11 @@ def _load_strict(model: HfSftGPTForCausalLM, weights: dict[str, torch.Tensor], c
             f"{checkpoint.path}: the converted weights do not fill {describe(checkpoint)} "
             f"(missing {_some(missing)}; unexpected {_some(result.unexpected_keys)})"
         )
+
+
+def _plan(checkpoint: LegacyCheckpoint) -> Plan:
+    config = checkpoint.config
+    return _simple_llama_plan(config) if checkpoint.source == "simple_llama" else _nanogpt_plan(config)
 
 
 def _nanogpt_plan(config: HfSftGPTConfig) -> Plan:
@@ -276,8 +304,8 @@ def _fused_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
     return (sum(s[0] for s in shapes), *shapes[0][1:])
 
 
-def _is_ignored_buffer(key: str, tensor: Any) -> bool:
-    # nanoGPT without flash attention saves its causal mask as a (1, 1, T, T) buffer named attn.bias.
+def is_ignored_buffer(key: str, tensor: Any) -> bool:
+    """nanoGPT without flash attention saves its causal mask as a (1, 1, T, T) buffer named attn.bias."""
     return key.endswith(".attn.bias") and getattr(tensor, "ndim", 0) == 4
 
 

@@ -153,6 +153,14 @@ def resume_arguments(argv: list[str], parsed: tuple, parse: Callable[[list[str]]
     if not resume:
         return parsed
     explicit = given_fields(argv)
+    if parse is None:
+        from hf_sft.training.arguments import parse_args as parse
+    if Path(resume).is_file():
+        from hf_sft.training.continuation import read_seed_run
+
+        run = read_seed_run(resume)
+        if run is not None:
+            return _continue_seed_run(run, explicit, parsed, parse)
     checkpoint = Path(resolve_resume_path(resume, values["output_dir"]))
     changes: dict[str, Any] = {}
     if "output_dir" not in explicit:
@@ -162,8 +170,6 @@ def resume_arguments(argv: list[str], parsed: tuple, parse: Callable[[list[str]]
         logger.warning("%s has no %s: the run's flags come from the command line alone", checkpoint, RUN_ARGS_FILE)
         return _replace(parsed, changes)
     saved = {**record["values"], **record["shape"]}
-    if parse is None:
-        from hf_sft.training.arguments import parse_args as parse
     plain = _defaults(parse, values["output_dir"])[0]
     # A field the run did not record had the value both invocations give by default.
     used = {name: saved[name] if name in saved else _plain(plain.get(name)) for name in values}
@@ -179,13 +185,53 @@ def resume_arguments(argv: list[str], parsed: tuple, parse: Callable[[list[str]]
             f"--resume_from_ckpt_path {checkpoint}: {'; '.join(differences)}. A resumed run keeps {KEPT}; to "
             f"change them, start a new run from its weights with --pretrained_ckpt_path {checkpoint}"
         )
-    step = checkpoint_step(checkpoint)
+    _check_steps_left(values, explicit, checkpoint_step(checkpoint))
+    changes.update({name: value for name, value in saved.items() if name not in explicit and name in values})
+    return _replace(parsed, changes)
+
+
+def _continue_seed_run(run, explicit: set[str], parsed: tuple, parse: Callable[[list[str]], tuple]) -> tuple:
+    """A finetune_gpt.py `ckpt_iter_N.pt`: its flags fill the ones not given, and it becomes a checkpoint folder
+    (`hf_sft.training.continuation`) that the run resumes from."""
+    from hf_sft.training.continuation import seed_flags, write_continuation
+    from hf_sft.training.validation import validate_arguments
+
+    values = argument_values(*parsed)
+    saved = seed_flags(run, set(values))
+    changes = {name: value for name, value in saved.items() if name not in explicit}
+    changes["pretrained_ckpt_path"] = str(run.path)
+    if "output_dir" not in explicit:
+        changes["output_dir"] = str(run.path.parent)
+    differences = [
+        f"{flag(name)} {values[name]} (the checkpoint's run: {saved[name]})"
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps")
+        if name in explicit and name in saved and values[name] != saved[name]
+    ]
+    if "pretrained_ckpt_path" in explicit and values["pretrained_ckpt_path"] != str(run.path):
+        differences.append(
+            f"{flag('pretrained_ckpt_path')} {values['pretrained_ckpt_path']} (the weights are its own)"
+        )
+    if differences:
+        raise UsageError(
+            f"--resume_from_ckpt_path {run.path}: {'; '.join(differences)}. A continued run keeps its weights and "
+            f"batch layout; to change them, start a new run from its weights with --pretrained_ckpt_path {run.path}"
+        )
+    _check_steps_left(values, explicit, run.step)
+    parsed = _replace(parsed, changes)
+    validate_arguments(*parsed)
+    if not parsed[0].tokenizer_path:
+        raise UsageError(
+            f"--resume_from_ckpt_path {run.path} is a finetune_gpt.py checkpoint, which holds no tokenizer: pass "
+            "--tokenizer_path (the tokenizer it was trained with)"
+        )
+    return _replace(parsed, {"resume_from_checkpoint": str(write_continuation(run, parsed, parse))})
+
+
+def _check_steps_left(values: dict[str, Any], explicit: set[str], step: int) -> None:
     if "max_steps" in explicit and 0 < values["max_steps"] <= step:
         raise UsageError(
             f"--max_iters {values['max_steps']} is not beyond the checkpoint's step {step}: nothing is left to train"
         )
-    changes.update({name: value for name, value in saved.items() if name not in explicit and name in values})
-    return _replace(parsed, changes)
 
 
 def _defaults(parse: Callable[[list[str]], tuple], output_dir: str) -> list[dict[str, Any]]:
@@ -282,13 +328,24 @@ class ResumeCallback(TrainerCallback):
 
     def __init__(self, checkpoint: str | Path, trainer):
         self.name = Path(checkpoint).name
+        self.continued = (read_record(checkpoint) or {}).get("continued_from")  # a finetune_gpt.py checkpoint
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         state.compute_steps(args, state.max_steps)
         if optimizer is not None:
             self._set_optimizer(args, model, optimizer, lr_scheduler)
-        logger.info("resumed from %s (step %d of %d)", self.name, state.global_step, state.max_steps)
+        if self.continued:
+            logger.info(
+                "continuing %s at step %d of %d: its weights and AdamW moments; hf_sft's data order and learning-rate "
+                "schedule from step %d on",
+                self.continued,
+                state.global_step,
+                state.max_steps,
+                state.global_step,
+            )
+        else:
+            logger.info("resumed from %s (step %d of %d)", self.name, state.global_step, state.max_steps)
 
     def _set_optimizer(self, args, model, optimizer, scheduler) -> None:
         decayed = _decayed_groups(optimizer, model, self.trainer.get_decay_parameter_names(model))
