@@ -15,7 +15,8 @@ MODULES = sorted(
         *REPO.glob("hf_sft/export/*.py"),
         *(REPO / "hf_sft" / f"{m}.py" for m in ("cli", "flags", "convert", "legacy_checkpoint", "safe_pickle")),
         *(REPO / "hf_sft" / f"{m}.py" for m in ("tokenizer", "generate", "hub")),
-        *(REPO / "hf_sft" / "training" / f"{m}.py" for m in ("setup", "resume", "validation", "arguments", "run")),
+        *(REPO / "hf_sft" / "training" / f"{m}.py" for m in ("setup", "resume", "resumed_state", "continuation")),
+        *(REPO / "hf_sft" / "training" / f"{m}.py" for m in ("validation", "arguments", "run")),
     }
 )
 # Library calls that read a file, a folder or a value a user gave: each raises its own exceptions on bad input.

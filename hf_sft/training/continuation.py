@@ -27,6 +27,7 @@ import atexit
 import dataclasses
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,57 @@ def read_seed_run(path: str | Path) -> SeedRun | None:
         raise UsageError(f"{path}: its parameters took different numbers of optimizer steps ({sorted(steps)})")
     flags = fields_of(saved["config"], path) if saved.get("config") is not None else {}
     return SeedRun(checkpoint, int(steps.pop()) if steps else 0, int(saved["iter_num"]), optimizer_state, flags)
+
+
+def continuation_arguments(
+    run: SeedRun, explicit: set[str], parsed: tuple, parse: Callable[[list[str]], tuple]
+) -> tuple:
+    """The arguments of a run that continues `run`: its flags fill the ones not given, and it becomes the checkpoint
+    folder (`write_continuation`) the run resumes from.
+
+    Args:
+        run: the seed checkpoint given to `--resume_from_ckpt_path`.
+        explicit: the fields the command line gives (`hf_sft.training.arguments.given_fields`).
+        parsed: the parsed argument dataclasses.
+        parse: the command-line parser.
+
+    Raises:
+        UsageError: a given flag changes the batch layout or the weights, nothing is left to train, an argument is
+            invalid, or no tokenizer is named.
+    """
+    from hf_sft.training.arguments import flag
+    from hf_sft.training.resume import check_steps_left, replace_arguments
+    from hf_sft.training.validation import argument_values, validate_arguments
+
+    values = argument_values(*parsed)
+    saved = seed_flags(run, set(values))
+    changes = {name: value for name, value in saved.items() if name not in explicit}
+    changes["pretrained_ckpt_path"] = str(run.path)
+    if "output_dir" not in explicit:
+        changes["output_dir"] = str(run.path.parent)
+    differences = [
+        f"{flag(name)} {values[name]} (the checkpoint's run: {saved[name]})"
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps")
+        if name in explicit and name in saved and values[name] != saved[name]
+    ]
+    if "pretrained_ckpt_path" in explicit and values["pretrained_ckpt_path"] != str(run.path):
+        differences.append(
+            f"{flag('pretrained_ckpt_path')} {values['pretrained_ckpt_path']} (the weights are its own)"
+        )
+    if differences:
+        raise UsageError(
+            f"--resume_from_ckpt_path {run.path}: {'; '.join(differences)}. A continued run keeps its weights and "
+            f"batch layout; to change them, start a new run from its weights with --pretrained_ckpt_path {run.path}"
+        )
+    check_steps_left(values, explicit, run.step)
+    parsed = replace_arguments(parsed, changes)
+    validate_arguments(*parsed)
+    if not parsed[0].tokenizer_path:
+        raise UsageError(
+            f"--resume_from_ckpt_path {run.path} is a finetune_gpt.py checkpoint, which holds no tokenizer: pass "
+            "--tokenizer_path (the tokenizer it was trained with)"
+        )
+    return replace_arguments(parsed, {"resume_from_checkpoint": str(write_continuation(run, parsed, parse))})
 
 
 def seed_flags(run: SeedRun, field_names: set[str]) -> dict[str, Any]:

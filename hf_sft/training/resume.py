@@ -11,10 +11,8 @@ A flag given on resume, in any spelling the parser takes (`given_fields`), eithe
   data and its order (the restored data position counts batches of the same examples in the same order), the batch
   layout and the optimizer and schedule types (their restored state belongs to them).
 - Everything else takes effect. Most of it Trainer reads from the arguments as it goes; what it restores from the
-  checkpoint instead, `ResumeCallback` sets back from the arguments once Trainer has restored it: the optimizer's
-  learning rate, betas, epsilon and weight decay, the scheduler's peak (`base_lrs`), and the logging, evaluation
-  and checkpoint intervals. The schedule is then the one a run with the new arguments would follow from this step
-  on: its warmup, length and floor (`--min_lr`) come from the new arguments, evaluated at the restored step.
+  checkpoint instead, `hf_sft.training.resumed_state.ResumeCallback` sets back from the arguments once Trainer has
+  restored it (the optimizer's hyperparameters, the schedule's peak, the step intervals).
 """
 
 from __future__ import annotations
@@ -28,8 +26,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback
 
 from hf_sft.errors import UsageError, bad_input
@@ -160,7 +156,9 @@ def resume_arguments(argv: list[str], parsed: tuple, parse: Callable[[list[str]]
 
         run = read_seed_run(resume)
         if run is not None:
-            return _continue_seed_run(run, explicit, parsed, parse)
+            from hf_sft.training.continuation import continuation_arguments
+
+            return continuation_arguments(run, explicit, parsed, parse)
     checkpoint = Path(resolve_resume_path(resume, values["output_dir"]))
     changes: dict[str, Any] = {}
     if "output_dir" not in explicit:
@@ -168,7 +166,7 @@ def resume_arguments(argv: list[str], parsed: tuple, parse: Callable[[list[str]]
     record = read_record(checkpoint)
     if record is None:
         logger.warning("%s has no %s: the run's flags come from the command line alone", checkpoint, RUN_ARGS_FILE)
-        return _replace(parsed, changes)
+        return replace_arguments(parsed, changes)
     saved = {**record["values"], **record["shape"]}
     plain = _defaults(parse, values["output_dir"])[0]
     # A field the run did not record had the value both invocations give by default.
@@ -185,49 +183,13 @@ def resume_arguments(argv: list[str], parsed: tuple, parse: Callable[[list[str]]
             f"--resume_from_ckpt_path {checkpoint}: {'; '.join(differences)}. A resumed run keeps {KEPT}; to "
             f"change them, start a new run from its weights with --pretrained_ckpt_path {checkpoint}"
         )
-    _check_steps_left(values, explicit, checkpoint_step(checkpoint))
+    check_steps_left(values, explicit, checkpoint_step(checkpoint))
     changes.update({name: value for name, value in saved.items() if name not in explicit and name in values})
-    return _replace(parsed, changes)
+    return replace_arguments(parsed, changes)
 
 
-def _continue_seed_run(run, explicit: set[str], parsed: tuple, parse: Callable[[list[str]], tuple]) -> tuple:
-    """A finetune_gpt.py `ckpt_iter_N.pt`: its flags fill the ones not given, and it becomes a checkpoint folder
-    (`hf_sft.training.continuation`) that the run resumes from."""
-    from hf_sft.training.continuation import seed_flags, write_continuation
-    from hf_sft.training.validation import validate_arguments
-
-    values = argument_values(*parsed)
-    saved = seed_flags(run, set(values))
-    changes = {name: value for name, value in saved.items() if name not in explicit}
-    changes["pretrained_ckpt_path"] = str(run.path)
-    if "output_dir" not in explicit:
-        changes["output_dir"] = str(run.path.parent)
-    differences = [
-        f"{flag(name)} {values[name]} (the checkpoint's run: {saved[name]})"
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps")
-        if name in explicit and name in saved and values[name] != saved[name]
-    ]
-    if "pretrained_ckpt_path" in explicit and values["pretrained_ckpt_path"] != str(run.path):
-        differences.append(
-            f"{flag('pretrained_ckpt_path')} {values['pretrained_ckpt_path']} (the weights are its own)"
-        )
-    if differences:
-        raise UsageError(
-            f"--resume_from_ckpt_path {run.path}: {'; '.join(differences)}. A continued run keeps its weights and "
-            f"batch layout; to change them, start a new run from its weights with --pretrained_ckpt_path {run.path}"
-        )
-    _check_steps_left(values, explicit, run.step)
-    parsed = _replace(parsed, changes)
-    validate_arguments(*parsed)
-    if not parsed[0].tokenizer_path:
-        raise UsageError(
-            f"--resume_from_ckpt_path {run.path} is a finetune_gpt.py checkpoint, which holds no tokenizer: pass "
-            "--tokenizer_path (the tokenizer it was trained with)"
-        )
-    return _replace(parsed, {"resume_from_checkpoint": str(write_continuation(run, parsed, parse))})
-
-
-def _check_steps_left(values: dict[str, Any], explicit: set[str], step: int) -> None:
+def check_steps_left(values: dict[str, Any], explicit: set[str], step: int) -> None:
+    """Refuse a `--max_iters` given on resume that is not beyond the checkpoint's step."""
     if "max_steps" in explicit and 0 < values["max_steps"] <= step:
         raise UsageError(
             f"--max_iters {values['max_steps']} is not beyond the checkpoint's step {step}: nothing is left to train"
@@ -314,83 +276,6 @@ class RunRecordCallback(TrainerCallback):
             processing_class.save_pretrained(folder)
 
 
-class ResumeCallback(TrainerCallback):
-    """Once Trainer has restored a checkpoint: what it restored in place of the arguments is set back from them.
-
-    Trainer restores the optimizer's param groups (learning rate, betas, epsilon, weight decay), the scheduler's
-    `base_lrs` and the logging, evaluation and checkpoint intervals from the checkpoint, so flags given on resume
-    would not reach them. On train begin they are set from the run's arguments: the peak learning rate becomes
-    `--learning_rate` (the groups' `initial_lr` and the scheduler's `base_lrs`), each group's current rate is the
-    schedule at the restored step (`base_lr * lr_lambda(step)`, as the scheduler computes it), and weight decay goes
-    to the groups Trainer decays. Without new flags every value is the one restored: the run stays bit-identical.
-    Logs `resumed from checkpoint-N (step N of M)`.
-    """
-
-    def __init__(self, checkpoint: str | Path, trainer):
-        self.name = Path(checkpoint).name
-        self.continued = (read_record(checkpoint) or {}).get("continued_from")  # a finetune_gpt.py checkpoint
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        state.compute_steps(args, state.max_steps)
-        if optimizer is not None:
-            self._set_optimizer(args, model, optimizer, lr_scheduler)
-        if self.continued:
-            logger.info(
-                "continuing %s at step %d of %d: its weights and AdamW moments; hf_sft's data order and learning-rate "
-                "schedule from step %d on",
-                self.continued,
-                state.global_step,
-                state.max_steps,
-                state.global_step,
-            )
-        else:
-            logger.info("resumed from %s (step %d of %d)", self.name, state.global_step, state.max_steps)
-
-    def _set_optimizer(self, args, model, optimizer, scheduler) -> None:
-        decayed = _decayed_groups(optimizer, model, self.trainer.get_decay_parameter_names(model))
-        groups = optimizer.param_groups
-        if None in decayed and args.weight_decay and not any(group.get("weight_decay") for group in groups):
-            # The engine's groups hold flat shards (DeepSpeed) and none was decayed: which should be is unknown.
-            raise UsageError("--weight_decay cannot be set on resume here: the optimizer's groups are not named")
-        for group, decays in zip(groups, decayed, strict=True):
-            if "betas" in group:
-                group["betas"] = (args.adam_beta1, args.adam_beta2)
-            if "eps" in group:
-                group["eps"] = args.adam_epsilon
-            if "weight_decay" in group:
-                decays = bool(group["weight_decay"]) if decays is None else decays
-                group["weight_decay"] = args.weight_decay if decays else 0.0
-        peak = args.learning_rate
-        if isinstance(scheduler, LambdaLR):
-            scheduler.base_lrs = [peak] * len(optimizer.param_groups)
-            rates = [
-                base * fn(scheduler.last_epoch)
-                for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)
-            ]
-        else:  # another scheduler: the same position, scaled to the new peak
-            rates = [group["lr"] * peak / group.get("initial_lr", peak) for group in optimizer.param_groups]
-        for group, rate in zip(optimizer.param_groups, rates, strict=True):
-            group["initial_lr"] = peak
-            if isinstance(group["lr"], torch.Tensor):
-                group["lr"].fill_(rate)
-            else:
-                group["lr"] = rate
-        if scheduler is not None and hasattr(scheduler, "_last_lr"):
-            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
-
-
-def _decayed_groups(optimizer, model, decay_names: list[str]) -> list[bool | None]:
-    """Per param group: whether Trainer decays its parameters, None where none of them is a named parameter."""
-    names = {id(param): name for name, param in model.named_parameters()} if model is not None else {}
-    decay = set(decay_names)
-    found = []
-    for group in optimizer.param_groups:
-        named = [names[id(p)] for p in group["params"] if id(p) in names]
-        found.append(any(name in decay for name in named) if named else None)
-    return found
-
-
 class _Unrecordable:
     pass
 
@@ -412,7 +297,8 @@ def _enum_value(value: Any) -> Any:
     raise TypeError(type(value).__name__)
 
 
-def _replace(parsed: tuple, changes: dict[str, Any]) -> tuple:
+def replace_arguments(parsed: tuple, changes: dict[str, Any]) -> tuple:
+    """`parsed` with `changes` (field -> value) applied to whichever dataclass holds each field."""
     result = []
     for obj in parsed:
         own = {f.name for f in dataclasses.fields(obj) if f.init}

@@ -28,12 +28,12 @@ from hf_sft.training.feedback import (
 )
 from hf_sft.training.output import check_hub_args, save_final
 from hf_sft.training.resume import (
-    ResumeCallback,
     RunRecordCallback,
     load_from_checkpoint,
     record_arguments,
     resume_arguments,
 )
+from hf_sft.training.resumed_state import ResumeCallback
 from hf_sft.training.run_folder import check_run_folder, claim_run_folder, release_run_folders
 from hf_sft.training.run_log import ConsoleHandler, hold_run_log, start_run_log
 from hf_sft.training.setup import (
