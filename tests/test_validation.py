@@ -138,6 +138,7 @@ def test_a_yaml_float_that_is_not_finite_is_refused_too(tmp_path, capsys):
         ),
         (["--seed", "4294967296"], "--seed must be in [0, 4294967295], got 4294967296"),
         (["--save_steps", "inf"], "--save_interval must be a finite number, got inf"),  # OverflowError on main
+        (["--batch_size", str(2**63)], f"--batch_size must fit in 64 bits (at most {2**63 - 1}), got {2**63}"),
     ],
 )
 def test_values_that_would_fail_or_diverge_later_exit_2_first(tmp_path, capsys, flags, message):

@@ -3,9 +3,10 @@
 Fields are read by name from whichever parsed dataclass holds them, so the checks do not depend on how the
 arguments are grouped. Three kinds of rule, each declared once:
 
-- every float anywhere in the arguments (a field, or a number inside a dict such as `--lr_scheduler_kwargs`) is
-  finite: no float flag is accepted and then dies later (the parser already refuses `inf`/`nan` on the command line
-  and in the YAML; this also covers arguments built in code);
+- every number anywhere in the arguments (a field, or a number inside a dict such as `--lr_scheduler_kwargs`) is
+  one that torch and the C code under Python can hold: floats finite, integers within 64 bits. No flag is accepted
+  and then dies later (the parser already refuses `inf`/`nan` on the command line and in the YAML; this also covers
+  integers and arguments built in code);
 - `RANGES`: one field's admissible values;
 - `RELATIONS`: rules between two fields (`--min_lr` not above `--learning_rate`).
 
@@ -94,9 +95,11 @@ def validate_arguments(*parsed: Any) -> None:
     """
     values = argument_values(*parsed)
     for name, value in values.items():
-        for where, number in _floats(value):
-            if not math.isfinite(number):
+        for where, number in _numbers(value):
+            if isinstance(number, float) and not math.isfinite(number):
                 raise UsageError(not_finite(f"{flag(name)}{where}", number))
+            if isinstance(number, int) and not -(2**63) <= number < 2**63:
+                raise UsageError(f"{flag(name)}{where} must fit in 64 bits (at most {2**63 - 1}), got {number}")
     for name, (requirement, ok) in RANGES.items():
         value = values.get(name)
         if value is not None and not isinstance(value, bool) and not ok(value):
@@ -110,14 +113,14 @@ def validate_arguments(*parsed: Any) -> None:
     _check_installed(values, parsed)
 
 
-def _floats(value: Any, where: str = "") -> list[tuple[str, float]]:
-    """Every float in `value` (nested in dicts and lists too), with where it sits (e.g. ` min_lr`)."""
-    if isinstance(value, float):
+def _numbers(value: Any, where: str = "") -> list[tuple[str, int | float]]:
+    """Every number in `value` (nested in dicts and lists too; not booleans), with where it sits (e.g. ` min_lr`)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
         return [(where, value)]
     if isinstance(value, dict):
-        return [found for key, item in value.items() for found in _floats(item, f"{where} {key}")]
+        return [found for key, item in value.items() for found in _numbers(item, f"{where} {key}")]
     if isinstance(value, list | tuple):
-        return [found for i, item in enumerate(value) for found in _floats(item, f"{where} [{i}]")]
+        return [found for i, item in enumerate(value) for found in _numbers(item, f"{where} [{i}]")]
     return []
 
 
