@@ -36,8 +36,7 @@ from hf_sft.training.validation import argument_values
 logger = logging.getLogger("hf_sft.train")
 
 RUN_ARGS_FILE = "run_args.json"
-# Flags that a resumed run may not change: the weights, the sequence length and the batch layout are the run's.
-# They are recorded whatever their value.
+# What fixes the run's shape (the weights, the sequence length, the batch layout): recorded whatever its value.
 SHAPE_FIELDS = (
     "pretrained_ckpt_path",
     "tokenizer_path",

@@ -23,15 +23,16 @@ logger = logging.getLogger("hf_sft.train")
 
 
 class ResumeCallback(TrainerCallback):
-    """Once Trainer has restored a checkpoint: what it restored in place of the arguments is set back from them.
+    """On train begin of a resumed run: the step intervals and the optimizer's hyperparameters from the arguments.
 
-    Trainer restores the optimizer's param groups (learning rate, betas, epsilon, weight decay), the scheduler's
-    `base_lrs` and the logging, evaluation and checkpoint intervals from the checkpoint, so flags given on resume
-    would not reach them. On train begin they are set from the run's arguments: the peak learning rate becomes
-    `--learning_rate` (the groups' `initial_lr` and the scheduler's `base_lrs`), each group's current rate is the
-    schedule at the restored step (`base_lr * lr_lambda(step)`, as the scheduler computes it), and weight decay goes
-    to the groups Trainer decays. Without new flags every value is the one restored: the run stays bit-identical.
-    Logs `resumed from checkpoint-N (step N of M)`.
+    The peak learning rate becomes `--learning_rate` (the groups' `initial_lr` and the scheduler's `base_lrs`), each
+    group's current rate is the schedule at the restored step (`base_lr * lr_lambda(step)`, as the scheduler computes
+    it), and weight decay goes to the groups Trainer decays. Without new flags every value is the one restored, so
+    the run stays bit-identical. Logs `resumed from checkpoint-N (step N of M)`.
+
+    Args:
+        checkpoint: the checkpoint folder resumed from.
+        trainer: the Trainer, whose `get_decay_parameter_names` says which parameters it decays.
     """
 
     def __init__(self, checkpoint: str | Path, trainer):
