@@ -9,7 +9,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders
 from transformers import PreTrainedTokenizerFast
 
-from hf_sft.errors import UsageError
+from hf_sft.errors import UsageError, bad_input
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ def load_tokenizer(
 def _load_folder(path: Path, bos_token, eos_token, pad_token, unk_token) -> PreTrainedTokenizerFast:
     if not (path / "tokenizer.json").is_file():
         raise UsageError(f"no tokenizer.json in {path}")
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    with bad_input(f"cannot load the tokenizer in {path}"):
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     overrides = {"bos_token": bos_token, "eos_token": eos_token, "pad_token": pad_token, "unk_token": unk_token}
     current = {name: getattr(tokenizer, name) for name in overrides}
     specials = {name: overrides[name] or current[name] for name in overrides}

@@ -12,6 +12,10 @@ The stock folders hold the same weights (same logits), the generation config and
 and no auto_map: `AutoModelForCausalLM.from_pretrained(DIR)` and serving engines that know only stock architectures
 load them without trust_remote_code. A model the target cannot express is refused with the features that prevent it.
 
+--out may not be the model folder, lie inside it or hold it. An existing --out is replaced only with --overwrite
+(an earlier export to the same target may be rewritten without it); the export is written beside it and renamed
+into place, so --out never holds half an export.
+
 example:
   hf-sft export models/sft --to gpt2 --out models/sft-gpt2
   hf-sft export models/sft-llama --to llama --out models/sft-llama-stock
@@ -27,9 +31,14 @@ HELP = "export a model as a stock GPT-2 / LLaMA folder, a legacy nanoGPT / simpl
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from hf_sft.export import TARGETS
+
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="model folder or checkpoint-STEP folder")
-    parser.add_argument("--to", required=True, choices=("gpt2", "llama", "legacy-pt", "gguf"), help="target format")
+    parser.add_argument("--to", required=True, choices=tuple(TARGETS), help="target format")
     parser.add_argument("--out", required=True, help="output folder (gpt2, llama), .pt file (legacy-pt), .gguf file")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out that this export did not write"
+    )
     parser.add_argument(
         "--mask_buffers",
         action="store_true",
@@ -55,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()
     if args.to == "gguf":
         return _run_gguf(args)
-    out = export_model(args.model_dir, args.to, args.out, mask_buffers=args.mask_buffers)
+    out = export_model(args.model_dir, args.to, args.out, mask_buffers=args.mask_buffers, overwrite=args.overwrite)
     print(f"exported {args.model_dir} to {args.to}: {out}")
     return 0
 
@@ -72,7 +81,7 @@ def _run_gguf(args: argparse.Namespace) -> int:
         outtype=args.outtype,
         check_data=args.check_data,
         allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
-        overwrite=getattr(args, "overwrite", False),
+        overwrite=args.overwrite,
     )
     print(f"exported {args.model_dir} to gguf ({done.arch}, {done.outtype}): {done.path}")
     print(done.check)

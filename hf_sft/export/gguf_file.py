@@ -13,10 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hf_sft.errors import UsageError
-from hf_sft.export import load_hfsft_config, load_hfsft_model
+from hf_sft.export import check_export_destination, load_hfsft_config, load_hfsft_model
 from hf_sft.generate import resolve_model_dir, tokenizer_dir
-
-COMMAND = "export --to gguf"
 
 # Token texts that llama.cpp always treats as end-of-generation, whatever the metadata says (`special_eog_ids` in
 # `src/llama-vocab.cpp`, llama-cpp-python 0.3.36).
@@ -89,7 +87,7 @@ def export_gguf(
     from hf_sft.export.gguf_vocab import build_vocab, check_prefix_space
     from hf_sft.export.ollama import modelfile, modelfile_path
     from hf_sft.tokenizer import load_tokenizer
-    from hf_sft.writer import check_destination, new_file, write_text
+    from hf_sft.writer import new_file, write_text
 
     if outtype not in OUTTYPES:
         raise UsageError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
@@ -108,7 +106,7 @@ def export_gguf(
     records = records_for_check(check_data) if check_data is not None else []
     sidecar = modelfile_path(out)
     for dest in (out, sidecar):
-        check_destination(dest, kind="file", command=COMMAND, sources=[model_dir], overwrite=overwrite)
+        check_export_destination(model_dir, "gguf", dest, overwrite)
 
     model = load_hfsft_model(model_dir)
     with new_file(out) as staging:
