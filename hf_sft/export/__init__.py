@@ -4,6 +4,8 @@
 - `llama`: a `LlamaForCausalLM` folder, for LLaMA-style models (RMSNorm, rotary positions, SwiGLU MLP).
 - `legacy-pt`: `{"model_state_dict", "model_args"}` with nanoGPT's `GPT` keys, or simple_llama's
   `{"model_state_dict", "config"}` with its `LLaMaTransformer` keys, which the original training code loads.
+- `gguf`: one GGUF file for llama.cpp and the tools built on it, with an Ollama Modelfile beside it
+  (`hf_sft.export.gguf_file`).
 
 The stock folders hold config.json (no `auto_map`), model.safetensors, generation_config.json and the tokenizer, and
 no Python file: serving engines that know only stock architectures load them. A model whose architecture the target
@@ -25,7 +27,7 @@ from hf_sft.generate import resolve_model_dir, tokenizer_dir
 from hf_sft.writer import check_destination, new_file, new_folder
 
 # target -> what its --out names: a "folder" or a "file"
-TARGETS = {"gpt2": "folder", "llama": "folder", "legacy-pt": "file"}
+TARGETS = {"gpt2": "folder", "llama": "folder", "legacy-pt": "file", "gguf": "file"}
 # Where each stock target differs from our configurable architecture: (config test, the feature that prevents it).
 _STOCK_REQUIREMENTS = {
     "gpt2": (
@@ -156,6 +158,10 @@ def export_model(
     """
     if mask_buffers and target != "legacy-pt":
         raise UsageError("--mask_buffers only applies to --to legacy-pt")
+    if target == "gguf":
+        from hf_sft.export.gguf_file import export_gguf
+
+        return export_gguf(model_dir, out, overwrite=overwrite).path
     out = check_export_destination(model_dir, target, out, overwrite)
     model_dir = resolve_model_dir(model_dir)
     config = load_hfsft_config(model_dir)
