@@ -1,9 +1,10 @@
 """The `hf-sft` command: one parser per subcommand, each living in `hf_sft.commands.<name>`.
 
-Every subcommand exits 0 on success, 2 on bad usage or bad input (`UsageError`: one line on stderr), 130/143 when
-a training run stopped on SIGINT/SIGTERM after saving a checkpoint (`RunInterrupted`: its last line says how to
-resume), and 1 on any other failure: a write the system refused (`WriteFailed`, naming the path and the cause) or
-anything else (one line too, unless `--debug` asks for the traceback).
+Every subcommand exits 0 on success, 2 on bad usage or bad input (`UsageError`, a bad flag included: one line on
+stderr), 130/143 when a training run stopped on SIGINT/SIGTERM after saving a checkpoint (`RunInterrupted`: its last
+line says how to resume), and 1 on any other failure: a write the system refused (`WriteFailed`, naming the path and
+the cause) or anything else (one line too, unless `--debug` asks for the traceback). Every message is printed on
+one line, whatever line breaks a library put in it.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import argparse
 import importlib
 import sys
 
+from hf_sft import flags
 from hf_sft.errors import RunInterrupted, UsageError, WriteFailed
 
 COMMANDS = ("convert", "train", "data", "generate", "export", "push")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = flags.ArgumentParser(
         prog="hf-sft",
         description="Instruction fine-tuning of home-grown GPTs, the Hugging Face way.",
     )
@@ -32,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
+    flags.finite_floats(parser)
     return parser
 
 
@@ -43,8 +46,12 @@ def main(argv: list[str] | None = None) -> int:
 
         rest = [arg for arg in argv[1:] if arg != "--debug"]
         return _guarded(lambda: run_argv(rest), debug="--debug" in argv)
-    args = build_parser().parse_args(argv)
-    return _guarded(lambda: args.run(args), debug=args.debug)
+
+    def parse_and_run() -> int:
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+
+    return _guarded(parse_and_run, debug="--debug" in argv)
 
 
 def _guarded(action, debug: bool) -> int:
@@ -53,17 +60,17 @@ def _guarded(action, debug: bool) -> int:
     except UsageError as err:
         if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     except RunInterrupted as stop:
         sys.stdout.flush()
         if str(stop):  # only the main process says it
-            print(stop, file=sys.stderr, flush=True)
+            print(_one_line(stop), file=sys.stderr, flush=True)
         return stop.status
     except WriteFailed as err:
         if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -71,8 +78,12 @@ def _guarded(action, debug: bool) -> int:
     except Exception as err:  # noqa: BLE001 - the CLI's last line of defence: one line, not a traceback wall
         if debug:
             raise
-        print(f"error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"error: {type(err).__name__}: {_one_line(err)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from hf_sft.errors import UsageError
 from hf_sft.legacy_checkpoint import SOURCES, LegacyCheckpoint, describe, load_legacy_checkpoint
 from hf_sft.modeling_hfsft_gpt import HfSftGPTForCausalLM
 from hf_sft.tokenizer import load_tokenizer
+from hf_sft.writer import check_destination, new_folder
 
 __all__ = [
     "SOURCES",
@@ -29,6 +30,7 @@ __all__ = [
     "load_legacy_checkpoint",
 ]
 
+CONVERT_COMMAND = "convert"  # recorded in the folders it writes: a later conversion may replace them
 # nanoGPT rounds its vocabulary up to a multiple of this (GPT-2: 50257 -> 50304).
 NANOGPT_VOCAB_MULTIPLE = 64
 
@@ -73,21 +75,36 @@ def convert_to_folder(
     pad_token: str | None = None,
     unk_token: str | None = None,
     allow_vocab_mismatch: bool = False,
+    overwrite: bool = False,
 ) -> tuple[HfSftGPTForCausalLM, PreTrainedTokenizerFast, str]:
     """Convert (see `convert_checkpoint`) and `save_pretrained` model, code, generation config and tokenizer.
 
+    The destination is checked before anything is read (`hf_sft.writer.check_destination`): it may not be the
+    checkpoint or the tokenizer, lie inside them or hold them, and a non-empty folder that an earlier
+    `hf-sft convert` did not write (a training run's folder, say) is replaced only with `overwrite`. The folder is
+    written beside `out_dir` and renamed into place whole: it ends up holding exactly the converted model.
+
+    Args:
+        overwrite: replace a non-empty `out_dir` that is not an earlier conversion's output.
+        (the others as for `convert_checkpoint`; `out_dir` is the folder to write)
+
     Returns:
         The converted model and tokenizer, as saved in `out_dir`, and the checkpoint's source (a key of `SOURCES`).
+
+    Raises:
+        UsageError: a destination that may not be written, or inputs `convert_checkpoint` refuses.
+        WriteFailed: the system refused the write (nothing is left behind).
     """
     import hf_sft  # noqa: F401 - registers the Auto classes, so save_pretrained writes auto_map and the code files
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out {out_dir} exists and is not a folder")
+    out_dir = check_destination(
+        out_dir, kind="folder", command=CONVERT_COMMAND, sources=[checkpoint_path, tokenizer_path], overwrite=overwrite
+    )
     specials = (bos_token, eos_token, pad_token, unk_token)
     model, tokenizer, source = _convert(checkpoint_path, tokenizer_path, specials, allow_vocab_mismatch)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    with new_folder(out_dir, command=CONVERT_COMMAND) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return model, tokenizer, source
 
 
@@ -143,12 +160,12 @@ def convert_state_dict(checkpoint: LegacyCheckpoint) -> dict[str, torch.Tensor]:
         UsageError: naming the checkpoint keys that are missing, left over, or of the wrong shape.
     """
     config, state_dict = checkpoint.config, checkpoint.state_dict
-    plan = _nanogpt_plan(config) if checkpoint.source != "simple_llama" else _simple_llama_plan(config)
+    plan = _plan(checkpoint)
     with torch.device("meta"):  # shapes only: no memory, no init
         expected = {k: tuple(v.shape) for k, v in HfSftGPTForCausalLM(config).state_dict().items()}
     planned = {src for src, _, _ in plan}
     missing = [src for src, _, _ in plan if src not in state_dict]
-    unexpected = [k for k in state_dict if k not in planned and not _is_ignored_buffer(k, state_dict[k])]
+    unexpected = [k for k in state_dict if k not in planned and not is_ignored_buffer(k, state_dict[k])]
     mismatched, converted = [], {}
     for src, targets, transform in plan:
         if src not in state_dict:
@@ -170,6 +187,29 @@ def convert_state_dict(checkpoint: LegacyCheckpoint) -> dict[str, torch.Tensor]:
     return converted
 
 
+def convert_parameter_tensors(
+    checkpoint: LegacyCheckpoint, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Tensors shaped like some of the checkpoint's weights (their gradients, AdamW's moments), under our names.
+
+    Each is split and permuted by the plan that converts the weight of the same name, so that an elementwise
+    quantity stays with its element. A tied head maps to nothing: it is the embedding.
+
+    Args:
+        checkpoint: the legacy checkpoint whose layout `tensors` follow.
+        tensors: checkpoint key -> tensor of that weight's shape.
+
+    Returns:
+        Our parameter name -> tensor.
+    """
+    plan = _plan(checkpoint)
+    converted = {}
+    for src, targets, transform in plan:
+        if src in tensors:
+            converted.update(zip(targets, transform(tensors[src]), strict=True))
+    return converted
+
+
 def _load_strict(model: HfSftGPTForCausalLM, weights: dict[str, torch.Tensor], checkpoint: LegacyCheckpoint) -> None:
     result = model.load_state_dict(weights, strict=False)
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
@@ -179,6 +219,11 @@ def _load_strict(model: HfSftGPTForCausalLM, weights: dict[str, torch.Tensor], c
             f"{checkpoint.path}: the converted weights do not fill {describe(checkpoint)} "
             f"(missing {_some(missing)}; unexpected {_some(result.unexpected_keys)})"
         )
+
+
+def _plan(checkpoint: LegacyCheckpoint) -> Plan:
+    config = checkpoint.config
+    return _simple_llama_plan(config) if checkpoint.source == "simple_llama" else _nanogpt_plan(config)
 
 
 def _nanogpt_plan(config: HfSftGPTConfig) -> Plan:
@@ -259,8 +304,8 @@ def _fused_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
     return (sum(s[0] for s in shapes), *shapes[0][1:])
 
 
-def _is_ignored_buffer(key: str, tensor: Any) -> bool:
-    # nanoGPT without flash attention saves its causal mask as a (1, 1, T, T) buffer named attn.bias.
+def is_ignored_buffer(key: str, tensor: Any) -> bool:
+    """nanoGPT without flash attention saves its causal mask as a (1, 1, T, T) buffer named attn.bias."""
     return key.endswith(".attn.bias") and getattr(tensor, "ndim", 0) == 4
 
 

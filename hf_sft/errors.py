@@ -1,5 +1,15 @@
 """Errors that reach the user as one clear line instead of a traceback."""
 
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from safetensors import SafetensorError
+
+# What transformers, safetensors, tokenizers, peft, torch and json raise on a file or value they cannot use.
+INPUT_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, EOFError, SafetensorError)
+
 
 class UsageError(Exception):
     """Bad usage or bad input: the CLI prints the message and exits with status 2."""
@@ -22,3 +32,22 @@ class WriteFailed(Exception):
 
     The message names the path and the cause; `hf_sft.writer` has already removed what it had started.
     """
+
+
+@contextlib.contextmanager
+def bad_input(what: str, errors: tuple[type[BaseException], ...] = INPUT_ERRORS) -> Iterator[None]:
+    """Around a library call that reads a user's input: its errors become a `UsageError` (exit 2, one line).
+
+    Args:
+        what: the input, as the message starts, e.g. "--pretrained_ckpt_path models/base: cannot load the model".
+        errors: the exception classes that mean "this input is unusable" (default: `INPUT_ERRORS`).
+
+    Raises:
+        UsageError: "{what}: {the library's message}".
+    """
+    try:
+        yield
+    except UsageError:
+        raise
+    except errors as err:
+        raise UsageError(f"{what}: {err}") from None

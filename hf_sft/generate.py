@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from hf_sft.errors import UsageError
+from hf_sft.errors import UsageError, bad_input
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -102,13 +102,12 @@ def load_for_generation(model_dir: str | Path, device: str | None = None):
     tok_dir = tokenizer_dir(model_dir)
     if tok_dir is None:
         raise UsageError(f"no tokenizer in {model_dir} (looked for {', '.join(_TOKENIZER_FILES)})")
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    with bad_input(f"cannot load the tokenizer in {tok_dir}"):
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     if tokenizer.eos_token_id is None:
         raise UsageError(f"the tokenizer in {tok_dir} has no EOS token: generation could not stop")
-    try:
+    with bad_input(f"cannot load the model in {model_dir}"):
         model = AutoModelForCausalLM.from_pretrained(model_dir)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"cannot load the model in {model_dir}: {err}") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer
 

@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from hf_sft.errors import UsageError
+from hf_sft.errors import UsageError, bad_input
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ def files_to_upload(folder: str | Path) -> list[str]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise UsageError(f"{folder} has no config.json: not a model folder")
-    auto_map = json.loads(config_path.read_text(encoding="utf-8")).get("auto_map") or {}
+    with bad_input(f"cannot read {config_path}"):
+        auto_map = json.loads(config_path.read_text(encoding="utf-8")).get("auto_map") or {}
     if "AutoModelForCausalLM" not in auto_map:
         raise UsageError(
             f"{config_path} has no auto_map: Hub users could not load it with trust_remote_code. "
@@ -218,7 +219,8 @@ def push_folder(
 def _has_chat_template(folder: Path) -> bool:
     if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
         return True
-    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    with bad_input(f"cannot read {folder / 'tokenizer_config.json'}"):
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     return bool(config.get("chat_template"))
 
 

@@ -51,16 +51,24 @@ def load_legacy_checkpoint(path: str | Path) -> LegacyCheckpoint:
         UsageError: unreadable or unsafe file, unknown layout, missing config fields, unsupported variant (MLA).
     """
     path = Path(path)
-    obj = load_checkpoint(path)
+    return legacy_checkpoint_of(load_checkpoint(path), path)
+
+
+def legacy_checkpoint_of(obj: Any, path: Path) -> LegacyCheckpoint:
+    """`load_legacy_checkpoint` of an object already read from `path` (with `hf_sft.safe_pickle`).
+
+    Raises:
+        UsageError: as `load_legacy_checkpoint`.
+    """
     keys = sorted(obj) if isinstance(obj, dict) else []
     if "model_args" in keys and ("model" in keys or "model_state_dict" in keys):
         source = "nanogpt" if "model" in keys else "finetune_gpt"
         state_dict = _strip_prefixes(obj["model" if source == "nanogpt" else "model_state_dict"], path)
-        config = _nanogpt_config(_fields(obj["model_args"], path), state_dict, path)
+        config = _nanogpt_config(fields_of(obj["model_args"], path), state_dict, path)
     elif "model_state_dict" in keys and "config" in keys:
         source = "simple_llama"
         state_dict = _strip_prefixes(obj["model_state_dict"], path)
-        config = _simple_llama_config(_fields(obj["config"], path), state_dict, path)
+        config = _simple_llama_config(fields_of(obj["config"], path), state_dict, path)
     else:
         found = ", ".join(map(str, keys)) or type(obj).__name__
         raise UsageError(
@@ -80,7 +88,12 @@ def describe(checkpoint: LegacyCheckpoint) -> str:
     )
 
 
-def _fields(record: Any, path: Path) -> dict[str, Any]:
+def fields_of(record: Any, path: Path) -> dict[str, Any]:
+    """A saved configuration (a dict, a namespace, or a record of an unknown class) as a dict of its fields.
+
+    Raises:
+        UsageError: it is none of those.
+    """
     if isinstance(record, LegacyRecord):
         return record.to_dict()
     if isinstance(record, dict):

@@ -9,7 +9,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders
 from transformers import PreTrainedTokenizerFast
 
-from hf_sft.errors import UsageError
+from hf_sft.errors import UsageError, bad_input
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ def load_tokenizer(
 def _load_folder(path: Path, bos_token, eos_token, pad_token, unk_token) -> PreTrainedTokenizerFast:
     if not (path / "tokenizer.json").is_file():
         raise UsageError(f"no tokenizer.json in {path}")
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    with bad_input(f"cannot load the tokenizer in {path}"):
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     for key in _LOAD_TIME_KEYS:  # how it was loaded is no setting of the tokenizer's: saving it again must not keep it
         tokenizer.init_kwargs.pop(key, None)
     overrides = {"bos_token": bos_token, "eos_token": eos_token, "pad_token": pad_token, "unk_token": unk_token}

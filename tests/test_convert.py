@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -248,3 +249,79 @@ def test_missing_model_args_field_is_named(shared_dir, tmp_path, nanogpt_parts):
     torch.save({"model": state_dict, "model_args": model_args}, tmp_path / "ckpt.pt")
     with pytest.raises(UsageError, match="model_args lacks n_head"):
         load_legacy_checkpoint(tmp_path / "ckpt.pt")
+
+
+def tree(folder) -> dict[str, bytes]:
+    """Every file under `folder`, relative path -> bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A finished training run's folder: final model, model card, chat template, train.log, checkpoints."""
+    from helpers.tiny_trained import train_tiny
+
+    return train_tiny(tmp_path_factory.mktemp("run") / "run")
+
+
+def test_convert_into_a_trained_run_folder_is_refused_unless_overwrite(shared_dir, tmp_path, capsys, trained_run):
+    checkpoint, tokenizer = shared_checkpoint(shared_dir, NANOGPT), shared_tokenizer(shared_dir, NANOGPT)
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = tree(run)
+    assert {"README.md", "chat_template.jinja", "train.log"} <= set(before)
+    code, _, err = convert_cli(capsys, checkpoint, tokenizer, run)
+    assert_usage_error(code, err)
+    assert err.strip() == (
+        f"error: --out {run} is not empty (it holds files this command did not write): choose another path, "
+        "or pass --overwrite to replace it"
+    )
+    assert tree(run) == before
+
+    code, _, err = convert_cli(capsys, checkpoint, tokenizer, tmp_path / "fresh")
+    assert code == 0, err
+    code, _, err = convert_cli(capsys, checkpoint, tokenizer, run, "--overwrite")
+    assert code == 0, err
+    # Exactly the converted model: no model card, chat template, log or checkpoint of the run is left.
+    assert tree(run) == tree(tmp_path / "fresh")
+    assert not (run / "README.md").exists() and not list(run.glob("checkpoint-*"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf_sft")]  # no temporary sibling left
+
+
+def test_convert_may_rewrite_its_own_output_and_never_its_inputs(shared_dir, tmp_path, capsys):
+    checkpoint, tokenizer = shared_checkpoint(shared_dir, NANOGPT), shared_tokenizer(shared_dir, NANOGPT)
+    assert convert_cli(capsys, checkpoint, tokenizer, tmp_path / "out")[0] == 0
+    first = tree(tmp_path / "out")
+    assert convert_cli(capsys, checkpoint, tokenizer, tmp_path / "out")[0] == 0  # its own earlier output
+    assert tree(tmp_path / "out") == first
+
+    local = tmp_path / "pretrain"
+    local.mkdir()
+    shutil.copy(checkpoint, local / "ckpt.pt")
+    shutil.copy(tokenizer, local / "tokenizer.json")
+    before = tree(local)
+    for out, flags, message in [
+        (local, ["--overwrite"], f"error: --out {local} holds the input {(local / 'ckpt.pt').resolve()}"),
+        (local / "ckpt.pt", ["--overwrite"], f"error: --out {local / 'ckpt.pt'} is the input"),
+        (local / "ckpt.pt" / "x", [], f"error: --out {local / 'ckpt.pt' / 'x'} is inside the input"),
+    ]:
+        code, _, err = convert_cli(capsys, local / "ckpt.pt", local / "tokenizer.json", out, *flags)
+        assert_usage_error(code, err)
+        assert err.strip().startswith(message), err
+    assert tree(local) == before
+
+
+def test_a_failed_conversion_leaves_the_destination_as_it_was(shared_dir, tmp_path, capsys, monkeypatch):
+    checkpoint, tokenizer = shared_checkpoint(shared_dir, NANOGPT), shared_tokenizer(shared_dir, NANOGPT)
+    out = tmp_path / "out"
+    assert convert_cli(capsys, checkpoint, tokenizer, out)[0] == 0
+    before = tree(out)
+
+    def fail(self, folder, *args, **kwargs):  # the weights are written, then the tokenizer cannot be
+        raise OSError(28, "No space left on device", str(folder))
+
+    monkeypatch.setattr("transformers.PreTrainedTokenizerFast.save_pretrained", fail)
+    code, _, err = convert_cli(capsys, checkpoint, tokenizer, out)
+    assert code == 1 and err.strip() == f"error: cannot write {out}: no space left on device"
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -164,9 +164,10 @@ def test_checkpoint_folder_takes_the_run_folders_tokenizer(tmp_path):
     ("setup", "argv", "message"),
     [
         (None, ["--to", "gpt2", "--out", "{tmp}/out"], "does not exist"),
-        ("model", ["--to", "gpt2", "--out", "{tmp}/model"], "the model folder itself"),
-        ("model", ["--to", "legacy-pt", "--out", "{tmp}"], "is a folder"),
-        ("code", ["--to", "gpt2", "--out", "{tmp}/code"], "already holds Python files"),
+        ("model", ["--to", "gpt2", "--out", "{tmp}/model"], "is the input"),
+        ("model", ["--to", "legacy-pt", "--out", "{tmp}"], "holds the input"),
+        ("model", ["--to", "legacy-pt", "--out", "{tmp}/code"], "is a folder"),
+        ("code", ["--to", "gpt2", "--out", "{tmp}/code"], "is not empty (it holds files this command did not write)"),
         ("stock", ["--to", "gpt2", "--out", "{tmp}/again"], "not an hf_sft one"),
         ("model", ["--to", "gpt2", "--out", "{tmp}/o", "--mask_buffers"], "only applies to --to legacy-pt"),
     ],
@@ -174,7 +175,7 @@ def test_checkpoint_folder_takes_the_run_folders_tokenizer(tmp_path):
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, setup, argv, message):
     if setup is not None:
         make_model_folder(tmp_path / "model", family="nanogpt", max_position_embeddings=64)
-    if setup == "code":
+    if setup is not None:
         (tmp_path / "code").mkdir()
         (tmp_path / "code" / "modeling_x.py").write_text("")
     if setup == "stock":
@@ -254,3 +255,74 @@ def test_fused_qkv_is_the_inverse_of_converts_split():
     heads, width = 4, 32
     fused = torch.randn(3 * width, width)
     assert torch.equal(fuse_interleaved_qkv(*_split_interleaved_qkv(fused, heads), heads=heads), fused)
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, relative path -> bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_legacy_pt_inside_the_model_is_refused_before_anything_is_read(tmp_path, capsys, monkeypatch):
+    model_dir = tmp_path / "model"
+    make_model_folder(model_dir, family="nanogpt", max_position_embeddings=64)
+    before = tree(model_dir)
+
+    def must_not_read(*args, **kwargs):
+        raise AssertionError("the model was read before the destination was checked")
+
+    monkeypatch.setattr("hf_sft.export.load_hfsft_config", must_not_read)
+    for flags in ([], ["--overwrite"]):
+        out = model_dir / "model.safetensors"
+        assert export(model_dir, "--to", "legacy-pt", "--out", out, *flags) == 2
+        assert capsys.readouterr().err.strip() == f"error: --out {out} is inside the input {model_dir.resolve()}"
+    assert tree(model_dir) == before
+
+
+def test_an_existing_file_is_replaced_only_with_overwrite(tmp_path, capsys):
+    make_model_folder(tmp_path / "model", family="nanogpt", max_position_embeddings=64)
+    optimizer = tmp_path / "run" / "checkpoint-4" / "optimizer.pt"
+    optimizer.parent.mkdir(parents=True)
+    optimizer.write_bytes(b"the optimizer state of a run")
+    assert export(tmp_path / "model", "--to", "legacy-pt", "--out", optimizer) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --out {optimizer} already exists: choose another path, or pass --overwrite to replace it"
+    )
+    assert optimizer.read_bytes() == b"the optimizer state of a run"
+    assert export(tmp_path / "model", "--to", "legacy-pt", "--out", optimizer, "--overwrite") == 0
+    assert set(load_checkpoint(optimizer)) == {"model_state_dict", "model_args"}
+    assert sorted(p.name for p in optimizer.parent.iterdir()) == ["optimizer.pt"]  # no temporary file left
+
+
+def test_a_folder_holds_exactly_the_export_after_overwrite(tmp_path, capsys):
+    make_model_folder(tmp_path / "model", family="llama", multiple_of=16)
+    assert export(tmp_path / "model", "--to", "llama", "--out", tmp_path / "fresh") == 0
+    again = tree(tmp_path / "fresh")
+    assert export(tmp_path / "model", "--to", "llama", "--out", tmp_path / "fresh") == 0  # its own earlier output
+    assert tree(tmp_path / "fresh") == again
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("a card describing another model")
+    (out / "chat_template.jinja").write_text("{{ another format }}")
+    assert export(tmp_path / "model", "--to", "llama", "--out", out) == 2
+    assert (out / "README.md").read_text() == "a card describing another model"
+    capsys.readouterr()
+    assert export(tmp_path / "model", "--to", "llama", "--out", out, "--overwrite") == 0
+    assert tree(out) == tree(tmp_path / "fresh")
+
+
+def test_a_failed_export_leaves_the_destination_as_it_was(tmp_path, capsys, monkeypatch):
+    make_model_folder(tmp_path / "model", family="nanogpt", max_position_embeddings=64)
+    out = tmp_path / "out"
+    assert export(tmp_path / "model", "--to", "gpt2", "--out", out) == 0
+    before = tree(out)
+
+    def fail(source, folder):  # the weights are written, then the tokenizer files cannot be
+        raise OSError(28, "No space left on device", str(folder))
+
+    monkeypatch.setattr("hf_sft.export.stock.copy_tokenizer_files", fail)
+    capsys.readouterr()
+    assert export(tmp_path / "model", "--to", "gpt2", "--out", out) == 1
+    assert capsys.readouterr().err.strip() == f"error: cannot write {out}: no space left on device"
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]

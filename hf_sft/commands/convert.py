@@ -7,6 +7,10 @@ it contains, so the original training code does not need to be installed.
 The folder holds config.json, model.safetensors, generation_config.json, the tokenizer and the model code: it loads
 with `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` even where hf_sft is not installed.
 
+--out may not be the checkpoint or the tokenizer, or hold them. A non-empty --out that an earlier conversion did not
+write (a training run's folder, say) is refused unless --overwrite, which replaces it whole: the folder then holds
+exactly the converted model. It is written beside --out and renamed into place, never half-written.
+
 example:
   hf-sft convert --checkpoint out/pretrain/best_model.pt --tokenizer data/tokenizer/custom_gpt_tokenizer.json \\
       --out models/base
@@ -24,7 +28,12 @@ HELP = "convert a nanoGPT / finetune_gpt.py / simple_llama checkpoint into a HF 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="legacy checkpoint (.pt / .pth)")
     parser.add_argument("--tokenizer", required=True, help="`tokenizers` JSON file (or HF tokenizer folder)")
-    parser.add_argument("--out", required=True, help="output folder (created; existing files are overwritten)")
+    parser.add_argument("--out", required=True, help="output folder (created; see --overwrite)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --out that an earlier hf-sft convert did not write (everything in it goes)",
+    )
     parser.add_argument("--bos_token", default=None, help="beginning-of-sequence token [default: [BOS]]")
     parser.add_argument("--eos_token", default=None, help="end-of-sequence token [default: [EOS]]")
     parser.add_argument("--pad_token", default=None, help="padding token [default: [PAD], else the EOS token]")
@@ -38,7 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Convert, save and print a short summary."""
+    from transformers.utils import logging as hf_logging
+
     from hf_sft.convert import SOURCES, convert_to_folder
+
+    hf_logging.disable_progress_bar()  # stderr carries errors only
 
     model, tokenizer, source = convert_to_folder(
         args.checkpoint,
@@ -49,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         pad_token=args.pad_token,
         unk_token=args.unk_token,
         allow_vocab_mismatch=args.allow_vocab_mismatch,
+        overwrite=args.overwrite,
     )
     config = model.config
     print(f"converted {args.checkpoint} ({SOURCES[source]}, {config.family} family)")

@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hf_sft.errors import UsageError
+
 HELP = "answer an instruction (or a stream of them) with a fine-tuned model"
 
 
@@ -32,13 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top_p", type=float, default=None, help="sample from the top-p probability mass")
     parser.add_argument("--top_k", type=int, default=None, help="sample from the k most likely tokens")
     parser.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... [default: cuda when available]")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, ... [default: cuda when available]")
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the model once, then answer one instruction or every line of stdin."""
-    from hf_sft.errors import UsageError
-
     if not args.interactive and not args.instruction:
         raise UsageError("give --instruction TEXT, or --interactive to read instructions from stdin")
     if args.max_new_tokens < 1:
@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     sampling.generate_kwargs()  # refuse bad values before the model is loaded
+    if args.device is not None:
+        check_device(args.device)
     if args.seed is not None:
         set_seed(args.seed)
     hf_logging.disable_progress_bar()  # stdout/stderr carry the answers and errors only
@@ -67,6 +69,34 @@ def run(args: argparse.Namespace) -> int:
     for instruction in _instructions(sys.stdin):
         answer(instruction)
     return 0
+
+
+def check_device(name: str) -> None:
+    """Refuse a device torch does not know, or one this machine does not have.
+
+    Raises:
+        UsageError: naming the device and what the machine has.
+    """
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name} is not a device name (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cpu":
+        return
+    present = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if present is None or present.type != device.type:
+        raise UsageError(
+            f"--device {name}: this machine has no {device.type} device (it has: cpu"
+            f"{f', {present.type}' if present is not None else ''})"
+        )
+    count = torch.accelerator.device_count()
+    if device.index is not None and device.index >= count:
+        raise UsageError(
+            f"--device {name}: this machine has {count} {device.type} device(s), {device.type}:0 "
+            f"to {device.type}:{count - 1}"
+        )
 
 
 def _instructions(stream):

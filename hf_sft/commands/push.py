@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the folder, the token and the network, then upload; prints the files and the commit URL."""
+    from huggingface_hub.utils import validate_repo_id
+
+    from hf_sft.errors import bad_input
     from hf_sft.hub import HubError, push_folder
 
     if args.repo and args.repo_id and args.repo != args.repo_id:
@@ -39,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     repo_id = args.repo_id or args.repo
     if not repo_id:
         raise UsageError("the repository id is required: hf-sft push MODEL_DIR --repo_id user/name")
+    with bad_input(f"--repo_id {repo_id} is not a repository id"):
+        validate_repo_id(repo_id)
     try:
         result = push_folder(args.model_dir, repo_id, private=args.private, commit_message=args.commit_message)
     except HubError as err:

@@ -4,10 +4,17 @@
 - `llama`: a `LlamaForCausalLM` folder, for LLaMA-style models (RMSNorm, rotary positions, SwiGLU MLP).
 - `legacy-pt`: `{"model_state_dict", "model_args"}` with nanoGPT's `GPT` keys, or simple_llama's
   `{"model_state_dict", "config"}` with its `LLaMaTransformer` keys, which the original training code loads.
+- `gguf`: one GGUF file for llama.cpp and the tools built on it, with an Ollama Modelfile beside it
+  (`hf_sft.export.gguf_file`).
 
 The stock folders hold config.json (no `auto_map`), model.safetensors, generation_config.json and the tokenizer, and
 no Python file: serving engines that know only stock architectures load them. A model whose architecture the target
 cannot express is refused with the features that prevent it.
+
+Every target writes through `hf_sft.writer`: `check_export_destination` refuses, before anything is read, an
+`--out` that is the model folder, lies inside it or holds it, or that holds something else (unless `--overwrite`);
+the output is then written into a temporary sibling and renamed into place, so `--out` is always either what it
+was or the complete export.
 """
 
 from __future__ import annotations
@@ -15,10 +22,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hf_sft.errors import UsageError
-from hf_sft.generate import resolve_model_dir
+from hf_sft.errors import UsageError, bad_input
+from hf_sft.generate import resolve_model_dir, tokenizer_dir
+from hf_sft.writer import check_destination, new_file, new_folder
 
-TARGETS = ("gpt2", "llama", "legacy-pt")
+# target -> what its --out names: a "folder" or a "file"
+TARGETS = {"gpt2": "folder", "llama": "folder", "legacy-pt": "file", "gguf": "file"}
 # Where each stock target differs from our configurable architecture: (config test, the feature that prevents it).
 _STOCK_REQUIREMENTS = {
     "gpt2": (
@@ -71,7 +80,8 @@ def load_hfsft_config(model_dir: str | Path):
             f"{model_dir} holds a {model_type!r} model, not an hf_sft one ({HfSftGPTConfig.model_type!r}): "
             "export reads the folders written by hf-sft convert and hf-sft train"
         )
-    return HfSftGPTConfig.from_pretrained(model_dir)
+    with bad_input(f"cannot read the model configuration in {model_dir}"):
+        return HfSftGPTConfig.from_pretrained(model_dir)
 
 
 def load_hfsft_model(model_dir: str | Path):
@@ -83,10 +93,52 @@ def load_hfsft_model(model_dir: str | Path):
     from hf_sft import HfSftGPTForCausalLM
 
     config = load_hfsft_config(model_dir)
-    return HfSftGPTForCausalLM.from_pretrained(model_dir, config=config, dtype="auto").eval()
+    with bad_input(f"cannot load the model in {model_dir}"):
+        return HfSftGPTForCausalLM.from_pretrained(model_dir, config=config, dtype="auto").eval()
 
 
-def export_model(model_dir: str | Path, target: str, out: str | Path, mask_buffers: bool = False) -> Path:
+def check_tokenizer(model_dir: Path) -> None:
+    """The model's tokenizer (copied into stock folders) loads; reads it, writes nothing.
+
+    Raises:
+        UsageError: naming the folder and what is wrong with its tokenizer files.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tokenizer_dir(model_dir)
+    if folder is not None:
+        with bad_input(f"cannot load the tokenizer in {folder}"):
+            PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def export_command(target: str) -> str:
+    """The command recorded in (and allowed to rewrite) an export's output folder."""
+    return f"export --to {target}"
+
+
+def check_export_destination(model_dir: str | Path, target: str, out: str | Path, overwrite: bool = False) -> Path:
+    """Refuse, before anything is read, an `--out` that exporting `model_dir` to `target` may not write.
+
+    The sources are the model folder and, for a `checkpoint-STEP` folder without a tokenizer, the run folder's
+    tokenizer files: `--out` may be none of them, lie inside them or hold them.
+
+    Raises:
+        UsageError: see `hf_sft.writer.check_destination`; also an unknown target.
+    """
+    if target not in TARGETS:
+        raise UsageError(f"--to must be one of {', '.join(TARGETS)}, got {target!r}")
+    model_dir = Path(model_dir)
+    sources = [model_dir]
+    tokenizer = tokenizer_dir(model_dir) if model_dir.is_dir() else None
+    if tokenizer is not None and tokenizer != model_dir:
+        sources += [path for path in tokenizer.iterdir() if path.is_file()]
+    kind = TARGETS[target]
+    return check_destination(out, kind=kind, command=export_command(target), sources=sources, overwrite=overwrite)
+
+
+def export_model(
+    model_dir: str | Path, target: str, out: str | Path, mask_buffers: bool = False, overwrite: bool = False
+) -> Path:
     """Export the model in `model_dir` to `target`, written to `out` (a folder; a file for `legacy-pt`).
 
     Args:
@@ -95,44 +147,40 @@ def export_model(model_dir: str | Path, target: str, out: str | Path, mask_buffe
         out: output folder (`gpt2`, `llama`) or `.pt` file (`legacy-pt`).
         mask_buffers: `legacy-pt` of a nanoGPT-style model only: also write the `attn.bias` causal-mask buffers
             that nanoGPT registers (and saves) when PyTorch has no flash attention.
+        overwrite: replace what `out` holds (another program's file or folder).
 
     Returns:
         The path written.
 
     Raises:
         UsageError: unknown target, unusable input or output path, or a model the target cannot express.
+        WriteFailed: the system refused the write (nothing is left behind).
     """
-    if target not in TARGETS:
-        raise UsageError(f"--to must be one of {', '.join(TARGETS)}, got {target!r}")
     if mask_buffers and target != "legacy-pt":
         raise UsageError("--mask_buffers only applies to --to legacy-pt")
-    model_dir, out = resolve_model_dir(model_dir), Path(out)
+    if target == "gguf":
+        from hf_sft.export.gguf_file import export_gguf
+
+        return export_gguf(model_dir, out, overwrite=overwrite).path
+    out = check_export_destination(model_dir, target, out, overwrite)
+    model_dir = resolve_model_dir(model_dir)
     config = load_hfsft_config(model_dir)
     if target == "legacy-pt":
         from hf_sft.export.legacy import export_legacy, legacy_layout
 
-        if out.is_dir():
-            raise UsageError(f"--out {out} is a folder; --to legacy-pt writes a file such as {out / 'model.pt'}")
         layout = legacy_layout(config, model_dir)
         if mask_buffers and layout != "nanogpt":
             raise UsageError("--mask_buffers applies to nanoGPT-style models only (simple_llama saves no mask)")
-        export_legacy(load_hfsft_model(model_dir), layout, out, mask_buffers=mask_buffers)
+        model = load_hfsft_model(model_dir)
+        with new_file(out) as staging:
+            export_legacy(model, layout, staging, mask_buffers=mask_buffers)
         return out
 
     from hf_sft.export.stock import export_stock
 
-    _check_out_folder(out, model_dir)
     check_exportable(config, target, model_dir)
-    export_stock(load_hfsft_model(model_dir), target, model_dir, out)
+    check_tokenizer(model_dir)
+    model = load_hfsft_model(model_dir)
+    with new_folder(out, command=export_command(target)) as staging:
+        export_stock(model, target, model_dir, staging)
     return out
-
-
-def _check_out_folder(out: Path, model_dir: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
-    if out.exists() and out.resolve() == model_dir.resolve():
-        raise UsageError(f"--out {out} is the model folder itself: choose another folder")
-    stale = sorted(p.name for p in out.glob("*.py")) if out.is_dir() else []
-    if stale:
-        # A loader would find these beside the stock config; the point of the export is a folder without code.
-        raise UsageError(f"--out {out} already holds Python files ({', '.join(stale)}): choose an empty folder")

@@ -69,14 +69,13 @@ def export_legacy(model, layout: str, out: Path, mask_buffers: bool = False) -> 
     Args:
         model: an `HfSftGPTForCausalLM`.
         layout: `legacy_layout(model.config)`.
-        out: the `.pt` file to write (parent folders are created).
+        out: the `.pt` file to write (the temporary file `hf_sft.writer.new_file` hands out).
         mask_buffers: nanoGPT only: also write the `attn.bias` causal masks nanoGPT saves without flash attention.
     """
     if layout == "nanogpt":
         checkpoint = {"model_state_dict": nanogpt_state_dict(model, mask_buffers), "model_args": nanogpt_args(model)}
     else:
         checkpoint = {"model_state_dict": simple_llama_state_dict(model), "config": simple_llama_config(model)}
-    out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint, out)
 
 

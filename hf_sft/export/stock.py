@@ -37,6 +37,7 @@ def gpt2_config(config) -> GPT2Config:
     return GPT2Config(
         vocab_size=config.vocab_size,
         n_positions=config.max_position_embeddings,
+        n_ctx=config.max_position_embeddings,  # the 4.x name, which llama.cpp's converter reads from config.json
         n_embd=config.hidden_size,
         n_layer=config.num_hidden_layers,
         n_head=config.num_attention_heads,

@@ -6,13 +6,16 @@
 Every default is stated once, in its `field(...)`.
 
 Precedence, lowest first: those defaults, the YAML file, the command line. The seed `finetune_gpt.py`'s flag names
-are accepted everywhere (YAML too) and renamed to their `TrainingArguments` equivalents.
+are accepted everywhere (YAML too) and renamed to their `TrainingArguments` equivalents. A bad flag or value is one
+line (exit 2), and every float flag is a finite number, on the command line and in the YAML alike.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +28,7 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy, Scheduler
 from hf_sft.data.lengths import LENGTH_POLICIES
 from hf_sft.data.template import DEFAULT_FORMAT, FORMATS
 from hf_sft.errors import UsageError
+from hf_sft.flags import OneLineErrors, finite_floats
 
 # finetune_gpt.py flag -> TrainingArguments field
 LEGACY_NAMES = {
@@ -41,6 +45,12 @@ LEGACY_NAMES = {
     "beta1": "adam_beta1",
     "beta2": "adam_beta2",
 }
+_SEED_NAMES = {new: old for old, new in LEGACY_NAMES.items()}
+
+
+def flag(name: str) -> str:
+    """How a field is spelled on the command line, with the seed script's name where it has one."""
+    return f"--{_SEED_NAMES[name]}" if name in _SEED_NAMES else f"--{name}"
 
 
 @dataclass
@@ -223,25 +233,19 @@ DEMO_OVERRIDES = {
 }
 
 
+class TrainingParser(OneLineErrors, HfArgumentParser):
+    """`HfArgumentParser` over `ARGUMENT_CLASSES` whose errors are one line (`UsageError`)."""
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, SFTTrainingArguments]:
     """Parse YAML + command line into `(ModelArguments, DataArguments, SFTTrainingArguments)`; none: the demo."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
-    for action in parser._actions:
-        if action.dest == "hub_private_repo":  # `bool | None` in TrainingArguments: let the bare flag mean true
-            action.nargs, action.const = "?", True
-    argv = _rename_legacy_flags(argv)
-    defaults = {}
-    if not argv or "--demo" in argv:
-        defaults.update(DEMO_OVERRIDES)
-    config_path = _peek_config(argv)
-    if config_path:
-        defaults.update(load_yaml(config_path, parser))
-    parser.set_defaults(**defaults)
+    parser, argv, _ = _prepared(list(sys.argv[1:] if argv is None else argv))
     try:
         model_args, data_args, training_args, leftover = parser.parse_args_into_dataclasses(
             argv, return_remaining_strings=True
         )
+    except json.JSONDecodeError as err:  # TrainingArguments.__post_init__ reads its dict flags as JSON
+        raise UsageError(f"{_json_flag(parser, argv)} is not valid JSON: {err}") from None
     except ValueError as err:  # TrainingArguments.__post_init__ rejects inconsistent combinations
         raise UsageError(str(err)) from None
     if leftover:
@@ -250,6 +254,58 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         # Counts real tokens for the tokens/s figure; argparse cannot take this as a default (its type is bool).
         training_args = dataclasses.replace(training_args, include_num_input_tokens_seen="non_padding")
     return model_args, data_args, training_args
+
+
+def _json_flag(parser: HfArgumentParser, argv: list[str]) -> str:
+    """The dict flag (given as a JSON string) whose value does not parse."""
+    namespace, _ = parser.parse_known_args(argv)
+    for name in getattr(TrainingArguments, "_VALID_DICT_FIELDS", ()):
+        value = getattr(namespace, name, None)
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            try:
+                json.loads(value)
+            except ValueError:
+                return flag(name)
+    return "a dict flag"
+
+
+def given_fields(argv: list[str]) -> set[str]:
+    """The fields that `argv` sets: named in any spelling the parser accepts, or a key of its `--config` YAML.
+
+    The parser itself decides, so every spelling counts that it takes: `--x v`, `--x=v`, `--x-y`, `--no_x`, the
+    seed script's names and unambiguous prefixes. It parses into a namespace whose every field holds a marker;
+    the fields whose marker was replaced were given.
+    """
+    parser, argv, yaml_keys = _prepared(list(argv))
+    marker = object()
+    blank = argparse.Namespace(**{a.dest: marker for a in parser._actions if a.dest != argparse.SUPPRESS})
+    namespace, _ = parser.parse_known_args(argv, namespace=blank)
+    return {name for name, value in vars(namespace).items() if value is not marker} | yaml_keys
+
+
+def build_parser() -> TrainingParser:
+    """The training parser: every dataclass field a flag, float flags finite, `--hub_private_repo` bare."""
+    parser = TrainingParser(ARGUMENT_CLASSES)
+    for action in parser._actions:
+        if action.dest == "hub_private_repo":  # `bool | None` in TrainingArguments: let the bare flag mean true
+            action.nargs, action.const = "?", True
+    finite_floats(parser, spelling=lambda action: flag(action.dest))
+    return parser
+
+
+def _prepared(argv: list[str]) -> tuple[TrainingParser, list[str], set[str]]:
+    """The parser with its defaults for this command line (the demo's, then the YAML's), the command line with
+    seed names renamed, and the YAML's keys."""
+    parser = build_parser()
+    argv = _rename_legacy_flags(argv)
+    defaults = {}
+    if not argv or "--demo" in argv:
+        defaults.update(DEMO_OVERRIDES)
+    config_path = _peek_config(argv)
+    values = load_yaml(config_path, parser) if config_path else {}
+    defaults.update(values)
+    parser.set_defaults(**defaults)
+    return parser, argv, set(values)
 
 
 def add_dataclass_arguments(parser, dataclass_type) -> None:
@@ -272,7 +328,10 @@ def from_namespace(dataclass_type, namespace):
 
 
 def load_yaml(path: str | Path, parser: HfArgumentParser) -> dict:
-    """Read a training YAML; keys are flag names (seed names allowed), unknown keys are an error."""
+    """Read a training YAML; keys are flag names (seed names allowed), unknown keys are an error.
+
+    A number for a float flag is handed to the parser as text, so that it is checked as the command line's is.
+    """
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"config file not found: {path}")
@@ -283,10 +342,13 @@ def load_yaml(path: str | Path, parser: HfArgumentParser) -> dict:
     if not isinstance(values, dict):
         raise UsageError(f"{path} must hold a mapping of flag names to values")
     values = {LEGACY_NAMES.get(key, key): value for key, value in values.items()}
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(values) - known)
+    actions = {action.dest: action for action in parser._actions}
+    unknown = sorted(set(values) - set(actions))
     if unknown:
         raise UsageError(f"{path}: unknown keys {', '.join(unknown)} (see --help for the flag names)")
+    for key, value in values.items():
+        if getattr(actions[key].type, "__name__", None) == "float" and isinstance(value, int | float):
+            values[key] = repr(value)
     return values
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import transformers
 from transformers import TrainerCallback, set_seed
 
-from hf_sft.errors import UsageError
+from hf_sft.errors import UsageError, bad_input
 from hf_sft.training import engines
 from hf_sft.training.arguments import DataArguments, ModelArguments, SFTTrainingArguments, parse_args
 from hf_sft.training.checkpoints import (
@@ -28,12 +28,12 @@ from hf_sft.training.feedback import (
 )
 from hf_sft.training.output import check_hub_args, save_final
 from hf_sft.training.resume import (
-    ResumeLogCallback,
     RunRecordCallback,
     load_from_checkpoint,
     record_arguments,
     resume_arguments,
 )
+from hf_sft.training.resumed_state import ResumeCallback
 from hf_sft.training.run_folder import check_run_folder, claim_run_folder, release_run_folders
 from hf_sft.training.run_log import ConsoleHandler, hold_run_log, start_run_log
 from hf_sft.training.setup import (
@@ -146,7 +146,7 @@ def _run(
     engines.check_engine(engine, trainer.accelerator)
     logger.info("engine %s", engines.describe(trainer.accelerator))
     if resume:
-        trainer.add_callback(ResumeLogCallback(resume))
+        trainer.add_callback(ResumeCallback(resume, trainer))
     trainer.callback_handler.callbacks.insert(0, ThroughputCallback())
     if eval_dataset is not None:
         trainer.add_callback(EvaluateAtEpochEndCallback())
@@ -218,7 +218,8 @@ def _wrap_lora(model, args: SFTTrainingArguments):
         target_modules=[t.strip() for t in args.lora_targets.split(",") if t.strip()],
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, config)
+    with bad_input(f"--lora_targets {args.lora_targets}"):
+        model = get_peft_model(model, config)
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("LoRA: training %d of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
     return model

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast, TrainingArguments
 
 from hf_sft.configuration_hfsft_gpt import HfSftGPTConfig
-from hf_sft.errors import UsageError
+from hf_sft.errors import UsageError, bad_input
 from hf_sft.modeling_hfsft_gpt import HfSftGPTForCausalLM
 from hf_sft.tokenizer import load_tokenizer
 from hf_sft.training.arguments import DataArguments, ModelArguments
@@ -63,7 +63,8 @@ def load_model_and_tokenizer(
         return model, tokenizer, f"legacy checkpoint {Path(source).name}"
     tokenizer = load_run_tokenizer(model_args, data_args)
     if source:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        with bad_input(f"--pretrained_ckpt_path {source}: cannot load the model"):
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         return model, tokenizer, source
     logger.warning(
         "no --pretrained_ckpt_path: initialising a NEW %s-style model from scratch (%d layers, width %d). "
@@ -98,7 +99,8 @@ def base_config(model_args: ModelArguments, tokenizer: PreTrainedTokenizerFast) 
 
         return load_legacy_checkpoint(source).config
     if source:
-        return AutoConfig.from_pretrained(source)
+        with bad_input(f"--pretrained_ckpt_path {source}: cannot read the model configuration"):
+            return AutoConfig.from_pretrained(source)
     return HfSftGPTConfig(
         family=model_args.model_family,
         vocab_size=len(tokenizer),
