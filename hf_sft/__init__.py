@@ -5,7 +5,6 @@ works without `trust_remote_code`; saved folders also carry the model code for u
 """
 
 from transformers import (
-    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForQuestionAnswering,
@@ -23,10 +22,16 @@ from .modeling_hfsft_gpt import (
 )
 
 __version__ = "0.1.0"
+# The code `save_pretrained` copies beside the weights: the modeling file and the siblings it imports.
+MODEL_CODE_FILES = (
+    "configuration_hfsft_gpt.py",
+    "heads_hfsft_gpt.py",
+    "modeling_hfsft_gpt.py",
+    "packing_hfsft_gpt.py",
+)
 
-AutoConfig.register(HfSftGPTConfig.model_type, HfSftGPTConfig, exist_ok=True)
-# The heads start the stages after SFT: AutoModelForSequenceClassification.from_pretrained(sft_folder) trains a reward
-# model.
+# The config registers itself with AutoConfig (configuration_hfsft_gpt.py). The heads start the stages after SFT:
+# AutoModelForSequenceClassification.from_pretrained(sft_folder) trains a reward model.
 AUTO_CLASSES = {
     AutoModel: HfSftGPTModel,
     AutoModelForCausalLM: HfSftGPTForCausalLM,
@@ -36,7 +41,7 @@ AUTO_CLASSES = {
 }
 for _auto, _model in AUTO_CLASSES.items():
     _auto.register(HfSftGPTConfig, _model, exist_ok=True)
-    # save_pretrained writes `auto_map` and copies the two code files, for Hub users who do not have hf_sft.
+    # save_pretrained writes `auto_map` and copies the model code files, for Hub users who do not have hf_sft.
     _model.register_for_auto_class(_auto.__name__)
 HfSftGPTConfig.register_for_auto_class()
 
@@ -47,5 +52,6 @@ __all__ = [
     "HfSftGPTForSequenceClassification",
     "HfSftGPTForTokenClassification",
     "HfSftGPTForQuestionAnswering",
+    "MODEL_CODE_FILES",
     "__version__",
 ]

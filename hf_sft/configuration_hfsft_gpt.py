@@ -9,7 +9,7 @@ Every component can also be set on its own; ``family`` only chooses the defaults
 This file imports only the standard library and transformers: Hub users execute it.
 """
 
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 FAMILY_DEFAULTS = {
@@ -199,5 +199,11 @@ class HfSftGPTConfig(PretrainedConfig):
                 f"rotary positions need an even head size, got hidden_size/num_attention_heads = {self.head_dim}"
             )
 
+
+# Registered wherever this file runs: with the hf_sft package, and for Hub users when `trust_remote_code=True` runs
+# the folder's copy. `AutoTokenizer.from_pretrained(folder)` reads the folder's config first, and an unregistered
+# `model_type` with an `auto_map` would make it ask whether to run custom code (and wait for an answer, in a
+# terminal) although the tokenizer needs none. AutoConfig then reads every folder of this type with this class.
+AutoConfig.register(HfSftGPTConfig.model_type, HfSftGPTConfig, exist_ok=True)
 
 __all__ = ["HfSftGPTConfig"]

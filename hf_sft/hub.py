@@ -1,8 +1,8 @@
 """Pushing a model folder to the Hugging Face Hub: what goes up, with which token, and failing fast without network.
 
 What is uploaded is an allow-list, not the whole folder: weights (safetensors), `config.json` (with `auto_map`), the
-code files `auto_map` names, the tokenizer with its chat template, `generation_config.json`, the model card and the
-loss plot it shows. Logs, `training_args.bin` and checkpoints stay local.
+code files `auto_map` names and those they import, the tokenizer with its chat template, `generation_config.json`,
+the model card and the loss plot it shows. Logs, `training_args.bin` and checkpoints stay local.
 
 The token comes from `HF_TOKEN` or the saved login (`hf auth login`), read by `huggingface_hub.get_token`. It is
 passed to `huggingface_hub` only; no message of ours contains it, and a folder that contains it is refused.
@@ -78,6 +78,13 @@ def files_to_upload(folder: str | Path) -> list[str]:
     missing = [name for name in code if not (folder / name).is_file()]
     if missing:
         raise UsageError(f"{folder} lacks the model code that config.json's auto_map names: {', '.join(missing)}")
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    try:  # and the files these import by single-dot imports, which save_pretrained copied beside them
+        code += [Path(f).name for name in code for f in get_relative_import_files(str(folder / name))]
+    except FileNotFoundError as err:
+        missing = Path(err.filename).name
+        raise UsageError(f"{folder} lacks a model code file that the others import: {missing}") from None
     weights = sorted(p.name for p in folder.glob("*.safetensors")) + sorted(
         p.name for p in folder.glob("*.safetensors.index.json")
     )

@@ -14,6 +14,9 @@ from hf_sft.errors import UsageError, bad_input
 logger = logging.getLogger(__name__)
 
 DEFAULT_SPECIAL_TOKENS = {"bos_token": "[BOS]", "eos_token": "[EOS]", "pad_token": "[PAD]", "unk_token": "[UNK]"}
+# transformers 5.x's `from_pretrained` records these in `init_kwargs`, and `save_pretrained` writes them into
+# tokenizer_config.json (it drops `name_or_path` only).
+_LOAD_TIME_KEYS = ("is_local", "local_files_only")
 
 
 def load_tokenizer(
@@ -62,6 +65,8 @@ def _load_folder(path: Path, bos_token, eos_token, pad_token, unk_token) -> PreT
         raise UsageError(f"no tokenizer.json in {path}")
     with bad_input(f"cannot load the tokenizer in {path}"):
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    for key in _LOAD_TIME_KEYS:  # how it was loaded is no setting of the tokenizer's: saving it again must not keep it
+        tokenizer.init_kwargs.pop(key, None)
     overrides = {"bos_token": bos_token, "eos_token": eos_token, "pad_token": pad_token, "unk_token": unk_token}
     current = {name: getattr(tokenizer, name) for name in overrides}
     specials = {name: overrides[name] or current[name] for name in overrides}

@@ -18,8 +18,9 @@ echo "== packed attention on $(python3 -c 'import torch; print(torch.cuda.get_de
 python3 - <<'EOF'
 import torch
 
-import hf_sft.modeling_hfsft_gpt as modeling
 from hf_sft.configuration_hfsft_gpt import HfSftGPTConfig
+from hf_sft.modeling_hfsft_gpt import HfSftGPTForCausalLM
+from hf_sft.packing_hfsft_gpt import fast_attention_layout
 
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 families = {"nanogpt": {"family": "nanogpt"}, "llama": {"family": "llama", "num_key_value_heads": 2}}
@@ -27,12 +28,13 @@ lengths = [37, 130, 5, 300, 64]
 for name, extra in families.items():
     torch.manual_seed(0)
     config = HfSftGPTConfig(vocab_size=512, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, **extra)
-    model = modeling.HfSftGPTForCausalLM(config).cuda().eval()
+    model = HfSftGPTForCausalLM(config).cuda().eval()
     ids = torch.randint(0, 512, (1, sum(lengths)), device="cuda")
     positions = torch.cat([torch.arange(n, device="cuda") for n in lengths])[None]
     for dtype, expected, tolerance in ((torch.bfloat16, "varlen", 5e-2), (torch.float32, "document_mask", 1e-4)):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            layout = model.model._fast_training_layout(None, positions)
+            embeds = model.model.embed_tokens(ids)
+            layout = fast_attention_layout(config, embeds, None, positions, model.training)
             kind = "varlen" if "cu_seq_lens" in layout[1] else "document_mask" if layout[0] is not None else "other"
             assert kind == expected, f"{name} {dtype}: packed rows took {kind}, expected {expected}"
             packed = model(ids, position_ids=positions).logits.float()

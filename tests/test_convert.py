@@ -19,6 +19,7 @@ from helpers.legacy_checkpoints import (
 )
 from transformers import AutoModelForCausalLM
 
+from hf_sft import MODEL_CODE_FILES
 from hf_sft.cli import main
 from hf_sft.convert import convert_checkpoint, load_legacy_checkpoint
 from hf_sft.errors import UsageError
@@ -75,7 +76,7 @@ def test_cli_folder_reproduces_original_logits(shared_dir, tmp_path, capsys, che
     assert model.dtype == torch.float32 and not model.training
     assert_reproduces_logits(model, shared_dir, checkpoint)
     saved = {p.name for p in out.iterdir()}
-    assert {"model.safetensors", "modeling_hfsft_gpt.py", "configuration_hfsft_gpt.py"} <= saved
+    assert {"model.safetensors", *MODEL_CODE_FILES} <= saved
 
     config = json.loads((out / "config.json").read_text())
     generation = json.loads((out / "generation_config.json").read_text())

@@ -15,6 +15,7 @@ import torch
 from helpers.hub_server import HubStandIn
 from helpers.tiny_trained import TINY_TRAIN_ARGS
 
+from hf_sft import MODEL_CODE_FILES
 from hf_sft.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,11 +25,10 @@ MODEL_FILES = {
     "README.md",
     "chat_template.jinja",
     "config.json",
-    "configuration_hfsft_gpt.py",
+    *MODEL_CODE_FILES,
     "generation_config.json",
     "loss.png",
     "model.safetensors",
-    "modeling_hfsft_gpt.py",
     "tokenizer.json",
     "tokenizer_config.json",
 }
@@ -118,7 +118,7 @@ def test_push_command_uploads_exactly_the_model_files(hub, trained, pushed):
     # The weights went through the LFS batch API and a basic-transfer PUT, as on the Hub.
     oid = hashlib.sha256(uploaded["model.safetensors"]).hexdigest()
     assert ("PUT", f"/_lfs/{oid}", 200) in hub.requests
-    assert "pushed 10 files to tester/tiny-sft" in pushed.result.stdout
+    assert f"pushed {len(MODEL_FILES)} files to tester/tiny-sft" in pushed.result.stdout
     assert_token_nowhere([trained.out, pushed.home, hub.root], [pushed.result.stdout, pushed.result.stderr])
 
 
@@ -274,6 +274,10 @@ def test_files_to_upload_checks_the_folder(trained, tmp_path, monkeypatch):
         files_to_upload(folder)
     (folder / "config.json").write_bytes((trained.out / "config.json").read_bytes())
     shutil.copy(trained.out / "modeling_hfsft_gpt.py", folder)
+    (folder / "packing_hfsft_gpt.py").unlink()  # a sibling the modeling file imports
+    with pytest.raises(UsageError, match="lacks a model code file that the others import: packing_hfsft_gpt.py"):
+        files_to_upload(folder)
+    shutil.copy(trained.out / "packing_hfsft_gpt.py", folder)
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
     with pytest.raises(UsageError, match=r"no \*\.safetensors weights"):
         files_to_upload(folder)

@@ -10,7 +10,11 @@ import pytest
 import torch
 from helpers.tiny_trained import train_tiny
 
+from hf_sft import MODEL_CODE_FILES
+
 LOADER = Path(__file__).resolve().parent / "helpers" / "load_anywhere.py"
+README = Path(__file__).resolve().parents[1] / "README.md"
+QUESTION = "Do you wish to run the custom code?"  # what transformers asks (and waits for) before running remote code
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +49,7 @@ def run_loader(source: str, mode: str, cwd: Path, env: dict | None = None) -> di
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert QUESTION not in result.stdout + result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -95,6 +100,24 @@ def test_saved_folder_carries_the_code_and_auto_map(trained):
         "AutoModelForTokenClassification": "modeling_hfsft_gpt.HfSftGPTForTokenClassification",
         "AutoModelForQuestionAnswering": "modeling_hfsft_gpt.HfSftGPTForQuestionAnswering",
     }
-    for name in ("configuration_hfsft_gpt.py", "modeling_hfsft_gpt.py"):
+    assert {p.name for p in trained.glob("*.py")} == set(MODEL_CODE_FILES)
+    for name in MODEL_CODE_FILES:
         code = (trained / name).read_text()
         assert "from hf_sft" not in code and "import hf_sft" not in code, f"{name} imports the hf_sft package"
+
+
+def test_the_readme_snippet_runs_as_written_without_a_question(trained, tmp_path):
+    """The "Load anywhere" snippet, stdin closed and hf_sft unimportable: it answers, and nothing asks to run code."""
+    section = README.read_text().split("### Load anywhere", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'AutoTokenizer.from_pretrained("out/demo")' in snippet  # no trust_remote_code for the tokenizer
+    script = tmp_path / "snippet.py"
+    script.write_text("import sys\nsys.modules['hf_sft'] = None\n" + snippet.replace("out/demo", str(trained)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert QUESTION not in result.stdout + result.stderr
+    assert result.stdout.strip()  # the pipeline's answer

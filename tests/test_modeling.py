@@ -1,15 +1,18 @@
 """The model behaves like an in-tree transformers causal LM, for both families (transformers' tester pattern)."""
 
 import copy
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GenerationConfig
 from transformers.cache_utils import DynamicCache
+from transformers.dynamic_module_utils import get_relative_import_files
 
-from hf_sft import AUTO_CLASSES, HfSftGPTConfig, HfSftGPTForCausalLM, HfSftGPTModel
+from hf_sft import AUTO_CLASSES, MODEL_CODE_FILES, HfSftGPTConfig, HfSftGPTForCausalLM, HfSftGPTModel, heads_hfsft_gpt
 from hf_sft.modeling_hfsft_gpt import CACHE_FIELD
 
 VOCAB = 97
@@ -95,6 +98,38 @@ def test_loss_equals_hand_computed_shifted_cross_entropy(config):
     # num_items_in_batch turns the mean into sum / N: what makes accumulation equal one large batch.
     summed = model(input_ids, labels=labels, num_items_in_batch=torch.tensor(50)).loss
     torch.testing.assert_close(summed, F.cross_entropy(shift_logits[keep], shift_labels[keep], reduction="sum") / 50)
+
+
+@pytest.mark.parametrize("path", ["full logits", "supervised only", "supervised only, chunked"])
+@pytest.mark.parametrize("family", ["nanogpt", "llama"])
+def test_causal_lm_loss_honors_shift_labels(family, path, monkeypatch):
+    """transformers 5.24's common check: given `shift_labels`, the loss follows them and ignores `labels`.
+
+    Context and sequence parallelism shift the labels over the whole sequence, then cut it into shards and pass each
+    shard its `shift_labels`: a model that shifted `labels` again would train every shard on the wrong targets.
+    """
+    if path.endswith("chunked"):
+        monkeypatch.setattr(heads_hfsft_gpt, "LOSS_CHUNK_ELEMENTS", 2 * VOCAB)  # 2 rows per chunk
+    model = make_model(tiny_config(family))
+    model.supervised_logits_only = path != "full logits"
+    input_ids = ids()
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]  # what each position predicts
+    loss = model(input_ids, labels=labels).loss
+    given = model(input_ids, labels=labels, shift_labels=shift_labels)
+    torch.testing.assert_close(given.loss, loss)
+    assert (given.logits is None) == path.endswith("chunked")
+    torch.testing.assert_close(model(input_ids, shift_labels=shift_labels).loss, loss)  # labels are not needed
+    other_labels = (labels.clamp(min=0) + 1) % VOCAB  # only `labels` change (all of them): the loss stays
+    torch.testing.assert_close(model(input_ids, labels=other_labels, shift_labels=shift_labels).loss, loss)
+    moved = shift_labels.clone()  # `shift_labels` change: the loss moves
+    moved[:, 4:8] = (moved[:, 4:8] + 1) % VOCAB
+    assert not torch.allclose(model(input_ids, labels=labels, shift_labels=moved).loss, loss)
+    last = shift_labels.clone()  # a shard's last position predicts the next shard's first token
+    last[:, -1] = 5
+    expected = F.cross_entropy(model(input_ids).logits.reshape(-1, VOCAB), last.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(model(input_ids, labels=labels, shift_labels=last).loss, expected)
 
 
 def test_causality_future_tokens_do_not_change_past_logits(config):
@@ -219,7 +254,12 @@ def test_save_and_load_round_trip_is_exact(config, tmp_path):
     model = make_model(config)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
-    assert {"configuration_hfsft_gpt.py", "modeling_hfsft_gpt.py"} <= {p.name for p in tmp_path.iterdir()}
+    # The code files: the modeling file and every sibling it imports (what transformers follows), no other.
+    assert {p.name for p in tmp_path.glob("*.py")} == set(MODEL_CODE_FILES)
+    modeling_file = sys.modules[HfSftGPTForCausalLM.__module__].__file__
+    assert {"modeling_hfsft_gpt.py", *(Path(f).name for f in get_relative_import_files(modeling_file))} == set(
+        MODEL_CODE_FILES
+    )
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert isinstance(loaded, HfSftGPTForCausalLM)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):

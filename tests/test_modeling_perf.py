@@ -1,4 +1,4 @@
-"""The model's training fast paths give the exact masked/full-logits results; the benchmark scripts run."""
+"""The training fast paths (packed attention, supervised-only LM head) equal the plain paths; the benchmarks run."""
 
 import os
 import subprocess
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_sft import modeling_hfsft_gpt
+from hf_sft import heads_hfsft_gpt, packing_hfsft_gpt
 from hf_sft.configuration_hfsft_gpt import HfSftGPTConfig
-from hf_sft.modeling_hfsft_gpt import HfSftGPTForCausalLM
+from hf_sft.modeling_hfsft_gpt import HfSftGPTForCausalLM, default_position_ids
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -66,23 +66,75 @@ def assert_each_example_alone(model, input_ids: torch.Tensor, packed_logits: tor
         start += length
 
 
+def fast_layout(model, attention_mask, position_ids):
+    """The layout the model's forward would take for this batch, in the model's current mode."""
+    embeds = model.model.embed_tokens(torch.zeros_like(position_ids))
+    return packing_hfsft_gpt.fast_attention_layout(model.config, embeds, attention_mask, position_ids, model.training)
+
+
 def test_fast_layout_is_chosen_only_where_it_is_exact():
     model = make_model("nanogpt").train()
-    base = model.model
     input_ids, attention_mask, _ = right_padded_batch()
-    positions = base._default_position_ids(model.config, base.embed_tokens(input_ids), attention_mask, None)
-    assert base._fast_training_layout(attention_mask, positions) == (None, {})
+    positions = default_position_ids(model.config, model.model.embed_tokens(input_ids), attention_mask, None)
+    assert fast_layout(model, attention_mask, positions) == (None, {})
     left = attention_mask.flip(-1)
-    assert base._fast_training_layout(left, positions) is None
+    assert fast_layout(model, left, positions) is None
     _, packed_positions, _ = packed_row()
     segments = (None, {"segment_lengths": [5, 9, 3]})
-    assert base._fast_training_layout(None, packed_positions) == segments
-    assert base._fast_training_layout(None, packed_positions + 1) is None  # not restarting at 0: not packed
+    assert fast_layout(model, None, packed_positions) == segments
+    assert fast_layout(model, None, packed_positions + 1) is None  # not restarting at 0: not packed
     model.eval()
-    assert base._fast_training_layout(attention_mask, positions) is None
-    assert base._fast_training_layout(None, packed_positions) == segments  # exact everywhere: eval too
+    assert fast_layout(model, attention_mask, positions) is None
+    assert fast_layout(model, None, packed_positions) == segments  # exact everywhere: eval too
     model.train().config._attn_implementation = "eager"
-    assert base._fast_training_layout(attention_mask, positions) is None
+    assert fast_layout(model, attention_mask, positions) is None
+
+
+def test_a_replaced_sdpa_function_sees_every_attention_call(monkeypatch):
+    """Sequence parallelism (DeepSpeed's Ulysses) wraps transformers' SDPA function: no packed kernel may bypass it."""
+    model = make_model("llama_gqa").train()
+    input_ids, position_ids, labels = packed_row()
+    reference = model(input_ids, position_ids=position_ids, labels=labels)
+    sdpa, calls = packing_hfsft_gpt.ALL_ATTENTION_FUNCTIONS["sdpa"], []
+
+    def wrapped(module, query, key, value, attention_mask, **kwargs):
+        calls.append(attention_mask.shape if attention_mask is not None else None)
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(packing_hfsft_gpt.ALL_ATTENTION_FUNCTIONS, "sdpa", wrapped)
+    assert fast_layout(model, None, position_ids) is None
+    out = model(input_ids, position_ids=position_ids, labels=labels)
+    assert len(calls) == 2 and all(shape[-2:] == (17, 17) for shape in calls)  # every layer, with the packed mask
+    torch.testing.assert_close(out.logits, reference.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_context_parallel_attention_is_left_to_sdpa():
+    """accelerate's context-parallel hook asks the attention for plain causal SDPA, where its ring attention works."""
+    from accelerate.big_modeling import _attach_context_parallel_hooks
+
+    model = make_model("llama_gqa").train()
+    input_ids, position_ids, _ = packed_row()
+    plain_causal = model(input_ids, position_ids=position_ids, attention_mask=torch.ones_like(input_ids)).logits
+    packed = model(input_ids, position_ids=position_ids).logits
+    assert not torch.allclose(packed, plain_causal, atol=1e-3)  # the row's examples attend to each other there
+    _attach_context_parallel_hooks(model)
+    torch.testing.assert_close(model(input_ids, position_ids=position_ids).logits, plain_causal, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_off_the_cpu_choosing_a_layout_reads_no_device_tensor(name):
+    """Meta tensors stand in for an accelerator's: the host cannot read them, so any read while choosing raises."""
+    with torch.device("meta"):
+        model = make_model(name).train()
+    input_ids, position_ids, labels = (t.to("meta") for t in packed_row())
+    packed = fast_layout(model, None, position_ids)
+    assert packed[0].shape == (1, 1, 17, 17) and packed[1] == {}  # the device-built document mask
+    model(input_ids, position_ids=position_ids, labels=labels).loss.backward()  # a whole packed training step
+    boundaries = packing_hfsft_gpt.varlen_boundaries(packing_hfsft_gpt.packed_document_ids(position_ids))
+    assert boundaries.shape == (18,) and boundaries.dtype == torch.int32  # the CUDA kernel's boundaries alike
+    padded_ids, attention_mask, _ = (t.to("meta") for t in right_padded_batch())
+    positions = default_position_ids(model.config, model.model.embed_tokens(padded_ids), attention_mask, None)
+    assert fast_layout(model, attention_mask, positions) is None  # declined unread
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -120,12 +172,12 @@ def test_packed_training_forward_equals_examples_alone(name):
 
 
 def test_packed_attention_kind_follows_device_precision_and_dropout():
-    kind = modeling_hfsft_gpt.packed_attention_kind
+    kind = packing_hfsft_gpt.packed_attention_kind
     assert kind(torch.device("cpu"), half_precision=False, dropout=0.0) == "segments"
     assert kind(torch.device("cpu"), half_precision=True, dropout=0.0) == "segments"
     assert kind(torch.device("meta"), half_precision=True, dropout=0.0) == "document_mask"
     cuda = torch.device("cuda")
-    expected = "varlen" if modeling_hfsft_gpt.varlen_attn is not None else "document_mask"
+    expected = "varlen" if packing_hfsft_gpt.varlen_attn is not None else "document_mask"
     assert kind(cuda, half_precision=True, dropout=0.0) == expected
     assert kind(cuda, half_precision=False, dropout=0.0) == "document_mask"  # the flash kernel has no fp32
     assert kind(cuda, half_precision=True, dropout=0.1) == "document_mask"
@@ -133,9 +185,9 @@ def test_packed_attention_kind_follows_device_precision_and_dropout():
 
 def test_varlen_boundaries_have_a_fixed_size():
     _, position_ids, _ = packed_row()
-    document_ids = modeling_hfsft_gpt.packed_document_ids(position_ids)
+    document_ids = packing_hfsft_gpt.packed_document_ids(position_ids)
     assert document_ids.tolist() == [[0] * 5 + [1] * 9 + [2] * 3]
-    boundaries = modeling_hfsft_gpt.varlen_boundaries(document_ids)
+    boundaries = packing_hfsft_gpt.varlen_boundaries(document_ids)
     assert boundaries.dtype == torch.int32
     assert boundaries.tolist() == [0, 5, 14] + [17] * 15  # T + 1 entries: the tail is empty examples
 
@@ -148,8 +200,8 @@ def test_half_precision_segments_take_the_eager_form_and_agree_with_fp32(groups)
     lengths = [5, 9, 3]
     query = torch.randn(1, 4, 17, 8)
     key, value = torch.randn(1, 4 // groups, 17, 8), torch.randn(1, 4 // groups, 17, 8)
-    reference, _ = modeling_hfsft_gpt.segmented_sdpa_attention(module, query, key, value, None, 8**-0.5, 0.0, lengths)
-    half, _ = modeling_hfsft_gpt.segmented_sdpa_attention(
+    reference, _ = packing_hfsft_gpt.segmented_sdpa_attention(module, query, key, value, None, 8**-0.5, 0.0, lengths)
+    half, _ = packing_hfsft_gpt.segmented_sdpa_attention(
         module, query.bfloat16(), key.bfloat16(), value.bfloat16(), None, 8**-0.5, 0.0, lengths
     )
     assert half.dtype == torch.bfloat16 and half.shape == (1, 17, 4, 8)
@@ -168,8 +220,8 @@ def test_document_mask_packed_attention_equals_examples_alone(name, monkeypatch)
     segments = model(input_ids, position_ids=position_ids, labels=labels)
     segments.loss.backward()
     segment_grads = gradients(model)
-    monkeypatch.setattr(modeling_hfsft_gpt, "packed_attention_kind", lambda *args: "document_mask")
-    assert model.model._fast_training_layout(None, position_ids)[0].shape == (1, 1, 17, 17)
+    monkeypatch.setattr(packing_hfsft_gpt, "packed_attention_kind", lambda *args: "document_mask")
+    assert fast_layout(model, None, position_ids)[0].shape == (1, 1, 17, 17)
     packed = model(input_ids, position_ids=position_ids, labels=labels)
     packed.loss.backward()
     torch.testing.assert_close(packed.logits, segments.logits, atol=1e-5, rtol=1e-5)
@@ -204,7 +256,7 @@ def test_packed_training_step_compiles_in_one_graph(name):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_supervised_only_logits_give_the_full_loss_and_gradients(name, chunked, monkeypatch):
     if chunked:  # 97-token vocabulary, 2 rows per chunk
-        monkeypatch.setattr(modeling_hfsft_gpt, "LOSS_CHUNK_ELEMENTS", 2 * 97)
+        monkeypatch.setattr(heads_hfsft_gpt, "LOSS_CHUNK_ELEMENTS", 2 * 97)
     model = make_model(name).train()
     model.supervised_logits_only = True
     input_ids, attention_mask, labels = right_padded_batch()

@@ -266,3 +266,19 @@ def _a_value(parser, action) -> str | None:
         except Exception:  # noqa: BLE001 - try the next kind of value
             continue
     return None
+
+
+def test_a_resumed_tied_model_reports_no_missing_head_and_saves_a_clean_tokenizer(tmp_path):
+    """nanoGPT-style: the tied head is saved once, as the embedding; resuming re-ties it without a warning."""
+    flags = ["--tokenizer_path", TOKENIZER, "--data_path", DATA, "--model_family", "nanogpt", "--max_iters", "4"]
+    assert main(["train", *NEW_MODEL, *flags, "--save_interval", "2", "--out_dir", str(tmp_path / "full")]) == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", out / "checkpoint-2")
+    assert main(["train", "--resume_from_ckpt_path", str(out / "checkpoint-2")]) == 0
+    log = (out / "train.log").read_text()  # transformers' warnings reach it too
+    assert "resumed from checkpoint-2" in log and "missing keys" not in log
+    full, resumed = load_file(tmp_path / "full" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(full[name], resumed[name]) for name in full)
+    for folder in (out, out / "checkpoint-4"):  # the resumed run's tokenizer was loaded from its checkpoint
+        assert not {"is_local", "local_files_only"} & json.loads((folder / "tokenizer_config.json").read_text()).keys()

@@ -16,6 +16,7 @@ from helpers.ports import free_port
 from test_training import TINY, TRAIN, subprocess_env, train, weights
 from transformers import AutoModelForCausalLM
 
+from hf_sft import MODEL_CODE_FILES
 from hf_sft.cli import main
 from hf_sft.training import engines
 from hf_sft.training.checkpoints import COMPLETE_MARKER
@@ -43,7 +44,7 @@ RUNS = [
 ]  # fmt: skip
 STOCK = {"llama": "llama", "nanogpt": "gpt2"}  # `hf-sft export --to` for each family
 # The files a checkpoint needs to say which model it holds, whatever the engine wrote beside them.
-MODEL_FILES = {"config.json", "configuration_hfsft_gpt.py", "modeling_hfsft_gpt.py", "tokenizer.json"}
+MODEL_FILES = {"config.json", *MODEL_CODE_FILES, "tokenizer.json"}
 
 
 def launch(
@@ -100,7 +101,7 @@ def test_engine_on_two_processes_equals_one_process(runs, engine, family):
 @pytest.mark.parametrize(("engine", "family"), RUNS)
 def test_final_folder_loads_in_one_process_with_rank0_logits(runs, engine, family, tmp_path):
     out = runs(engine, family)
-    assert {p.name for p in out.glob("*.py")} == {"configuration_hfsft_gpt.py", "modeling_hfsft_gpt.py"}
+    assert {p.name for p in out.glob("*.py")} == set(MODEL_CODE_FILES)
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)  # a plain process, no accelerate
     with torch.no_grad():
         logits = model(input_ids=PROBE_IDS).logits

@@ -15,6 +15,7 @@ from helpers.ports import free_port
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hf_sft import MODEL_CODE_FILES
 from hf_sft.cli import main
 from hf_sft.errors import UsageError
 from hf_sft.training.checkpoints import COMPLETE_MARKER
@@ -176,7 +177,7 @@ def test_final_folder_is_complete_and_loads_anywhere(tmp_path):
     assert train(out, "--max_iters", "6", "--val_split", "0.1", "--eval_interval", "3", "--save_interval", "100") == 0
     expected = {
         "config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-        "configuration_hfsft_gpt.py", "modeling_hfsft_gpt.py", "README.md", "loss.png", "train.log",
+        *MODEL_CODE_FILES, "README.md", "loss.png", "train.log",
     }  # fmt: skip
     assert expected <= {p.name for p in out.iterdir()}
     card = (out / "README.md").read_text()

@@ -79,7 +79,7 @@ out = model.generate(**inputs, max_new_tokens=64, do_sample=False)
 print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
-The model code ships in this folder (`modeling_hfsft_gpt.py`, `configuration_hfsft_gpt.py`), hence
+The model code ships in this folder (`modeling_hfsft_gpt.py` and the three files it imports), hence
 `trust_remote_code=True`; with `hf_sft` installed, `import hf_sft` registers the classes and the flag is not needed.
 
 ## Training hyperparameters

@@ -12,6 +12,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from hf_sft import MODEL_CODE_FILES
 from hf_sft.errors import UsageError
 from hf_sft.training.checkpoints import list_checkpoints
 from hf_sft.training.run_lock import RunLock, in_use_message, live_holder
@@ -31,8 +32,7 @@ FINAL_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
-    "configuration_hfsft_gpt.py",
-    "modeling_hfsft_gpt.py",
+    *MODEL_CODE_FILES,
     "README.md",
     "loss.png",
 )
