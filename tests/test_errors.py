@@ -36,6 +36,12 @@ LOADERS_OF = {("json", "loads"), ("json", "load"), ("torch", "load"), ("torch", 
 # Call sites outside a guard, each with why no library exception can escape from it on a user's input.
 PROVEN_SAFE = {
     ("hf_sft/convert.py", "convert_state_dict", "torch.device"): "torch.device('meta'): a constant",
+    ("hf_sft/export/gguf_tokenize.py", "lost_symbols_break", "json.loads"): (
+        "the tokenizers library's own serialisation of a tokenizer already loaded"
+    ),
+    ("hf_sft/export/gguf_vocab.py", "build_vocab", "json.loads"): (
+        "the tokenizers library's own serialisation of a tokenizer already loaded"
+    ),
     ("hf_sft/export/stock.py", "copy_tokenizer_files", "json.loads"): (
         "tokenizer_config.json, parsed by export.check_tokenizer under bad_input before anything is written"
     ),
