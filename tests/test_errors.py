@@ -13,7 +13,10 @@ MODULES = sorted(
     {
         *REPO.glob("hf_sft/commands/*.py"),
         *REPO.glob("hf_sft/export/*.py"),
-        *(REPO / "hf_sft" / f"{m}.py" for m in ("cli", "flags", "convert", "legacy_checkpoint", "safe_pickle")),
+        *(
+            REPO / "hf_sft" / f"{m}.py"
+            for m in ("cli", "flags", "convert", "weight_plans", "legacy_checkpoint", "safe_pickle")
+        ),
         *(REPO / "hf_sft" / f"{m}.py" for m in ("tokenizer", "generate", "hub")),
         *(REPO / "hf_sft" / "training" / f"{m}.py" for m in ("setup", "resume", "resumed_state", "continuation")),
         *(REPO / "hf_sft" / "training" / f"{m}.py" for m in ("validation", "arguments", "run")),
@@ -35,7 +38,7 @@ LOADERS = {
 LOADERS_OF = {("json", "loads"), ("json", "load"), ("torch", "load"), ("torch", "device")}
 # Call sites outside a guard, each with why no library exception can escape from it on a user's input.
 PROVEN_SAFE = {
-    ("hf_sft/convert.py", "convert_state_dict", "torch.device"): "torch.device('meta'): a constant",
+    ("hf_sft/weight_plans.py", "convert_state_dict", "torch.device"): "torch.device('meta'): a constant",
     ("hf_sft/export/gguf_tokenize.py", "lost_symbols_break", "json.loads"): (
         "the tokenizers library's own serialisation of a tokenizer already loaded"
     ),

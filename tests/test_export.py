@@ -11,11 +11,12 @@ from helpers.legacy_checkpoints import NANOGPT, PAIRS, SIMPLE_LLAMA, shared_chec
 
 from hf_sft import HfSftGPTConfig, HfSftGPTForCausalLM
 from hf_sft.cli import main
-from hf_sft.convert import _split_interleaved_qkv, convert_to_folder, load_legacy_checkpoint
+from hf_sft.convert import convert_to_folder, load_legacy_checkpoint
 from hf_sft.export import blockers
 from hf_sft.export.legacy import fuse_interleaved_qkv
 from hf_sft.safe_pickle import load_checkpoint
 from hf_sft.tokenizer import load_tokenizer
+from hf_sft.weight_plans import split_interleaved_qkv
 
 TOKENIZER = Path(__file__).parent / "fixtures" / "tiny_bpe.json"
 ATOL = 1e-4
@@ -254,7 +255,7 @@ def test_legacy_refuses_what_the_original_code_cannot_run(tmp_path, capsys):
 def test_fused_qkv_is_the_inverse_of_converts_split():
     heads, width = 4, 32
     fused = torch.randn(3 * width, width)
-    assert torch.equal(fuse_interleaved_qkv(*_split_interleaved_qkv(fused, heads), heads=heads), fused)
+    assert torch.equal(fuse_interleaved_qkv(*split_interleaved_qkv(fused, heads), heads=heads), fused)
 
 
 def tree(folder: Path) -> dict[str, bytes]:

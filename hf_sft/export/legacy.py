@@ -157,7 +157,7 @@ def simple_llama_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def fuse_interleaved_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Inverse of `hf_sft.convert._split_interleaved_qkv`: q, k, v (D, D) -> simple_llama's fused (3 * D, D).
+    """Inverse of `hf_sft.weight_plans.split_interleaved_qkv`: q, k, v (D, D) -> simple_llama's fused (3 * D, D).
 
     Each head's q/k rows go from rotate-half order ([evens; odds]) back to adjacent pairs, then the rows are
     interleaved per head as [q_h; k_h; v_h].

@@ -161,7 +161,7 @@ def seed_parameter_names(checkpoint: LegacyCheckpoint, optimizer_state: dict) ->
     Raises:
         UsageError: neither grouping fits the saved groups and every moment's shape.
     """
-    from hf_sft.convert import is_ignored_buffer
+    from hf_sft.weight_plans import is_ignored_buffer
 
     weights = checkpoint.state_dict
     names = [name for name, tensor in weights.items() if not is_ignored_buffer(name, tensor)]
@@ -190,7 +190,7 @@ def seed_parameter_names(checkpoint: LegacyCheckpoint, optimizer_state: dict) ->
 
 def converted_moments(run: SeedRun) -> dict[str, dict[str, torch.Tensor]]:
     """AdamW's state per parameter of our model: moments split and permuted exactly as the weights are."""
-    from hf_sft.convert import convert_parameter_tensors
+    from hf_sft.weight_plans import convert_parameter_tensors
 
     names = seed_parameter_names(run.checkpoint, run.optimizer_state)
     states = {names[index]: state for index, state in run.optimizer_state["state"].items() if index in names}
