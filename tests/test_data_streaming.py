@@ -1,5 +1,6 @@
 """--streaming: the map-style run's examples, order and losses, bad records as map-style, resume without re-reading."""
 
+import dataclasses
 import json
 import shutil
 import time
@@ -174,3 +175,53 @@ def test_a_resumed_stream_is_bit_identical_and_reads_nothing_consumed(tmp_path, 
         print(
             f"\nstreaming: 8 steps from scratch {fresh_seconds:.1f} s; from step 4 to 8 resumed {resume_seconds:.1f} s"
         )
+
+
+def test_two_processes_stream_the_one_process_batches(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers.ports import free_port
+    from test_training import subprocess_env
+
+    flags = [*TINY, "--data_path", DATA, "--val_split", "0", "--streaming", "--max_iters", "4", "--save_interval", "4"]
+    flags += ["--gradient_accumulation_steps", "1"]
+    config = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    launch += ["--main_process_port", str(free_port()), str(REPO / "scripts" / "train.py")]
+    two = subprocess.run(
+        [*launch, *flags, "--batch_size", "2", "--out_dir", str(tmp_path / "two")],
+        env=subprocess_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "engine DDP | world size 2" in (tmp_path / "two" / "train.log").read_text()
+    assert main(["train", *flags, "--batch_size", "4", "--out_dir", str(tmp_path / "one")]) == 0
+    one, both = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    for name in one:
+        torch.testing.assert_close(both[name], one[name], atol=1e-5, rtol=0, msg=name)
+    # Both processes recorded the same stream position: 4 steps of 2 x 2 examples.
+    state = json.loads((tmp_path / "two" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["stateful_callbacks"]["StreamPositionCallback"]["attributes"] == {"epoch": 0, "position": 16}
+
+
+def test_steps_follow_from_epochs_and_records():
+    from types import SimpleNamespace
+
+    from hf_sft.training.arguments import SFTTrainingArguments
+    from hf_sft.training.streaming import streaming_arguments
+
+    args = SFTTrainingArguments(output_dir="unused", num_train_epochs=2, per_device_train_batch_size=4, use_cpu=True)
+    split = SimpleNamespace(dataset=SimpleNamespace(shuffle=True), records=250)
+    derived = streaming_arguments(args, split)
+    # As a map-style run of 250 examples: 63 batches per epoch, 8 per optimizer step.
+    assert derived.max_steps == 16 and derived.ignore_data_skip and not derived.accelerator_config.dispatch_batches
+    sequential = dataclasses.replace(args, train_sampling_strategy="sequential", max_steps=5)
+    assert streaming_arguments(sequential, split).max_steps == 5 and split.dataset.shuffle is False
+
+
+def test_an_eval_file_is_tokenised_up_front():
+    eval_file = str(FIXTURES / "tiny_sft.jsonl")
+    mapped = build_datasets(DATA, TOKENIZER, max_seq_len=160, eval_data_path=eval_file)
+    streamed = build_streaming(DATA, TOKENIZER, max_seq_len=160, eval_data_path=eval_file)
+    assert streamed.eval.dataset[:] == mapped.eval.dataset[:] and streamed.eval.index == mapped.eval.index
+    assert streamed.train.records == 320
