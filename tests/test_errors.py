@@ -19,7 +19,7 @@ MODULES = sorted(
         ),
         *(REPO / "hf_sft" / f"{m}.py" for m in ("tokenizer", "generate", "hub")),
         *(REPO / "hf_sft" / "training" / f"{m}.py" for m in ("setup", "resume", "resumed_state", "continuation")),
-        *(REPO / "hf_sft" / "training" / f"{m}.py" for m in ("validation", "arguments", "run")),
+        *(REPO / "hf_sft" / "training" / f"{m}.py" for m in ("validation", "arguments", "run", "streaming")),
     }
 )
 # Library calls that read a file, a folder or a value a user gave: each raises its own exceptions on bad input.

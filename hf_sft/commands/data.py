@@ -12,6 +12,11 @@ Examples:
   hf-sft data --data_path chat.jsonl --tokenizer_path simple_llama_bpe_8k.json \\
       --bos_token '<SOS>' --eos_token '<EOS>' --pad_token '<PAD>' --unk_token '<UNK>'
 
+`--save_to DIR` writes the tokenised, masked splits and a manifest of how they were made (tokenizer, format, length
+limit and policy, split, sources, counts): `hf-sft train --data_path DIR` then trains on them without tokenising again,
+and refuses them, naming the difference, if its own tokenizer, format or length settings differ. `--overwrite`
+replaces an earlier `--save_to` output of another kind (this command's own earlier output is replaced without it).
+
 `--dump FILE.jsonl` writes one line per kept example: {"index": position of the record in the input (0-based),
 "input_ids": [...], "labels": [...]} with labels unshifted and -100 where not supervised.
 """
@@ -19,7 +24,9 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from pathlib import Path
 
 HELP = "validate and tokenise a dataset; show counts, lengths, padding waste and a masked preview"
 
@@ -37,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     report.add_argument("--preview_index", type=int, default=None, help="record index to preview (default: first)")
     report.add_argument("--seed", type=int, default=None, help="seed of the held-out split (default: training's)")
     report.add_argument("--cache_dir", default=None, help="datasets cache folder")
+    report.add_argument(
+        "--save_to", default=None, metavar="DIR", help="write the tokenised splits for `hf-sft train --data_path DIR`"
+    )
+    report.add_argument("--overwrite", action="store_true", help="let --save_to replace a folder it did not write")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,9 +60,23 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be positive, got {args.batch_size}")
     model_args = from_namespace(ModelArguments, args)
-    data_args = from_namespace(DataArguments, args)
+    # The report covers the whole source: --streaming changes how training reads it, not what it holds.
+    data_args = dataclasses.replace(from_namespace(DataArguments, args), streaming=False)
     if not data_args.data_path:
         raise UsageError("--data_path is required")
+    if args.save_to:
+        from hf_sft.data.saved import SAVE_COMMAND
+        from hf_sft.writer import check_destination
+
+        sources = [path for path in (data_args.data_path, data_args.eval_data_path) if path and Path(path).exists()]
+        check_destination(
+            args.save_to,
+            kind="folder",
+            command=SAVE_COMMAND,
+            sources=sources,
+            overwrite=args.overwrite,
+            flag="--save_to",
+        )
     template = get_format(data_args.template)
     tokenizer = load_run_tokenizer(model_args, data_args)
     max_seq_len = resolve_max_seq_len(data_args.max_seq_len, base_config(model_args, tokenizer))
@@ -92,4 +117,15 @@ def run(args: argparse.Namespace) -> int:
     if args.dump:
         written = write_dump(args.dump, *(part for part in (split, data.eval) if part))
         print(f"\nwrote {plural(written, 'example')} to {args.dump}")
+    if args.save_to:
+        from hf_sft.data.saved import run_settings, save_tokenized, source_fingerprints
+
+        val_split = 0.0 if data_args.eval_data_path else data_args.val_split
+        settings = run_settings(
+            tokenizer, template, data_args, max_seq_len=max_seq_len, val_split=val_split, seed=seed
+        )
+        sources = source_fingerprints(data_args.data_path, data_args.eval_data_path)
+        written = save_tokenized(data, args.save_to, settings, sources)
+        print(f"\nsaved {plural(written, 'tokenised example')} to {args.save_to}")
+        print(f"train on them with: hf-sft train --data_path {args.save_to} (and this tokenizer and these flags)")
     return 0

@@ -105,7 +105,10 @@ class DataArguments:
     """What the examples are: the source, its fields, the prompt format, the split and the length limit."""
 
     data_path: str | None = field(
-        default=None, metadata={"help": "Training data: a .jsonl/.json file or a Hub dataset id."}
+        default=None,
+        metadata={
+            "help": "Training data: a .jsonl/.json file, a Hub dataset id, or a folder of `hf-sft data --save_to`."
+        },
     )
     field_map: str | None = field(
         default=None, metadata={"help": "Source field names, e.g. instruction=question,output=answer."}
@@ -119,6 +122,13 @@ class DataArguments:
     )
     skip_bad_records: bool = field(default=False, metadata={"help": "Skip invalid records (and count them)."})
     num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Train from the .jsonl file read and tokenised as consumed (constant memory; the map-style "
+            "order and losses; exact resume). See README 'Streaming'."
+        },
+    )
     template: str = field(
         default=DEFAULT_FORMAT.name,
         metadata={"help": f"Prompt format: {', '.join(FORMATS)}, or the path of a Jinja chat template file."},

@@ -78,6 +78,7 @@ KEPT_ON_RESUME = (
     "data_path",
     "eval_data_path",
     "field_map",
+    "streaming",
     "val_split",
     "template",
     "length_policy",

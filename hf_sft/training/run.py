@@ -43,6 +43,13 @@ from hf_sft.training.setup import (
     sync_special_token_ids,
 )
 from hf_sft.training.sharded_save import CheckpointFilesCallback
+from hf_sft.training.streaming import (
+    StreamPositionCallback,
+    check_streaming,
+    examples_per_step,
+    recorded_position,
+    streaming_arguments,
+)
 from hf_sft.training.token_budget import TokenBudgetTrainer
 from hf_sft.training.validation import validate_arguments
 
@@ -79,6 +86,8 @@ def _run(
     callbacks: list[TrainerCallback],
 ) -> int:
     validate_arguments(model_args, data_args, args)
+    if data_args.streaming:
+        check_streaming(args)
     record = record_arguments((model_args, data_args, args), parse_args)
     if args.demo:
         _fill_demo_paths(data_args)
@@ -105,7 +114,11 @@ def _run(
     model.supervised_logits_only = True  # Trainer reads only the loss: the LM head runs on supervised positions alone
     install_chat_template(tokenizer, template)
     max_seq_len = resolve_max_seq_len(data_args.max_seq_len, model.config)
-    data = build_run_datasets(data_args, tokenizer, template, max_seq_len=max_seq_len, seed=args.seed)
+    # The main process prepares (tokenises into the `datasets` cache); the others then read what it wrote.
+    with args.main_process_first(desc="data preparation"):
+        data = build_run_datasets(
+            data_args, tokenizer, template, max_seq_len=max_seq_len, seed=args.seed, data_seed=args.data_seed
+        )
     _log_data(data)
     train_dataset = data.train.dataset
     eval_dataset = data.eval.dataset if data.eval is not None else None
@@ -114,6 +127,12 @@ def _run(
 
     save_total_limit = args.save_total_limit
     args = _finalise_training_args(args, has_eval=eval_dataset is not None)
+    stream_callbacks = []
+    if data_args.streaming:
+        args = streaming_arguments(args, data.train)
+        if resume:
+            train_dataset.resume_at(*recorded_position(resume))
+        stream_callbacks.append(StreamPositionCallback(train_dataset, examples_per_step(args)))
     samples = SampleGenerationCallback(
         tokenizer,
         template,
@@ -140,6 +159,7 @@ def _run(
             AtomicCheckpointCallback(save_total_limit),
             preemption,
             LogFileCallback(output_dir / "train.log"),
+            *stream_callbacks,
             *callbacks,
         ],
     )
@@ -164,10 +184,11 @@ def _run(
 
 def _log_data(data) -> None:
     from hf_sft.data.report import split_line
+    from hf_sft.training.streaming import stream_line
 
     for role, split in (("train", data.train), ("eval", data.eval)):
         if split is not None:
-            logger.info("%s", split_line(role, split))
+            logger.info("%s", stream_line(role, split) if hasattr(split, "records") else split_line(role, split))
 
 
 def _evaluated_at(history: list[dict], step: int) -> bool:

@@ -124,25 +124,45 @@ def build_run_datasets(
     *,
     max_seq_len: int,
     seed: int,
+    data_seed: int | None = None,
     cache_dir: str | None = None,
 ):
-    """The run's datasets from its `DataArguments`: what `hf-sft train` trains on and `hf-sft data` reports."""
-    from hf_sft.data import build_datasets, parse_field_map
+    """The run's datasets from its `DataArguments`: what `hf-sft train` trains on and `hf-sft data` reports.
 
-    return build_datasets(
-        data_args.data_path,
-        tokenizer,
-        template=template,
-        field_map=parse_field_map(data_args.field_map),
-        max_seq_len=max_seq_len,
-        length_policy=data_args.length_policy,
-        skip_bad_records=data_args.skip_bad_records,
-        val_split=0.0 if data_args.eval_data_path else data_args.val_split,
-        eval_data_path=data_args.eval_data_path,
-        seed=seed,
-        num_proc=data_args.num_proc,
-        cache_dir=cache_dir,
-    )
+    A folder written by `hf-sft data --save_to` is used as saved (after checking that it was tokenised as this run
+    would tokenise); `--streaming` gives a stream for training (`hf_sft.data.streaming`); else `build_datasets`.
+    `data_seed` orders a stream (default: `seed`, which also draws the held-out split).
+    """
+    from hf_sft.data import parse_field_map
+    from hf_sft.data.saved import is_saved_dataset, load_saved
+
+    val_split = 0.0 if data_args.eval_data_path else data_args.val_split
+    if is_saved_dataset(data_args.data_path):
+        if data_args.streaming:
+            raise UsageError(
+                f"--data_path {data_args.data_path} is tokenised already and read from disk as needed: "
+                "drop --streaming"
+            )
+        return load_saved(data_args, tokenizer, template, max_seq_len=max_seq_len, val_split=val_split, seed=seed)
+    options = {
+        "template": template,
+        "field_map": parse_field_map(data_args.field_map),
+        "max_seq_len": max_seq_len,
+        "length_policy": data_args.length_policy,
+        "skip_bad_records": data_args.skip_bad_records,
+        "val_split": val_split,
+        "eval_data_path": data_args.eval_data_path,
+        "seed": seed,
+        "num_proc": data_args.num_proc,
+        "cache_dir": cache_dir,
+    }
+    if data_args.streaming:
+        from hf_sft.data.streaming import build_streaming
+
+        return build_streaming(data_args.data_path, tokenizer, data_seed=data_seed, **options)
+    from hf_sft.data import build_datasets
+
+    return build_datasets(data_args.data_path, tokenizer, **options)
 
 
 def _is_legacy(source: str | None) -> bool:
@@ -155,8 +175,14 @@ def _is_legacy(source: str | None) -> bool:
 
 def _tokenizer_for_new_model(model_args: ModelArguments, data_args: DataArguments) -> PreTrainedTokenizerFast:
     from hf_sft.data import load_records, parse_field_map, resolve_fields
+    from hf_sft.data.saved import is_saved_dataset
     from hf_sft.demo import record_text, train_tokenizer
 
+    if is_saved_dataset(data_args.data_path):
+        raise UsageError(
+            f"--data_path {data_args.data_path} holds tokenised examples: pass the --tokenizer_path (or "
+            "--pretrained_ckpt_path) they were tokenised with"
+        )
     fields = resolve_fields(parse_field_map(data_args.field_map))
     records = load_records(data_args.data_path, fields, skip_bad_records=data_args.skip_bad_records).dataset
     vocab_size = model_args.tokenizer_vocab_size
