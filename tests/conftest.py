@@ -45,8 +45,8 @@ def tmpfs(tmp_path):
 
     mount.resize = resize
     yield mount
-    for folder in mounts:
-        subprocess.run(["umount", str(folder)], check=False)
+    for folder in mounts:  # lazily: a file a failed write left open would keep it busy
+        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 @pytest.fixture

@@ -143,7 +143,11 @@ def _run(
         trainer.add_callback(EvaluateAtEpochEndCallback())
         trainer.add_callback(samples)
 
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except BaseException:
+        _close_progress_bars(trainer)  # now: closed when the trainer is collected, a bar would print after the error
+        raise
     if preemption.requested:
         checkpoint = output_dir / f"checkpoint-{trainer.state.global_step}"
         raise interruption(preemption, checkpoint, trainer.is_world_process_zero())
@@ -155,6 +159,15 @@ def _run(
 
 class RunTrainer(StagedCheckpoints, TokenBudgetTrainer):
     """The run's Trainer: checkpoints written whole (`staged_save`), token-budget micro-batches (`token_budget`)."""
+
+
+def _close_progress_bars(trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        for name in ("training_bar", "prediction_bar"):
+            bar = getattr(callback, name, None)
+            if bar is not None:
+                bar.close()
+                setattr(callback, name, None)
 
 
 def _log_data(data) -> None:
