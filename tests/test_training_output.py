@@ -46,7 +46,8 @@ def test_an_interrupted_final_save_is_refused_and_latest_repairs_it(full_run, tm
     with pytest.raises(Killed):
         train(out, "--max_iters", "4", "--save_interval", "2")
     monkeypatch.undo()
-    assert (out / PENDING_RECORD).is_file() and (out / "config.json").is_file()  # a mix, marked as one
+    assert (out / PENDING_RECORD).is_file() and (out / "README.md").is_file()  # the card (sorted first) is in place,
+    assert not (out / "model.safetensors").exists()  # the weights are not: a mix, marked as one
     checkpoints = {name: data for name, data in snapshot(out).items() if name.startswith("checkpoint-")}
     line = (
         f"{out} is incomplete: its final save was interrupted; complete it with "

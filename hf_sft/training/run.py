@@ -23,7 +23,7 @@ from hf_sft.training.feedback import (
 )
 from hf_sft.training.output import check_hub_args, save_final
 from hf_sft.training.resume import load_from_checkpoint, record_arguments, resume_arguments
-from hf_sft.training.resumed_state import ResumeCallback
+from hf_sft.training.resumed_state import NothingLeftToTrain, ResumeCallback
 from hf_sft.training.run_folder import check_run_folder, claim_run_folder, discard_newer, release_run_folders
 from hf_sft.training.run_log import ConsoleHandler, hold_run_log, start_run_log
 from hf_sft.training.setup import (
@@ -145,6 +145,9 @@ def _run(
 
     try:
         trainer.train(resume_from_checkpoint=resume)
+    except NothingLeftToTrain as done:
+        _close_progress_bars(trainer)
+        logger.info("%s", done)
     except BaseException:
         _close_progress_bars(trainer)  # now: closed when the trainer is collected, a bar would print after the error
         raise
