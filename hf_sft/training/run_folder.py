@@ -18,7 +18,7 @@ from hf_sft.training.checkpoint_check import folder_step
 from hf_sft.training.checkpoints import list_checkpoints
 from hf_sft.training.run_lock import RunLock, in_use_message, live_holder
 from hf_sft.training.run_log import RUN_LOG
-from hf_sft.writer import PENDING_RECORD, incomplete, leftovers, remove
+from hf_sft.writer import PENDING_RECORD, incomplete, leftovers, remove, replace_files
 
 logger = logging.getLogger("hf_sft.train")
 
@@ -109,10 +109,12 @@ def discard_newer(out_dir: str | Path, checkpoint: str | Path) -> None:
         return  # a checkpoint of another folder: nothing here is newer than it
     newer = [p for p in list_checkpoints(out_dir, complete_only=False) if folder_step(p) > step]
     final = final_files(out_dir) if newer else []
+    if final:  # first, and as one change: never a final model without the checkpoints it came from
+        note = f"--discard_newer_checkpoints was interrupted: resume from {Path(checkpoint)} with it again"
+        with replace_files(out_dir, replaces=final, note=note):
+            pass
     for path in newer:
         remove(path)
-    for name in final:
-        remove(out_dir / name)
     if newer:
         what = ", ".join(p.name for p in newer) + (" and the final model" if final else "")
         logger.warning("--discard_newer_checkpoints: removed %s (resuming from %s)", what, Path(checkpoint).name)
