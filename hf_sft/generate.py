@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from hf_sft.errors import UsageError, bad_input
+from hf_sft.writer import check_complete
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -54,13 +55,15 @@ def resolve_model_dir(path: str | Path) -> Path:
     """Check that `path` is a model folder (it has a config.json).
 
     Raises:
-        UsageError: the path is missing, not a folder, or holds no model (a LoRA adapter alone is named as such).
+        UsageError: the path is missing, not a folder, holds no model (a LoRA adapter alone is named as such), or
+            holds a final model whose save was cut short.
     """
     path = Path(path)
     if not path.exists():
         raise UsageError(f"model folder {path} does not exist")
     if not path.is_dir():
         raise UsageError(f"{path} is not a folder: pass the folder written by hf-sft convert or hf-sft train")
+    check_complete(path)
     if not (path / "config.json").is_file():
         if (path / "adapter_config.json").is_file():
             raise UsageError(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hf_sft.errors import UsageError, bad_input
+from hf_sft.writer import check_complete
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ def files_to_upload(folder: str | Path) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a folder")
+    check_complete(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise UsageError(f"{folder} has no config.json: not a model folder")

@@ -15,6 +15,11 @@ Callers say what to write; this module says how, so that nothing is ever left ha
 - A full disk, a read-only file system or a missing permission becomes `WriteFailed`: one line naming the path and
   the cause (exit 1).
 
+- `replace_files` swaps a set of files inside a folder that holds other things too (a run folder's final model beside
+  its checkpoints): they are staged in a temporary subfolder and moved in under `PENDING_RECORD`, which is removed
+  last. A swap cut short leaves the record behind, so the folder is detectably incomplete (`check_complete`)
+  rather than silently mixed.
+
 Folder outputs carry `OUTPUT_RECORD`, naming the command that wrote them: the same command may write there again
 without `--overwrite`; anything else may not.
 """
@@ -35,6 +40,7 @@ from typing import Any
 from hf_sft.errors import UsageError, WriteFailed
 
 OUTPUT_RECORD = ".hf_sft_output.json"
+PENDING_RECORD = ".hf_sft-incomplete.json"
 # The errors a user can act on; anything else is a bug and keeps its traceback under --debug.
 _USER_ERRNOS = {
     errno.ENOSPC: "no space left on device",
@@ -45,6 +51,7 @@ _USER_ERRNOS = {
 }
 _TEMP_TAG = ".hf_sft-tmp-"
 _TRASH_TAG = ".hf_sft-old-"
+_DISK_FULL = "_hf_sft_disk_full"
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -119,8 +126,9 @@ def new_folder(dest: str | Path, *, command: str | None = None, temp: str | Path
     Args:
         dest: the folder to write.
         command: recorded in the folder's `OUTPUT_RECORD` (None: no record).
-        temp: the temporary folder to use (it must be a sibling of `dest`; it is created if missing), for writers
-            whose several processes must agree on it; by default a fresh unique name.
+        temp: the temporary folder to use (on the file system of `dest`, e.g. inside `shared_temp(dest)`; it is
+            created if missing), for writers whose several processes must agree on it; by default a fresh unique
+            sibling.
 
     Raises:
         WriteFailed: the disk is full, the file system read-only, or a permission missing (nothing is left behind).
@@ -134,7 +142,8 @@ def new_folder(dest: str | Path, *, command: str | None = None, temp: str | Path
             if command is not None:
                 _write_record(staging, command)
             commit_folder(staging, dest)
-        except BaseException:
+        except BaseException as err:
+            _note_disk_full(err, staging)
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
@@ -155,10 +164,77 @@ def new_file(dest: str | Path) -> Iterator[Path]:
             _fsync_path(staging)
             os.replace(staging, dest)
             _fsync_path(dest.parent)
-        except BaseException:
+        except BaseException as err:
+            _note_disk_full(err, staging)
             with contextlib.suppress(FileNotFoundError):
                 staging.unlink()
             raise
+
+
+@contextlib.contextmanager
+def replace_files(folder: str | Path, *, replaces: Iterable[str], note: str) -> Iterator[Path]:
+    """Yield an empty temporary subfolder of `folder` to fill with files; on success they replace their namesakes.
+
+    The files written (top level only) and those named in `replaces` that the new set lacks make up the change:
+    `PENDING_RECORD` (holding `note`) is written first, the old files are removed and the new ones moved in one by
+    one, and the record is removed last. When the block fails nothing in `folder` changes; when the swap itself is
+    cut short (the process killed), the record stays and `check_complete` refuses the folder with `note`.
+
+    Args:
+        folder: the folder that receives the files (created if missing).
+        replaces: the names of the files the new set replaces as a whole (a name not written is removed).
+        note: what to do when the swap did not finish, e.g. the command that writes the files again.
+
+    Raises:
+        WriteFailed: as `new_folder` (the staged files are removed).
+    """
+    folder = Path(folder)
+    staging = _temp_sibling(folder / "files")
+    with _translated(folder, staging):
+        staging.mkdir(parents=True)
+        try:
+            yield staging
+            names = sorted(p.name for p in staging.iterdir())
+            if any((staging / name).is_dir() for name in names):
+                raise ValueError(f"replace_files moves files only, got folders in {staging}")
+            for name in names:
+                _fsync_path(staging / name)
+            write_json(folder / PENDING_RECORD, {"note": note, "files": names})
+        except BaseException as err:
+            _note_disk_full(err, staging)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        for name in sorted(set(replaces) - set(names) - {PENDING_RECORD}):
+            with contextlib.suppress(FileNotFoundError):
+                (folder / name).unlink()
+        for name in names:
+            os.replace(staging / name, folder / name)
+        _fsync_path(folder)
+        (folder / PENDING_RECORD).unlink()
+        _fsync_path(folder)
+        staging.rmdir()
+
+
+def incomplete(folder: str | Path) -> str | None:
+    """The note of a `replace_files` swap in `folder` that did not finish, or None."""
+    path = Path(folder) / PENDING_RECORD
+    if not path.is_file():
+        return None
+    try:
+        return str(json.loads(path.read_text(encoding="utf-8"))["note"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "an interrupted write left it incomplete"
+
+
+def check_complete(folder: str | Path) -> None:
+    """Refuse a folder whose last `replace_files` swap did not finish.
+
+    Raises:
+        UsageError: "{folder} is incomplete: {the swap's note}".
+    """
+    note = incomplete(folder)
+    if note is not None:
+        raise UsageError(f"{folder} is incomplete: {note}")
 
 
 def write_text(dest: str | Path, text: str) -> None:
@@ -217,6 +293,12 @@ def leftovers(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.startswith((_TEMP_TAG, _TRASH_TAG)))
 
 
+def shared_temp(dest: str | Path) -> Path:
+    """The temporary sibling of `dest` that every process of a run computes alike (`new_folder`'s `temp`)."""
+    dest = Path(dest)
+    return dest.with_name(f"{_TEMP_TAG}{dest.name}")
+
+
 def is_temporary(path: str | Path) -> bool:
     """Whether `path` is one of this module's temporary or aside-moved names."""
     return Path(path).name.startswith((_TEMP_TAG, _TRASH_TAG))
@@ -246,9 +328,17 @@ def _translated(dest: Path, staging: Path | None) -> Iterator[None]:
             raise
         raise WriteFailed(f"cannot write {dest}: {cause}") from err
     except Exception as err:
-        if not _disk_full(staging or dest):
+        full = getattr(err, _DISK_FULL, None)
+        if not (_disk_full(staging or dest) if full is None else full):
             raise
         raise WriteFailed(f"cannot write {dest}: no space left on device") from err
+
+
+def _note_disk_full(err: BaseException, staging: Path) -> None:
+    """Whether the disk was full, judged before the staged files are removed (which frees their space)."""
+    if isinstance(err, Exception) and not isinstance(err, OSError | WriteFailed):
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(err, _DISK_FULL, _disk_full(staging))
 
 
 def _disk_full(path: Path) -> bool:

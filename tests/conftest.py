@@ -1,6 +1,7 @@
 """Test-wide set-up: never reach the Hub, keep CPU threads predictable, locate ../shared."""
 
 import os
+import subprocess
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -20,6 +21,38 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is absent: the shared fixtures (Dolly sample, legacy checkpoints) live there")
     return SHARED
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """`tmpfs(size)` mounts a tmpfs of `size` (e.g. "1m") for real where the test may mount (root, or a user
+    namespace) and returns its folder, else skips; `tmpfs.resize(size)` remounts it with another size."""
+    mounts: list[Path] = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f"disk{len(mounts)}"
+        folder.mkdir()
+        command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
+        done = subprocess.run(command, capture_output=True)
+        if done.returncode != 0:
+            reason = done.stderr.decode().strip()
+            pytest.skip(f"cannot mount a tmpfs here ({reason}); the injected ENOSPC tests cover it")
+        mounts.append(folder)
+        return folder
+
+    def resize(folder: Path, size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(folder)], check=True, capture_output=True)
+
+    mount.resize = resize
+    yield mount
+    for folder in mounts:  # lazily: a file a failed write left open would keep it busy
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmpfs) -> Path:
+    """A 1 MiB tmpfs (see `tmpfs`)."""
+    return tmpfs("1m")
 
 
 @pytest.fixture(scope="session")

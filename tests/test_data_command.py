@@ -135,3 +135,28 @@ def test_a_multi_turn_messages_file_trains_on_the_assistant_turns_only(tmp_path,
     assert main(["train", *flags, *train]) == 0
     assert "train data: 12 examples" in (tmp_path / "run" / "train.log").read_text()
     assert format_of(AutoTokenizer.from_pretrained(tmp_path / "run")) is FORMATS[name]
+
+
+def test_a_dump_cut_short_leaves_the_earlier_file_whole(tmp_path, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from hf_sft.data import report
+
+    dump = tmp_path / "dump.jsonl"
+    dump.write_text("the earlier dump\n")
+    written = []
+
+    def dumps(value, **kwargs):
+        written.append(value)
+        if len(written) == 3:
+            raise OSError(28, "No space left on device")
+        return json.dumps(value, **kwargs)
+
+    monkeypatch.setattr(report, "json", SimpleNamespace(dumps=dumps))
+    argv = ["data", "--data_path", str(FIXTURES / "tiny_sft.jsonl")]
+    argv += ["--tokenizer_path", str(FIXTURES / "tiny_bpe.json")]
+    argv += ["--val_split", "0", "--cache_dir", str(tmp_path / "cache"), "--dump", str(dump)]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: cannot write {dump}: no space left on device"
+    assert dump.read_text() == "the earlier dump\n"  # on main: opened for writing, two lines, then the error
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".hf_sft-")] == []

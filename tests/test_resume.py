@@ -116,16 +116,14 @@ def test_a_checkpoint_without_weights_or_config_still_rebuilds_its_model(full_ru
     from transformers import AutoModelForCausalLM
 
     from hf_sft.tokenizer import load_tokenizer
-    from hf_sft.training.resume import RunRecordCallback, load_from_checkpoint
+    from hf_sft.training.checkpoint_files import CheckpointFiles
+    from hf_sft.training.resume import load_from_checkpoint
 
     model = AutoModelForCausalLM.from_pretrained(full_run)
     folder = tmp_path / "checkpoint-7"
     folder.mkdir()
     record = json.loads((full_run / "checkpoint-6" / RUN_ARGS_FILE).read_text())
-    state = SimpleNamespace(global_step=7, is_world_process_zero=True)
-    RunRecordCallback(record).on_save(
-        SimpleNamespace(output_dir=str(tmp_path)), state, None, model=model, processing_class=load_tokenizer(full_run)
-    )
+    CheckpointFiles(record, load_tokenizer(full_run)).write(folder, model)
     assert json.loads((folder / RUN_ARGS_FILE).read_text()) == record
     no_flags = SimpleNamespace(bos_token=None, eos_token=None, pad_token=None, unk_token=None)
     rebuilt, tokenizer, base = load_from_checkpoint(folder, no_flags, use_lora=False)

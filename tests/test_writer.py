@@ -14,11 +14,15 @@ from hf_sft import __version__
 from hf_sft.errors import UsageError, WriteFailed
 from hf_sft.writer import (
     OUTPUT_RECORD,
+    PENDING_RECORD,
+    check_complete,
     check_destination,
+    incomplete,
     leftovers,
     new_file,
     new_folder,
     remove,
+    replace_files,
     write_text,
     written_by,
 )
@@ -72,6 +76,94 @@ def test_new_file_replaces_whole_and_cleans_up_on_failure(tmp_path):
     assert dest.read_text() == "old" and leftovers(tmp_path) == []
     write_text(dest, "new")
     assert dest.read_text() == "new" and leftovers(tmp_path) == []
+
+
+def run_folder(tmp_path: Path) -> Path:
+    """A folder with things of its own beside a set of files `replace_files` swaps."""
+    folder = tmp_path / "run"
+    (folder / "checkpoint-2").mkdir(parents=True)
+    (folder / "checkpoint-2" / "optimizer.pt").write_bytes(b"state")
+    (folder / "train.log").write_text("log")
+    with replace_files(folder, replaces=[], note="run it again") as tmp:
+        (tmp / "model.safetensors").write_text("old weights")
+        (tmp / "adapter_config.json").write_text("old adapter")
+    return folder
+
+
+def test_replace_files_swaps_a_set_and_leaves_the_rest(tmp_path):
+    folder = run_folder(tmp_path)
+    names = ["model.safetensors", "adapter_config.json", "README.md"]
+    with replace_files(folder, replaces=names, note="run it again") as tmp:
+        assert tmp.parent == folder and not (folder / "README.md").exists()
+        (tmp / "model.safetensors").write_text("new weights")
+        (tmp / "README.md").write_text("new card")
+    assert snapshot(folder) == {
+        "checkpoint-2/optimizer.pt": b"state",
+        "train.log": b"log",
+        "model.safetensors": b"new weights",
+        "README.md": b"new card",
+    }  # the old set's adapter file went with it
+    assert incomplete(folder) is None and leftovers(folder) == []
+    check_complete(folder)
+
+
+def test_a_failed_replace_files_block_changes_nothing(tmp_path):
+    folder = run_folder(tmp_path)
+    before = snapshot(folder)
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        replace_files(folder, replaces=["model.safetensors"], note="x") as tmp,
+    ):
+        (tmp / "model.safetensors").write_text("half")
+        raise RuntimeError("boom")
+    assert snapshot(folder) == before and leftovers(folder) == []
+
+
+def test_sigkill_during_replace_files_leaves_the_old_set_or_a_folder_marked_incomplete(tmp_path):
+    """Seeded: the swap killed at 30 of its renames; without the record the folder is always the old or new set."""
+    rng = random.Random(31)
+    names = [f"part-{i:02d}.bin" for i in range(20)]
+    outcomes = set()
+    for attempt in range(30):
+        folder = tmp_path / f"run{attempt}"
+        with replace_files(folder, replaces=[], note="x") as tmp:
+            for name in names:
+                (tmp / name).write_text("old")
+        kill_at = rng.randint(1, len(names) + 2)  # the record's rename, the files', and past the end
+        pid = os.fork()
+        if pid == 0:
+            _swap_killed_at(folder, names[:-3], names, kill_at)  # three old files must go with the old set
+        os.waitpid(pid, 0)
+        files = {name: data for name, data in snapshot(folder).items() if not name.startswith(".hf_sft-tmp-")}
+        old = {name: b"old" for name in names}
+        new = {name: b"new" for name in names[:-3]}
+        if incomplete(folder) is None:
+            assert files in (old, new), f"kill at rename {kill_at}: a mix without the incomplete record"
+            outcomes.add("old" if files == old else "new")
+        else:
+            with pytest.raises(UsageError) as err:
+                check_complete(folder)
+            assert str(err.value) == f"{folder} is incomplete: write it again"
+            assert PENDING_RECORD in files
+            outcomes.add("incomplete")
+    assert outcomes == {"old", "new", "incomplete"}
+
+
+def _swap_killed_at(folder: Path, new: list[str], old: list[str], kill_at: int) -> None:
+    """In a forked child: swap `new` files in for `old` ones, SIGKILLed at the `kill_at`-th rename."""
+    calls, real = [0], os.replace
+
+    def dying_replace(src, dst):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(src, dst)
+
+    os.replace = dying_replace
+    with replace_files(folder, replaces=old, note="write it again") as tmp:
+        for name in new:
+            (tmp / name).write_text("new")
+    os._exit(0)
 
 
 def test_remove_takes_a_folder_away_whole(tmp_path):
@@ -137,18 +229,6 @@ def test_permission_errors_become_one_line(tmp_path, monkeypatch):
         tmp.write_bytes(b"x")
     assert str(err.value) == f"cannot write {tmp_path / 'f.bin'}: permission denied"
     assert leftovers(tmp_path) == []
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MiB tmpfs: mounted for real where the test may mount (root, or a user namespace), else skipped."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}); the injected ENOSPC test covers it")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_a_full_disk_is_one_line_and_the_old_file_survives(small_disk):

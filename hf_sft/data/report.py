@@ -10,6 +10,7 @@ from pathlib import Path
 from hf_sft.data.collator import padded_length
 from hf_sft.data.masking import IGNORE_INDEX
 from hf_sft.data.pipeline import TokenizedSplit
+from hf_sft.writer import new_file
 
 _GREEN, _DIM, _RESET = "\033[32m", "\033[2m", "\033[0m"
 PERCENTILES = (50, 90, 95, 99)
@@ -154,7 +155,7 @@ def write_dump(path: str | Path, *splits: TokenizedSplit) -> int:
         columns = split.dataset.select_columns(["input_ids", "labels"])
         rows += [(index, row) for index, row in zip(split.index, columns, strict=True)]
     rows.sort(key=lambda item: item[0])
-    with Path(path).open("w", encoding="utf-8") as out:
+    with new_file(path) as tmp, tmp.open("w", encoding="utf-8") as out:  # never a partial file under its name
         for index, row in rows:
             record = {"index": index, "input_ids": row["input_ids"], "labels": row["labels"]}
             out.write(json.dumps(record, separators=(",", ":")) + "\n")

@@ -148,6 +148,13 @@ class SFTTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Replace the checkpoints and final model of a previous run in --out_dir (else refused)."},
     )
+    discard_newer_checkpoints: bool = field(
+        default=False,
+        metadata={
+            "help": "Resuming from a checkpoint older than others in --out_dir: delete the newer ones and the final "
+            "model before training (else refused)."
+        },
+    )
     min_lr: float | None = field(default=None, metadata={"help": "Floor of the cosine schedule (default lr / 10)."})
     # Padding-free packing (attention per example, exact losses): no compute spent on pad tokens; on Dolly it
     # trains faster than dynamic padding on CPU (scripts/benchmark_throughput.py, README "Benchmarks").

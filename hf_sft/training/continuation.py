@@ -222,7 +222,7 @@ def write_continuation(run: SeedRun, parsed: tuple, parse) -> Path:
 
     import hf_sft  # noqa: F401 - registers the model, so save_pretrained writes auto_map and the code files
     from hf_sft.convert import convert_checkpoint
-    from hf_sft.training.checkpoints import COMPLETE_MARKER
+    from hf_sft.training.checkpoint_check import seal
     from hf_sft.training.resume import RUN_ARGS_FILE, record_arguments
     from hf_sft.writer import new_folder, write_json
 
@@ -254,7 +254,7 @@ def write_continuation(run: SeedRun, parsed: tuple, parse) -> Path:
         state.compute_steps(args, max(args.max_steps, run.step))
         state.save_to_json(str(staging / TRAINER_STATE_NAME))
         write_json(staging / RUN_ARGS_FILE, record)
-        (staging / COMPLETE_MARKER).write_text(f"step {run.step}\n", encoding="utf-8")
+        seal(staging, run.step, absent={"random-number state": "finetune_gpt.py checkpoints hold none"})
     return folder
 
 

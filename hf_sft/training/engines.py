@@ -24,6 +24,11 @@ logger = logging.getLogger("hf_sft.train")
 FSDP, DEEPSPEED = "FSDP", "DEEPSPEED"
 
 
+def launched_processes() -> int:
+    """How many processes the launcher started (1 without a launcher): its `WORLD_SIZE`, read here alone."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def requested_engine(args: TrainingArguments) -> str | None:
     """The sharded engine the launch (accelerate's environment) or the training flags ask for, if any."""
     if _env_flag("ACCELERATE_USE_DEEPSPEED") or args.deepspeed:

@@ -13,7 +13,9 @@ from hf_sft.data.template import get_format
 from hf_sft.errors import UsageError
 from hf_sft.training.arguments import DataArguments, SFTTrainingArguments
 from hf_sft.training.report import LOSS_PLOT, model_card, plot_losses
+from hf_sft.training.run_folder import final_files
 from hf_sft.training.sharded_save import consolidated_model
+from hf_sft.writer import replace_files
 
 logger = logging.getLogger("hf_sft.train")
 
@@ -37,7 +39,11 @@ _CARD_ARGS = (
 
 
 def save_final(trainer: Trainer, data_args: DataArguments, output_dir: Path, base: str, samples: list[dict]) -> None:
-    """Model (LoRA merged unless `--lora_save adapter`), tokenizer, loss plot, model card; then the push, if asked."""
+    """Model (LoRA merged unless `--lora_save adapter`), tokenizer, loss plot, model card; then the push, if asked.
+
+    The files are staged and swapped into `output_dir` as one change (`hf_sft.writer.replace_files`): a save cut
+    short leaves the folder marked incomplete, and `--resume_from_ckpt_path latest` writes it again.
+    """
     model, args = trainer.model, trainer.args
     if args.use_lora and args.lora_save == "merged":
         model = model.merge_and_unload()
@@ -45,28 +51,37 @@ def save_final(trainer: Trainer, data_args: DataArguments, output_dir: Path, bas
     if not trainer.is_world_process_zero():
         return
     model.config.use_cache = True  # the folder is for inference, whatever the training run set
-    model.save_pretrained(output_dir)
-    trainer.processing_class.save_pretrained(output_dir)
-    history = trainer.state.log_history
-    plot_losses(history, output_dir / LOSS_PLOT)
-    hyper = {k: getattr(trainer.args, k) for k in _CARD_ARGS}
-    hyper.update({"max_seq_len": data_args.max_seq_len, "packing": args.packing, "use_lora": args.use_lora})
-    hyper["template"] = data_args.template
     repo_id = trainer.hub_model_id if trainer.args.push_to_hub else None
-    card = model_card(
-        base_model=base,
-        data=data_args.data_path,
-        hyperparameters=hyper,
-        log_history=history,
-        samples=samples,
-        repo_id=repo_id,
-        prompt_format=get_format(data_args.template).name,
-        license=args.license,
-    )
-    card.save(output_dir / "README.md")
+    with replace_files(output_dir, replaces=final_files(output_dir), note=repair_note(output_dir)) as staging:
+        model.save_pretrained(staging)
+        trainer.processing_class.save_pretrained(staging)
+        history = trainer.state.log_history
+        plot_losses(history, staging / LOSS_PLOT)
+        hyper = {k: getattr(trainer.args, k) for k in _CARD_ARGS}
+        hyper.update({"max_seq_len": data_args.max_seq_len, "packing": args.packing, "use_lora": args.use_lora})
+        hyper["template"] = data_args.template
+        card = model_card(
+            base_model=base,
+            data=data_args.data_path,
+            hyperparameters=hyper,
+            log_history=history,
+            samples=samples,
+            repo_id=repo_id,
+            prompt_format=get_format(data_args.template).name,
+            license=args.license,
+        )
+        card.save(staging / "README.md")
     logger.info("final model written to %s", output_dir)
     if repo_id:
         push_final(trainer, output_dir, repo_id)
+
+
+def repair_note(output_dir: Path) -> str:
+    """What an unfinished final save tells the commands that read the folder."""
+    return (
+        "its final save was interrupted; complete it with "
+        f"`hf-sft train --resume_from_ckpt_path latest --out_dir {output_dir}`"
+    )
 
 
 def push_final(trainer: Trainer, output_dir: Path, repo_id: str) -> None:

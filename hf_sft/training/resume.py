@@ -20,17 +20,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
-
 from hf_sft.errors import UsageError, bad_input
 from hf_sft.training.arguments import flag, given_fields
 from hf_sft.training.checkpoints import resolve_resume_path
+from hf_sft.training.engines import launched_processes
 from hf_sft.training.validation import argument_values
 
 logger = logging.getLogger("hf_sft.train")
@@ -99,13 +97,17 @@ KEPT_ON_RESUME = (
     "lr_scheduler_type",
 )
 KEPT = "its model, tokenizer, data, data order, batch layout, optimizer and schedule type"
-# Where the run is, what it resumes from, secrets, and the YAML file (its values are recorded one by one).
-_NOT_RECORDED = {"output_dir", "logging_dir", "resume_from_checkpoint", "hub_token", "config", "overwrite_output_dir"}
-
-
-def launched_processes() -> int:
-    """How many processes the launcher started (1 without a launcher)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+# Where the run is, what it resumes from and what it may delete, secrets, and the YAML file (its values are recorded
+# one by one).
+_NOT_RECORDED = {
+    "output_dir",
+    "logging_dir",
+    "resume_from_checkpoint",
+    "hub_token",
+    "config",
+    "overwrite_output_dir",
+    "discard_newer_checkpoints",
+}
 
 
 def record_arguments(parsed: tuple, parse: Callable[[list[str]], tuple]) -> dict[str, Any]:
@@ -159,7 +161,10 @@ def resume_arguments(argv: list[str], parsed: tuple, parse: Callable[[list[str]]
             from hf_sft.training.continuation import continuation_arguments
 
             return continuation_arguments(run, explicit, parsed, parse)
-    checkpoint = Path(resolve_resume_path(resume, values["output_dir"]))
+    discard = bool(values.get("discard_newer_checkpoints"))
+    # The folder the run will write: `--out_dir`, else the one holding the checkpoint.
+    out_dir = values["output_dir"] if "output_dir" in explicit or resume == "latest" else Path(resume).parent
+    checkpoint = Path(resolve_resume_path(resume, out_dir, discard_newer=discard, warn=False))
     changes: dict[str, Any] = {}
     if "output_dir" not in explicit:
         changes["output_dir"] = str(checkpoint.parent)
@@ -251,29 +256,6 @@ def load_from_checkpoint(checkpoint: str | Path, model_args: Any, use_lora: bool
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     base = (read_record(checkpoint) or {}).get("base_model", f"checkpoint {checkpoint}")
     return model, tokenizer, base
-
-
-class RunRecordCallback(TrainerCallback):
-    """Writes `run_args.json` into each checkpoint (list it before the callback that marks checkpoints complete).
-
-    It also writes the model's `config.json` and the tokenizer where the checkpoint lacks them, as a sharded one
-    (FSDP, ZeRO-3) may: resuming builds the model from them.
-    """
-
-    def __init__(self, record: dict[str, Any]):
-        self.record = record
-
-    def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not state.is_world_process_zero or not folder.is_dir():
-            return
-        text = json.dumps(self.record, indent=2, sort_keys=True)
-        (folder / RUN_ARGS_FILE).write_text(text + "\n", encoding="utf-8")
-        config = getattr(model, "config", None)
-        if config is not None and not self.record["shape"].get("use_lora") and not (folder / "config.json").is_file():
-            config.save_pretrained(folder)
-        if processing_class is not None and not (folder / "tokenizer.json").is_file():
-            processing_class.save_pretrained(folder)
 
 
 class _Unrecordable:

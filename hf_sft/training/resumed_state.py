@@ -22,13 +22,18 @@ from hf_sft.training.resume import read_record
 logger = logging.getLogger("hf_sft.train")
 
 
+class NothingLeftToTrain(Exception):
+    """Raised out of `Trainer.train` when the checkpoint resumed is the run's last step (its weights are loaded)."""
+
+
 class ResumeCallback(TrainerCallback):
     """On train begin of a resumed run: the step intervals and the optimizer's hyperparameters from the arguments.
 
     The peak learning rate becomes `--learning_rate` (the groups' `initial_lr` and the scheduler's `base_lrs`), each
     group's current rate is the schedule at the restored step (`base_lr * lr_lambda(step)`, as the scheduler computes
     it), and weight decay goes to the groups Trainer decays. Without new flags every value is the one restored, so
-    the run stays bit-identical. Logs `resumed from checkpoint-N (step N of M)`.
+    the run stays bit-identical. Logs `resumed from checkpoint-N (step N of M)`; when N is M (a run stopped during
+    its final save) it raises `NothingLeftToTrain` instead of letting Trainer take a step past the end.
 
     Args:
         checkpoint: the checkpoint folder resumed from.
@@ -55,6 +60,9 @@ class ResumeCallback(TrainerCallback):
             )
         else:
             logger.info("resumed from %s (step %d of %d)", self.name, state.global_step, state.max_steps)
+        if state.global_step >= state.max_steps:
+            # Trainer would take one step past the end (it checks the step count only after a step).
+            raise NothingLeftToTrain(f"{self.name} is the run's last step: the final folder is written from it")
 
     def _set_optimizer(self, args, model, optimizer, scheduler) -> None:
         decayed = _decayed_groups(optimizer, model, self.trainer.get_decay_parameter_names(model))

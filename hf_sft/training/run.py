@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -13,12 +12,8 @@ from transformers import TrainerCallback, set_seed
 from hf_sft.errors import UsageError, bad_input
 from hf_sft.training import engines
 from hf_sft.training.arguments import DataArguments, ModelArguments, SFTTrainingArguments, parse_args
-from hf_sft.training.checkpoints import (
-    AtomicCheckpointCallback,
-    PreemptionCallback,
-    interruption,
-    resolve_resume_path,
-)
+from hf_sft.training.checkpoint_files import CheckpointFiles
+from hf_sft.training.checkpoints import PreemptionCallback, interruption, resolve_resume_path
 from hf_sft.training.feedback import (
     DEFAULT_SAMPLE_INSTRUCTIONS,
     EvaluateAtEpochEndCallback,
@@ -27,14 +22,9 @@ from hf_sft.training.feedback import (
     ThroughputCallback,
 )
 from hf_sft.training.output import check_hub_args, save_final
-from hf_sft.training.resume import (
-    RunRecordCallback,
-    load_from_checkpoint,
-    record_arguments,
-    resume_arguments,
-)
-from hf_sft.training.resumed_state import ResumeCallback
-from hf_sft.training.run_folder import check_run_folder, claim_run_folder, release_run_folders
+from hf_sft.training.resume import load_from_checkpoint, record_arguments, resume_arguments
+from hf_sft.training.resumed_state import NothingLeftToTrain, ResumeCallback
+from hf_sft.training.run_folder import check_run_folder, claim_run_folder, discard_newer, release_run_folders
 from hf_sft.training.run_log import ConsoleHandler, hold_run_log, start_run_log
 from hf_sft.training.setup import (
     build_run_datasets,
@@ -42,7 +32,7 @@ from hf_sft.training.setup import (
     resolve_device_and_precision,
     sync_special_token_ids,
 )
-from hf_sft.training.sharded_save import CheckpointFilesCallback
+from hf_sft.training.staged_save import StagedCheckpoints
 from hf_sft.training.streaming import (
     StreamPositionCallback,
     check_streaming,
@@ -101,7 +91,7 @@ def _run(
     _setup_logging(args)
     args = check_hub_args(args, output_dir)
     logger.info("world size %d | device %s | precision %s", args.world_size, args.device, _precision_name(args))
-    resume = resolve_resume_path(args.resume_from_checkpoint, output_dir)
+    resume = resolve_resume_path(args.resume_from_checkpoint, output_dir, args.discard_newer_checkpoints)
     set_seed(args.seed)
 
     from hf_sft.data import get_format, install_chat_template, make_collator, resolve_max_seq_len
@@ -144,8 +134,12 @@ def _run(
     if args.process_index == 0:
         claim_run_folder(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
         start_run_log(output_dir)
+        if resume and args.discard_newer_checkpoints:
+            discard_newer(output_dir, resume)
     budget = args.per_device_train_batch_size * max_seq_len if args.packing and args.token_budget_batches else None
-    trainer = TokenBudgetTrainer(
+    trainer = RunTrainer(
+        checkpoint_files=CheckpointFiles(record, tokenizer),
+        keep_checkpoints=save_total_limit,
         token_budget=budget,
         model=model,
         args=args,
@@ -154,9 +148,6 @@ def _run(
         data_collator=make_collator(tokenizer.pad_token_id, args.packing, args.pad_to_multiple_of),
         processing_class=tokenizer,
         callbacks=[
-            CheckpointFilesCallback(tokenizer),
-            RunRecordCallback(record),
-            AtomicCheckpointCallback(save_total_limit),
             preemption,
             LogFileCallback(output_dir / "train.log"),
             *stream_callbacks,
@@ -172,7 +163,14 @@ def _run(
         trainer.add_callback(EvaluateAtEpochEndCallback())
         trainer.add_callback(samples)
 
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except NothingLeftToTrain as done:
+        _close_progress_bars(trainer)
+        logger.info("%s", done)
+    except BaseException:
+        _close_progress_bars(trainer)  # now: closed when the trainer is collected, a bar would print after the error
+        raise
     if preemption.requested:
         checkpoint = output_dir / f"checkpoint-{trainer.state.global_step}"
         raise interruption(preemption, checkpoint, trainer.is_world_process_zero())
@@ -180,6 +178,19 @@ def _run(
         trainer.evaluate()
     save_final(trainer, data_args, output_dir, base_description, samples.history)
     return 0
+
+
+class RunTrainer(StagedCheckpoints, TokenBudgetTrainer):
+    """The run's Trainer: checkpoints written whole (`staged_save`), token-budget micro-batches (`token_budget`)."""
+
+
+def _close_progress_bars(trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        for name in ("training_bar", "prediction_bar"):
+            bar = getattr(callback, name, None)
+            if bar is not None:
+                bar.close()
+                setattr(callback, name, None)
 
 
 def _log_data(data) -> None:
@@ -203,7 +214,7 @@ def _fill_demo_paths(data_args: DataArguments) -> None:
 
 def _check_world_size(args: SFTTrainingArguments) -> None:
     """`accelerate launch --num_processes 2` without a process group gives two separate runs: refuse that."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = engines.launched_processes()
     if launched != args.world_size:
         raise UsageError(
             f"{launched} processes were launched but this one sees world size {args.world_size}: they would train "
@@ -220,7 +231,7 @@ def _finalise_training_args(args: SFTTrainingArguments, has_eval: bool) -> SFTTr
         kwargs["min_lr_rate"] = args.min_lr / args.learning_rate if args.min_lr is not None else 0.1
     changes = {
         "lr_scheduler_kwargs": kwargs,
-        "save_total_limit": None,  # rotation is AtomicCheckpointCallback's, after a checkpoint is complete
+        "save_total_limit": None,  # rotation is StagedCheckpoints', once the new checkpoint is in place
     }
     if not has_eval:
         changes["eval_strategy"] = "no"

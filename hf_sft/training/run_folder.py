@@ -2,21 +2,23 @@
 
 Two steps, so that a failed run leaves nothing behind: `check_run_folder` (read-only, before any work) refuses a
 folder that is a file, is locked by a live run (`hf_sft.training.run_lock`), or holds another run's checkpoints or
-final model; `claim_run_folder` (once the inputs are validated) creates the folder, takes the lock, clears the old
-run's work if asked to, and starts `train.log`.
+final model; `claim_run_folder` (once the inputs are validated) creates the folder, takes the lock, removes what a
+killed run's writes left (staging folders), and clears the old run's work if asked to. `discard_newer` removes the
+checkpoints past the one a run resumes from, with the final model they lead to, when the user asks for it.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from hf_sft import MODEL_CODE_FILES
 from hf_sft.errors import UsageError
+from hf_sft.training.checkpoint_check import folder_step
 from hf_sft.training.checkpoints import list_checkpoints
 from hf_sft.training.run_lock import RunLock, in_use_message, live_holder
 from hf_sft.training.run_log import RUN_LOG
+from hf_sft.writer import PENDING_RECORD, incomplete, leftovers, remove, replace_files
 
 logger = logging.getLogger("hf_sft.train")
 
@@ -77,6 +79,11 @@ def claim_run_folder(out_dir: str | Path, resume: str | None, overwrite: bool) -
     lock.acquire()
     try:
         _check_previous_work(out_dir, resume, overwrite)  # again, under the lock: a run may have finished meanwhile
+        stale = leftovers(out_dir)  # under the lock no writer is alive: these are a killed run's
+        if stale:
+            logger.warning("removing what an interrupted write left: %s", ", ".join(p.name for p in stale))
+            for path in stale:
+                remove(path)
         if overwrite:
             _clear_previous_work(out_dir)
     except BaseException:
@@ -92,10 +99,38 @@ def release_run_folders() -> None:
         _HELD.pop().release()
 
 
+def discard_newer(out_dir: str | Path, checkpoint: str | Path) -> None:
+    """Remove the checkpoints in `out_dir` past `checkpoint`'s step, and the final model (it came after them).
+
+    Call on the main process, under the lock, before training (`--discard_newer_checkpoints`).
+    """
+    out_dir, step = Path(out_dir), folder_step(checkpoint)
+    if step is None or Path(checkpoint).resolve().parent != out_dir.resolve():
+        return  # a checkpoint of another folder: nothing here is newer than it
+    newer = [p for p in list_checkpoints(out_dir, complete_only=False) if folder_step(p) > step]
+    final = final_files(out_dir) if newer else []
+    if final:  # first, and as one change: never a final model without the checkpoints it came from
+        note = f"--discard_newer_checkpoints was interrupted: resume from {Path(checkpoint)} with it again"
+        with replace_files(out_dir, replaces=final, note=note):
+            pass
+    for path in newer:
+        remove(path)
+    if newer:
+        what = ", ".join(p.name for p in newer) + (" and the final model" if final else "")
+        logger.warning("--discard_newer_checkpoints: removed %s (resuming from %s)", what, Path(checkpoint).name)
+
+
+def final_files(out_dir: Path) -> list[str]:
+    """The names of the final model's files in `out_dir` (`FINAL_FILES`, shards, an unfinished swap's record)."""
+    shards = sorted(p.name for p in out_dir.glob("model-*-of-*.safetensors"))  # a final model saved in shards
+    return [name for name in (*FINAL_FILES, *shards, PENDING_RECORD) if (out_dir / name).is_file()]
+
+
 def previous_work(out_dir: Path) -> list[str]:
     """What of another run lies in `out_dir`: its checkpoints and its final model, by name."""
     found = [p.name for p in list_checkpoints(out_dir, complete_only=False)]
-    return found + [name for name in _FINAL_MODELS if (out_dir / name).is_file()]
+    found += [name for name in _FINAL_MODELS if (out_dir / name).is_file()]
+    return found + (["an unfinished final model"] if incomplete(out_dir) is not None else [])
 
 
 def _check_previous_work(out_dir: Path, resume: str | None, overwrite: bool) -> None:
@@ -112,12 +147,8 @@ def _check_previous_work(out_dir: Path, resume: str | None, overwrite: bool) -> 
 
 def _clear_previous_work(out_dir: Path) -> None:
     removed = [p.name for p in list_checkpoints(out_dir, complete_only=False)]
+    removed += final_files(out_dir) + ([RUN_LOG] if (out_dir / RUN_LOG).is_file() else [])
     for name in removed:
-        shutil.rmtree(out_dir / name)
-    shards = sorted(p.name for p in out_dir.glob("model-*-of-*.safetensors"))  # a final model saved in shards
-    for name in (*FINAL_FILES, *shards, RUN_LOG):
-        if (out_dir / name).is_file():
-            (out_dir / name).unlink()
-            removed.append(name)
+        remove(out_dir / name)
     if removed:
         logger.warning("%s: removed the previous run's %s", OVERWRITE_FLAG, ", ".join(removed))

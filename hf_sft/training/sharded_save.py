@@ -4,7 +4,8 @@ Under FSDP and ZeRO-3 no process holds every weight, and Trainer's own saving fa
 SHARDED_STATE_DICT `Trainer.save_model` writes nothing at all (no weights, no config), and under FSDP2 the model
 has been given a subclass of its own class, so `save_pretrained` on it copies torch's FSDP source files and writes
 an `auto_map` naming them. The final folder is therefore written from gathered weights into a fresh model of our
-own class, and FSDP2 checkpoints get their config, code files and tokenizer from a callback.
+own class, and FSDP2 checkpoints get their config, code files and tokenizer from
+`hf_sft.training.checkpoint_files`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 from transformers.dynamic_module_utils import custom_object_save, get_relative_import_files
 
 
@@ -63,30 +63,6 @@ def write_model_files(model, folder: Path) -> None:
         plain.generation_config.save_pretrained(folder)
 
 
-class CheckpointFilesCallback(TrainerCallback):
-    """Gives FSDP2 checkpoints the config, model code and tokenizer that every other engine's checkpoints have.
-
-    Under FSDP2 Trainer gets both wrong: with SHARDED_STATE_DICT it writes only the weight and optimizer shards into
-    `checkpoint-STEP/`, and with FULL_STATE_DICT it saves the model through FSDP2's subclass of our model class, so
-    the folder receives torch's FSDP source files and an `auto_map` naming them. Place this callback before the one
-    that marks checkpoints complete.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def on_save(self, args, state, control, model=None, **kwargs):
-        from torch.distributed.fsdp import FSDPModule
-
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not state.is_world_process_zero or not folder.is_dir() or not isinstance(model, FSDPModule):
-            return  # other engines save the model through `save_pretrained` of its own class
-        for name in _code_files(type(model)):
-            (folder / name).unlink(missing_ok=True)
-        write_model_files(model, folder)
-        self.tokenizer.save_pretrained(folder)
-
-
 def _plain_instance(model):
     """A new, empty instance (meta device) of `model`'s own class, not FSDP2's subclass of it; it shares the config."""
     from torch.distributed.fsdp import FSDPModule
@@ -98,7 +74,7 @@ def _plain_instance(model):
     return plain
 
 
-def _code_files(cls: type) -> list[str]:
+def code_files(cls: type) -> list[str]:
     """The file names `save_pretrained` copies for a model of class `cls`: its module and the modules it imports."""
     module_file = sys.modules[cls.__module__].__file__
     return [Path(f).name for f in (module_file, *get_relative_import_files(module_file))]
