@@ -13,12 +13,7 @@ from transformers import TrainerCallback, set_seed
 from hf_sft.errors import UsageError, bad_input
 from hf_sft.training import engines
 from hf_sft.training.arguments import DataArguments, ModelArguments, SFTTrainingArguments, parse_args
-from hf_sft.training.checkpoints import (
-    AtomicCheckpointCallback,
-    PreemptionCallback,
-    interruption,
-    resolve_resume_path,
-)
+from hf_sft.training.checkpoints import AtomicCheckpointCallback, resolve_resume_path
 from hf_sft.training.feedback import (
     DEFAULT_SAMPLE_INSTRUCTIONS,
     EvaluateAtEpochEndCallback,
@@ -26,6 +21,7 @@ from hf_sft.training.feedback import (
     SampleGenerationCallback,
     ThroughputCallback,
 )
+from hf_sft.training.numeric_guard import GuardedTrainer, NumericGuard, diverged
 from hf_sft.training.output import check_hub_args, save_final
 from hf_sft.training.resume import (
     RunRecordCallback,
@@ -43,7 +39,14 @@ from hf_sft.training.setup import (
     sync_special_token_ids,
 )
 from hf_sft.training.sharded_save import CheckpointFilesCallback
-from hf_sft.training.token_budget import TokenBudgetTrainer
+from hf_sft.training.signals import (
+    PreemptionCallback,
+    StopRequests,
+    handling_signals,
+    stopped_after_training,
+    stopped_before_training,
+    stopped_in_training,
+)
 from hf_sft.training.validation import validate_arguments
 
 logger = logging.getLogger("hf_sft.train")
@@ -62,14 +65,23 @@ def run(
     args: SFTTrainingArguments,
     callbacks: list[TrainerCallback] | None = None,
 ) -> int:
-    """Train as configured; returns the process exit status (raises `RunInterrupted` when stopped by a signal).
+    """Train as configured; returns the process exit status.
 
     `callbacks` are added to the Trainer's own (the throughput benchmark measures through one).
+
+    Raises:
+        RunInterrupted: a SIGTERM/SIGINT came (`hf_sft.training.signals` says what each moment of it means).
+        TrainingDiverged: a non-finite loss, gradient norm or weights stopped training (`numeric_guard`).
     """
-    try:
-        return _run(model_args, data_args, args, callbacks or [])
-    finally:
-        release_run_folders()
+    with handling_signals() as stop:
+        try:
+            status = _run(model_args, data_args, args, callbacks or [], stop)
+        finally:
+            release_run_folders()
+            stop.echo = False  # the run's last line follows: nothing may print after it
+        if stop.requested:  # it came once training had finished: the final folder was finished first
+            raise stopped_after_training(stop, Path(args.output_dir), args.process_index == 0)
+        return status
 
 
 def _run(
@@ -77,6 +89,7 @@ def _run(
     data_args: DataArguments,
     args: SFTTrainingArguments,
     callbacks: list[TrainerCallback],
+    stop: StopRequests,
 ) -> int:
     validate_arguments(model_args, data_args, args)
     record = record_arguments((model_args, data_args, args), parse_args)
@@ -93,6 +106,12 @@ def _run(
     args = check_hub_args(args, output_dir)
     logger.info("world size %d | device %s | precision %s", args.world_size, args.device, _precision_name(args))
     resume = resolve_resume_path(args.resume_from_checkpoint, output_dir)
+    main_process = args.process_index == 0
+
+    def before_training() -> str:
+        return stopped_before_training(stop, resume, main_process)
+
+    stop.check(before_training)
     set_seed(args.seed)
 
     from hf_sft.data import get_format, install_chat_template, make_collator, resolve_max_seq_len
@@ -100,12 +119,14 @@ def _run(
     template = get_format(data_args.template)
     loaded = load_from_checkpoint(resume, model_args, args.use_lora) if resume else None
     model, tokenizer, base_description = loaded or load_model_and_tokenizer(model_args, data_args)
+    stop.check(before_training)
     record["base_model"] = base_description
     sync_special_token_ids(model, tokenizer)
     model.supervised_logits_only = True  # Trainer reads only the loss: the LM head runs on supervised positions alone
     install_chat_template(tokenizer, template)
     max_seq_len = resolve_max_seq_len(data_args.max_seq_len, model.config)
     data = build_run_datasets(data_args, tokenizer, template, max_seq_len=max_seq_len, seed=args.seed)
+    stop.check(before_training)
     _log_data(data)
     train_dataset = data.train.dataset
     eval_dataset = data.eval.dataset if data.eval is not None else None
@@ -120,13 +141,15 @@ def _run(
         args.sample_instructions.split("|") if args.sample_instructions else DEFAULT_SAMPLE_INSTRUCTIONS,
         max_new_tokens=args.sample_max_new_tokens,
     )
-    preemption = PreemptionCallback()
+    preemption = PreemptionCallback(stop)
+    guard = NumericGuard()
     engines.enable_on_cpu(args)
     if args.process_index == 0:
         claim_run_folder(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
         start_run_log(output_dir)
     budget = args.per_device_train_batch_size * max_seq_len if args.packing and args.token_budget_batches else None
-    trainer = TokenBudgetTrainer(
+    trainer = GuardedTrainer(
+        numeric_guard=guard,
         token_budget=budget,
         model=model,
         args=args,
@@ -151,11 +174,15 @@ def _run(
     if eval_dataset is not None:
         trainer.add_callback(EvaluateAtEpochEndCallback())
         trainer.add_callback(samples)
+    trainer.add_callback(guard)  # the last: it cancels the save that others asked for at a bad step
 
+    stop.check(before_training)
     trainer.train(resume_from_checkpoint=resume)
-    if preemption.requested:
-        checkpoint = output_dir / f"checkpoint-{trainer.state.global_step}"
-        raise interruption(preemption, checkpoint, trainer.is_world_process_zero())
+    if guard.failure:
+        raise diverged(guard, output_dir, args.learning_rate, args.max_grad_norm, main_process)
+    if preemption.requested and trainer.state.global_step < trainer.state.max_steps:
+        raise stopped_in_training(preemption, output_dir, main_process)
+    # Training has finished (a signal during its last step included): the final folder is finished too.
     if eval_dataset is not None and not _evaluated_at(trainer.state.log_history, trainer.state.global_step):
         trainer.evaluate()
     save_final(trainer, data_args, output_dir, base_description, samples.history)
