@@ -123,8 +123,9 @@ def wait_for_step(out: Path, proc: Run, step: int) -> None:
 
 
 def assert_left_cleanly(out: Path, output: str) -> None:
-    """No traceback in the whole output, the lock released, and a new run may use the folder."""
+    """No traceback in the whole output, the first signal acknowledged once, the lock released, the folder usable."""
     assert "Traceback" not in output, output[-3000:]
+    assert output.count(" received: stopping at the next safe point") == 1
     assert not (out / LOCK_FILE).exists() and live_holder(out) is None
     check_run_folder(out, resume="latest", overwrite=False)
 

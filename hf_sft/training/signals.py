@@ -51,14 +51,19 @@ class StopRequests:
         self.reset()
 
     def reset(self) -> None:
-        self.first: signal.Signals | None = None
+        self._first: int | None = None
         self.count = 0
         self.echo = True  # the handler's one immediate line; off once the run has printed its last line
         self._logged = 0
 
     @property
+    def first(self) -> signal.Signals | None:
+        """The first signal received, if any."""
+        return None if self._first is None else signal.Signals(self._first)
+
+    @property
     def requested(self) -> bool:
-        return self.first is not None
+        return self._first is not None
 
     @property
     def status(self) -> int:
@@ -80,10 +85,11 @@ class StopRequests:
         return new
 
     def _handle(self, signum, frame) -> None:
+        # Another signal can run this handler again inside itself, at any call: no call between test and store.
         self.count += 1
-        if self.first is not None:
+        if self._first is not None:
             return
-        self.first = signal.Signals(signum)
+        self._first = signum
         if self.echo and os.environ.get("RANK", "0") == "0":
             # A raw write, not logging or print: those may be in the middle of a write to the same stream.
             line = f"{self.first.name} received: stopping at the next safe point (further signals change nothing)\n"

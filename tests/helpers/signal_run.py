@@ -16,6 +16,7 @@ save) or `setup` (loading the model, before training). Its start is printed as `
 """
 
 import functools
+import gc
 import json
 import os
 import signal
@@ -73,6 +74,7 @@ def serve() -> dict:
     import hf_sft.cli  # noqa: F401 - imported once here, inherited by every child
     import hf_sft.training.run  # noqa: F401
 
+    gc.freeze()  # what the children inherit stays out of their garbage collections: no copy-on-write of all of it
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
