@@ -273,7 +273,7 @@ def test_a_storm_during_the_final_save_lets_it_finish_then_exits_143(tmp_path, s
     assert status == 143, output[-3000:]
     assert_left_cleanly(out, output)
     assert output.strip().splitlines()[-1] == (
-        f"SIGTERM received after training finished: the final model in {out} is complete; nothing to resume"
+        f"SIGTERM received at the end of training: the final model in {out} is complete; nothing to resume"
     )
     assert_same_weights(out, reference)  # the whole final model, written under the storm
     assert (out / "README.md").is_file() and (out / "loss.png").is_file()

@@ -237,7 +237,7 @@ def stopped_before_training(stop: StopRequests, resume: str | None, main_process
 def stopped_after_training(stop: StopRequests, output_dir: Path, main_process: bool) -> RunInterrupted:
     """The exit of a run signalled once training had finished: its final folder was finished first."""
     message = (
-        f"{stop.first.name} received after training finished: the final model in {output_dir} is complete; "
+        f"{stop.first.name} received at the end of training: the final model in {output_dir} is complete; "
         "nothing to resume"
     )
     return RunInterrupted(message if main_process else "", stop.status)
