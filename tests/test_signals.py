@@ -4,6 +4,7 @@ the resume line last, with no traceback and no lock left; what a signal means at
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,6 +94,10 @@ def server():
     started = Server()
     yield started
     started.close()
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -290,3 +295,21 @@ def test_signals_before_training_stop_at_once_with_nothing_trained(tmp_path, ser
         "stopped by SIGTERM before training began: nothing was trained; run the same command again"
     )
     assert list_checkpoints(out, complete_only=False) == []
+
+
+@pytest.mark.slow
+def test_signals_before_a_resumed_run_trains_leave_its_checkpoint_byte_identical(tmp_path, server, reference):
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copytree(reference / "checkpoint-9", out / "checkpoint-9")
+    before = snapshot(out)
+    status, output = server.start(out, storm="setup", flags=["--resume_from_ckpt_path", "latest"]).finish()
+    assert status == 143, output[-3000:]
+    assert_left_cleanly(out, output)
+    checkpoint = out / "checkpoint-9"
+    assert output.strip().splitlines()[-1] == (
+        f"stopped by SIGTERM before training began: {checkpoint} is unchanged; "
+        f"resume with: hf-sft train --resume_from_ckpt_path {checkpoint}"
+    )
+    after = snapshot(out)
+    assert {name: data for name, data in after.items() if name != "train.log"} == before

@@ -12,7 +12,7 @@ the children inherit them already imported. The server never runs torch code its
 
 MOMENT (or SIGNAL_RUN_STORM for a single run): a thread sends this process SIGTERM every 0.5 ms (hundreds of them)
 from the moment's first instruction to its last: `checkpoint-N` (Trainer writing checkpoint N), `final` (the final
-save) or `setup` (loading the model, before training). Its start is printed as `signal_run: storm in MOMENT`.
+save) or `setup` (preparing the data, before training). Its start is printed as `signal_run: storm in MOMENT`.
 """
 
 import functools
@@ -53,7 +53,7 @@ def instrument(moment: str) -> None:
     if moment == "final":
         run.save_final = storming(moment, run.save_final)
     elif moment == "setup":
-        run.load_model_and_tokenizer = storming(moment, run.load_model_and_tokenizer)
+        run.build_run_datasets = storming(moment, run.build_run_datasets)
     elif moment.startswith("checkpoint-"):
         from transformers import Trainer
 
