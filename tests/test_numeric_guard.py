@@ -11,7 +11,7 @@ from hf_sft.cli import main
 from hf_sft.errors import TrainingDiverged
 from hf_sft.training.arguments import parse_args
 from hf_sft.training.checkpoints import list_checkpoints
-from hf_sft.training.numeric_guard import GuardedTrainer
+from hf_sft.training.numeric_guard import NumericGuardSteps
 from hf_sft.training.run import run
 from hf_sft.training.run_lock import LOCK_FILE
 
@@ -121,4 +121,4 @@ def test_the_guard_sees_trainers_own_gradient_norm():
     # A private Trainer method carries the norm; if transformers renames it, the override would silently stop.
     from transformers import Trainer
 
-    assert hasattr(Trainer, "_get_grad_norm") and "_get_grad_norm" in GuardedTrainer.__dict__
+    assert hasattr(Trainer, "_get_grad_norm") and "_get_grad_norm" in NumericGuardSteps.__dict__

@@ -1,12 +1,12 @@
 """A non-finite loss, gradient norm or weights stop the run at that step, before anything is saved from it.
 
 Trainer keeps going on a NaN: its logged loss even hides one (`logging_nan_inf_filter` averages it away), and it
-would write checkpoints and a final model of NaN weights. `GuardedTrainer` shows the guard each micro-step's loss and
-each optimizer step's gradient norm, kept on the device (no host sync per micro-step); `NumericGuard` reads them once
-per optimizer step, and before each save also checks the weights themselves (a huge learning rate can overflow them
-in one step whose loss and gradients were finite). Under several processes the verdict is all-reduced, so every rank
-stops at the same step. On a bad step it cancels the step's save and evaluation and stops training; the run then
-exits 1 (`TrainingDiverged`) without a final model, naming the newest good checkpoint.
+would write checkpoints and a final model of NaN weights. `NumericGuardSteps` shows the guard each micro-step's loss
+and each optimizer step's gradient norm, kept on the device (no host sync per micro-step); `NumericGuard` reads them
+once per optimizer step, and before each save also checks the weights themselves (a huge learning rate can overflow
+them in one step whose loss and gradients were finite). Under several processes the verdict is all-reduced, so every
+rank stops at the same step. On a bad step it cancels the step's save and evaluation and stops training; the run
+then exits 1 (`TrainingDiverged`) without a final model, naming the newest good checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from transformers import TrainerCallback
 from hf_sft.errors import TrainingDiverged
 from hf_sft.training.checkpoints import list_checkpoints
 from hf_sft.training.signals import resume_command
-from hf_sft.training.token_budget import TokenBudgetTrainer
 
 logger = logging.getLogger("hf_sft.train")
 
@@ -34,7 +33,7 @@ class NumericGuard(TrainerCallback):
 
     def __init__(self):
         self.failure: str | None = None  # what was not finite, and at which step
-        self.accelerator = None  # GuardedTrainer sets it: whether the grad scaler skipped the step
+        self.accelerator = None  # NumericGuardSteps sets it: whether the grad scaler skipped the step
         self._loss: torch.Tensor | None = None
         self._grad_norm: torch.Tensor | None = None
 
@@ -108,12 +107,13 @@ def _weights_not_finite(model, device) -> torch.Tensor:
     return bad
 
 
-class GuardedTrainer(TokenBudgetTrainer):
-    """`TokenBudgetTrainer` that shows `numeric_guard` every micro-step's loss and every step's gradient norm.
+class NumericGuardSteps:
+    """Trainer mixin (list it before the Trainer class): shows `numeric_guard` every micro-step's loss and every
+    optimizer step's gradient norm.
 
     Args:
         numeric_guard: the run's `NumericGuard` (add it as the last callback).
-        *args, **kwargs: `TokenBudgetTrainer`'s.
+        *args, **kwargs: the Trainer class's.
     """
 
     def __init__(self, *args, numeric_guard: NumericGuard, **kwargs):

@@ -21,7 +21,7 @@ from hf_sft.training.feedback import (
     SampleGenerationCallback,
     ThroughputCallback,
 )
-from hf_sft.training.numeric_guard import GuardedTrainer, NumericGuard, diverged
+from hf_sft.training.numeric_guard import NumericGuard, NumericGuardSteps, diverged
 from hf_sft.training.output import check_hub_args, save_final
 from hf_sft.training.resume import (
     RunRecordCallback,
@@ -47,6 +47,7 @@ from hf_sft.training.signals import (
     stopped_before_training,
     stopped_in_training,
 )
+from hf_sft.training.token_budget import TokenBudgetTrainer
 from hf_sft.training.validation import validate_arguments
 
 logger = logging.getLogger("hf_sft.train")
@@ -148,7 +149,7 @@ def _run(
         claim_run_folder(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
         start_run_log(output_dir)
     budget = args.per_device_train_batch_size * max_seq_len if args.packing and args.token_budget_batches else None
-    trainer = GuardedTrainer(
+    trainer = RunTrainer(
         numeric_guard=guard,
         token_budget=budget,
         model=model,
@@ -187,6 +188,10 @@ def _run(
         trainer.evaluate()
     save_final(trainer, data_args, output_dir, base_description, samples.history)
     return 0
+
+
+class RunTrainer(NumericGuardSteps, TokenBudgetTrainer):
+    """The run's Trainer: steps shown to the numeric guard (`numeric_guard`), token-budget micro-batches."""
 
 
 def _log_data(data) -> None:

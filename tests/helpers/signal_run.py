@@ -55,16 +55,14 @@ def instrument(moment: str) -> None:
     elif moment == "setup":
         run.build_run_datasets = storming(moment, run.build_run_datasets)
     elif moment.startswith("checkpoint-"):
-        from transformers import Trainer
-
         step = int(moment.split("-")[1])
-        original = Trainer._save_checkpoint
+        original = run.RunTrainer._save_checkpoint  # the run's whole checkpoint save
         stormed = storming(moment, original)
 
         def save_checkpoint(self, *args, **kwargs):
             return (stormed if self.state.global_step == step else original)(self, *args, **kwargs)
 
-        Trainer._save_checkpoint = save_checkpoint
+        run.RunTrainer._save_checkpoint = save_checkpoint
     else:
         raise SystemExit(f"unknown storm moment {moment}")
 
