@@ -22,7 +22,7 @@ from hf_sft.training.signals import STOP, handling_signals
 
 REPO = Path(__file__).resolve().parents[1]
 HELPER = str(REPO / "tests" / "helpers" / "signal_run.py")
-STEPS = 10
+STEPS = 12
 # A tiny new model on the shipped fixtures, a checkpoint every step: most of a run's time is spent writing them.
 FLAGS = [
     "--tokenizer_path", str(REPO / "tests" / "fixtures" / "tiny_bpe.json"),
@@ -235,8 +235,8 @@ def test_signals_at_random_moments_leave_a_complete_checkpoint_that_resumes_bit_
     kind = KINDS[seed]
     out = tmp_path / "run"
     proc = server.start(out)
-    wait_for_step(out, proc, rng.randint(1, STEPS - 4))
-    time.sleep(rng.uniform(0.0, 0.15))  # anywhere in a step or a checkpoint write
+    wait_for_step(out, proc, rng.randint(1, STEPS - 6))  # at least 6 steps and checkpoints still to come
+    time.sleep(rng.uniform(0.0, 0.1))  # anywhere in a step or a checkpoint write
     sent = send(proc, kind, rng)
     status, output = proc.finish()
     sig = signal.SIGINT if kind == "one SIGINT" else signal.SIGTERM
@@ -305,12 +305,13 @@ def test_signals_before_training_stop_at_once_with_nothing_trained(tmp_path, ser
 def test_signals_before_a_resumed_run_trains_leave_its_checkpoint_byte_identical(tmp_path, server, reference):
     out = tmp_path / "run"
     out.mkdir()
-    shutil.copytree(reference / "checkpoint-9", out / "checkpoint-9")
+    name = f"checkpoint-{STEPS - 1}"
+    shutil.copytree(reference / name, out / name)
     before = snapshot(out)
     status, output = server.start(out, storm="setup", flags=["--resume_from_ckpt_path", "latest"]).finish()
     assert status == 143, output[-3000:]
     assert_left_cleanly(out, output)
-    checkpoint = out / "checkpoint-9"
+    checkpoint = out / name
     assert output.strip().splitlines()[-1] == (
         f"stopped by SIGTERM before training began: {checkpoint} is unchanged; "
         f"resume with: hf-sft train --resume_from_ckpt_path {checkpoint}"

@@ -179,7 +179,7 @@ def _run(
 
     stop.check(before_training)
     trainer.train(resume_from_checkpoint=resume)
-    if guard.failure:
+    if guard.failure:  # before a signal's stop: a diverged run is not continued by resuming it as it is
         raise diverged(guard, output_dir, args.learning_rate, args.max_grad_norm, main_process)
     if preemption.requested and trainer.state.global_step < trainer.state.max_steps:
         raise stopped_in_training(preemption, output_dir, main_process)
