@@ -1,10 +1,14 @@
 """The `hf-sft` command: one parser per subcommand, each living in `hf_sft.commands.<name>`.
 
 Every subcommand exits 0 on success, 2 on bad usage or bad input (`UsageError`, a bad flag included: one line on
-stderr), 130/143 when a training run stopped on SIGINT/SIGTERM after saving a checkpoint (`RunInterrupted`: its last
-line says how to resume), and 1 on any other failure: a write the system refused (`WriteFailed`, naming the path and
-the cause) or anything else (one line too, unless `--debug` asks for the traceback). Every message is printed on
-one line, whatever line breaks a library put in it.
+stderr), 130/143 when a training run received SIGINT/SIGTERM (`RunInterrupted`: its last line says where the work is
+and how to resume), and 1 on any other failure: a run stopped by a non-finite loss (`TrainingDiverged`), a write the
+system refused (`WriteFailed`, naming the path and the cause) or anything else (one line too, unless `--debug` asks
+for the traceback). Every message is printed on one line, whatever line breaks a library put in it.
+
+`train` installs the signal handler first (`hf_sft.training.signals`). Called as the process's entry point (no
+`argv`), it leaves SIGTERM/SIGINT ignored once the command has printed its last line, so that nothing that runs at
+interpreter exit is interrupted; called with `argv` (a test, an application), it restores the previous handlers.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import importlib
 import sys
 
 from hf_sft import flags
-from hf_sft.errors import RunInterrupted, UsageError, WriteFailed
+from hf_sft.errors import RunInterrupted, TrainingDiverged, UsageError, WriteFailed
 
 COMMANDS = ("convert", "train", "data", "generate", "export", "push")
 
@@ -39,13 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    entry_point = argv is None
     argv = sys.argv[1:] if argv is None else argv
     # `hf-sft train` forwards its flags untouched to the training parser, which owns them.
     if argv[:1] == ["train"]:
-        from hf_sft.commands.train import run_argv
+        from hf_sft.training.signals import handling_signals
 
-        rest = [arg for arg in argv[1:] if arg != "--debug"]
-        return _guarded(lambda: run_argv(rest), debug="--debug" in argv)
+        with handling_signals(exiting=entry_point):
+            from hf_sft.commands.train import run_argv
+
+            rest = [arg for arg in argv[1:] if arg != "--debug"]
+            return _guarded(lambda: run_argv(rest), debug="--debug" in argv)
 
     def parse_and_run() -> int:
         args = build_parser().parse_args(argv)
@@ -67,10 +75,11 @@ def _guarded(action, debug: bool) -> int:
         if str(stop):  # only the main process says it
             print(_one_line(stop), file=sys.stderr, flush=True)
         return stop.status
-    except WriteFailed as err:
+    except (WriteFailed, TrainingDiverged) as err:
         if debug:
             raise
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        if str(err):  # only the main process of a multi-process run says it
+            print(f"error: {_one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

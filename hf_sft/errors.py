@@ -27,6 +27,13 @@ class RunInterrupted(Exception):
         self.status = status
 
 
+class TrainingDiverged(Exception):
+    """A non-finite loss, gradient norm or weights stopped training: the CLI prints the line and exits 1.
+
+    Nothing was saved from the bad step; the message names the newest good checkpoint and what to change.
+    """
+
+
 class WriteFailed(Exception):
     """A write the system refused (disk full, read-only, no permission): the CLI prints the line and exits 1.
 

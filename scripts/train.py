@@ -14,4 +14,5 @@ import sys
 from hf_sft.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.argv.insert(1, "train")  # `main()` without arguments: this process ends with it (hf_sft.cli)
+    sys.exit(main())

@@ -139,6 +139,10 @@ def test_a_yaml_float_that_is_not_finite_is_refused_too(tmp_path, capsys):
         (["--seed", "4294967296"], "--seed must be in [0, 4294967295], got 4294967296"),
         (["--save_steps", "inf"], "--save_interval must be a finite number, got inf"),  # OverflowError on main
         (["--batch_size", str(2**63)], f"--batch_size must fit in 64 bits (at most {2**63 - 1}), got {2**63}"),
+        (  # Trainer's own SIGTERM handler would replace the run's one handler
+            ["--enable_jit_checkpoint"],
+            "--enable_jit_checkpoint is not needed: SIGTERM and SIGINT save a checkpoint and stop anyway",
+        ),
     ],
 )
 def test_values_that_would_fail_or_diverge_later_exit_2_first(tmp_path, capsys, flags, message):

@@ -1,4 +1,4 @@
-"""Which checkpoint a run resumes from, and a clean stop on SIGTERM/SIGINT.
+"""Which checkpoint a run resumes from.
 
 Checkpoints are written whole (`hf_sft.training.staged_save`) and sealed with a manifest
 (`hf_sft.training.checkpoint_check`). `--resume_from_ckpt_path latest` takes the newest checkpoint that verifies and
@@ -10,18 +10,10 @@ them, unless `--discard_newer_checkpoints` says to delete them (and the final mo
 from __future__ import annotations
 
 import logging
-import shlex
-import signal
-import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from transformers import TrainerCallback
-
-from hf_sft.errors import RunInterrupted, UsageError
+from hf_sft.errors import UsageError
 from hf_sft.training.checkpoint_check import MANIFEST, folder_step, problem
-from hf_sft.training.engines import launched_processes
 
 logger = logging.getLogger(__name__)
 
@@ -133,69 +125,4 @@ def _not_a_run_checkpoint(path: Path) -> str:
     return (
         f"--resume_from_ckpt_path {path} is a pretraining checkpoint, not a checkpoint folder of a fine-tuning run: "
         f"to fine-tune from it pass --pretrained_ckpt_path {path}"
-    )
-
-
-class PreemptionCallback(TrainerCallback):
-    """On SIGTERM or SIGINT: finish the current optimizer step, save a checkpoint, stop training.
-
-    Stopping only between optimizer steps keeps the checkpoint's data position exact. Under several processes the
-    stop request is shared (an all-reduce per step), so every rank stops at the same step.
-    """
-
-    def __init__(self):
-        self.requested: str | None = None
-        self.signal = signal.SIGTERM  # what another rank's request counts as
-        self._previous = {}
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-
-    def on_train_end(self, args, state, control, **kwargs):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum, frame):
-        if self.requested:  # a second signal: the user means it
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum)
-        self.requested = self.signal.name
-        logger.warning("%s received: saving a checkpoint after this step, then stopping", self.requested)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        stop = self.requested is not None
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([float(stop)], device=args.device)
-            dist.all_reduce(flag)
-            stop = bool(flag.item())
-        if stop:
-            self.requested = self.requested or "a signal on another rank"
-            control.should_save = True
-            control.should_training_stop = True
-        return control
-
-
-def interruption(preemption: PreemptionCallback, checkpoint: Path, main_process: bool) -> RunInterrupted:
-    """The exit of a run stopped by a signal: status 128 + signal, and a last line that says how to resume.
-
-    The resume command needs no other flag: the checkpoint holds the run's arguments (`hf_sft.training.resume`).
-    """
-    if not main_process:
-        return RunInterrupted("", 128 + preemption.signal)
-    command = ["--resume_from_ckpt_path", str(checkpoint)]
-    if Path(sys.argv[0]).name == "train.py":  # scripts/train.py, maybe under accelerate launch
-        processes = launched_processes()
-        launcher = ["python"] if processes == 1 else ["accelerate", "launch", "--num_processes", str(processes)]
-        command = [*launcher, sys.argv[0], *command]
-    else:
-        command = ["hf-sft", "train", *command]
-    return RunInterrupted(
-        f"stopped by {preemption.requested} at step {checkpoint.name.split('-')[-1]}: checkpoint saved in "
-        f"{checkpoint}; resume with: {shlex.join(command)}",
-        128 + preemption.signal,
     )

@@ -13,7 +13,7 @@ from hf_sft.errors import UsageError, bad_input
 from hf_sft.training import engines
 from hf_sft.training.arguments import DataArguments, ModelArguments, SFTTrainingArguments, parse_args
 from hf_sft.training.checkpoint_files import CheckpointFiles
-from hf_sft.training.checkpoints import PreemptionCallback, interruption, resolve_resume_path
+from hf_sft.training.checkpoints import resolve_resume_path
 from hf_sft.training.feedback import (
     DEFAULT_SAMPLE_INSTRUCTIONS,
     EvaluateAtEpochEndCallback,
@@ -21,6 +21,7 @@ from hf_sft.training.feedback import (
     SampleGenerationCallback,
     ThroughputCallback,
 )
+from hf_sft.training.numeric_guard import NumericGuard, NumericGuardSteps, diverged
 from hf_sft.training.output import check_hub_args, save_final
 from hf_sft.training.resume import load_from_checkpoint, record_arguments, resume_arguments
 from hf_sft.training.resumed_state import NothingLeftToTrain, ResumeCallback
@@ -31,6 +32,14 @@ from hf_sft.training.setup import (
     load_model_and_tokenizer,
     resolve_device_and_precision,
     sync_special_token_ids,
+)
+from hf_sft.training.signals import (
+    PreemptionCallback,
+    StopRequests,
+    handling_signals,
+    stopped_after_training,
+    stopped_before_training,
+    stopped_in_training,
 )
 from hf_sft.training.staged_save import StagedCheckpoints
 from hf_sft.training.streaming import (
@@ -59,14 +68,23 @@ def run(
     args: SFTTrainingArguments,
     callbacks: list[TrainerCallback] | None = None,
 ) -> int:
-    """Train as configured; returns the process exit status (raises `RunInterrupted` when stopped by a signal).
+    """Train as configured; returns the process exit status.
 
     `callbacks` are added to the Trainer's own (the throughput benchmark measures through one).
+
+    Raises:
+        RunInterrupted: a SIGTERM/SIGINT came (`hf_sft.training.signals` says what each moment of it means).
+        TrainingDiverged: a non-finite loss, gradient norm or weights stopped training (`numeric_guard`).
     """
-    try:
-        return _run(model_args, data_args, args, callbacks or [])
-    finally:
-        release_run_folders()
+    with handling_signals() as stop:
+        try:
+            status = _run(model_args, data_args, args, callbacks or [], stop)
+        finally:
+            release_run_folders()
+            stop.echo = False  # the run's last line follows: nothing may print after it
+        if stop.requested:  # it came once training had finished: the final folder was finished first
+            raise stopped_after_training(stop, Path(args.output_dir), args.process_index == 0)
+        return status
 
 
 def _run(
@@ -74,6 +92,7 @@ def _run(
     data_args: DataArguments,
     args: SFTTrainingArguments,
     callbacks: list[TrainerCallback],
+    stop: StopRequests,
 ) -> int:
     validate_arguments(model_args, data_args, args)
     if data_args.streaming:
@@ -92,6 +111,12 @@ def _run(
     args = check_hub_args(args, output_dir)
     logger.info("world size %d | device %s | precision %s", args.world_size, args.device, _precision_name(args))
     resume = resolve_resume_path(args.resume_from_checkpoint, output_dir, args.discard_newer_checkpoints)
+    main_process = args.process_index == 0
+
+    def before_training() -> str:
+        return stopped_before_training(stop, resume, main_process)
+
+    stop.check(before_training)
     set_seed(args.seed)
 
     from hf_sft.data import get_format, install_chat_template, make_collator, resolve_max_seq_len
@@ -99,6 +124,7 @@ def _run(
     template = get_format(data_args.template)
     loaded = load_from_checkpoint(resume, model_args, args.use_lora) if resume else None
     model, tokenizer, base_description = loaded or load_model_and_tokenizer(model_args, data_args)
+    stop.check(before_training)
     record["base_model"] = base_description
     sync_special_token_ids(model, tokenizer)
     model.supervised_logits_only = True  # Trainer reads only the loss: the LM head runs on supervised positions alone
@@ -109,6 +135,7 @@ def _run(
         data = build_run_datasets(
             data_args, tokenizer, template, max_seq_len=max_seq_len, seed=args.seed, data_seed=args.data_seed
         )
+    stop.check(before_training)
     _log_data(data)
     train_dataset = data.train.dataset
     eval_dataset = data.eval.dataset if data.eval is not None else None
@@ -129,7 +156,8 @@ def _run(
         args.sample_instructions.split("|") if args.sample_instructions else DEFAULT_SAMPLE_INSTRUCTIONS,
         max_new_tokens=args.sample_max_new_tokens,
     )
-    preemption = PreemptionCallback()
+    preemption = PreemptionCallback(stop)
+    guard = NumericGuard()
     engines.enable_on_cpu(args)
     if args.process_index == 0:
         claim_run_folder(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
@@ -140,6 +168,7 @@ def _run(
     trainer = RunTrainer(
         checkpoint_files=CheckpointFiles(record, tokenizer),
         keep_checkpoints=save_total_limit,
+        numeric_guard=guard,
         token_budget=budget,
         model=model,
         args=args,
@@ -162,7 +191,9 @@ def _run(
     if eval_dataset is not None:
         trainer.add_callback(EvaluateAtEpochEndCallback())
         trainer.add_callback(samples)
+    trainer.add_callback(guard)  # the last: it cancels the save that others asked for at a bad step
 
+    stop.check(before_training)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except NothingLeftToTrain as done:
@@ -171,17 +202,20 @@ def _run(
     except BaseException:
         _close_progress_bars(trainer)  # now: closed when the trainer is collected, a bar would print after the error
         raise
-    if preemption.requested:
-        checkpoint = output_dir / f"checkpoint-{trainer.state.global_step}"
-        raise interruption(preemption, checkpoint, trainer.is_world_process_zero())
+    if guard.failure:  # before a signal's stop: a diverged run is not continued by resuming it as it is
+        raise diverged(guard, output_dir, args.learning_rate, args.max_grad_norm, main_process)
+    if preemption.requested and trainer.state.global_step < trainer.state.max_steps:
+        raise stopped_in_training(preemption, output_dir, main_process)
+    # Training has finished (a signal during its last step included): the final folder is finished too.
     if eval_dataset is not None and not _evaluated_at(trainer.state.log_history, trainer.state.global_step):
         trainer.evaluate()
     save_final(trainer, data_args, output_dir, base_description, samples.history)
     return 0
 
 
-class RunTrainer(StagedCheckpoints, TokenBudgetTrainer):
-    """The run's Trainer: checkpoints written whole (`staged_save`), token-budget micro-batches (`token_budget`)."""
+class RunTrainer(NumericGuardSteps, StagedCheckpoints, TokenBudgetTrainer):
+    """The run's Trainer: steps shown to the numeric guard (`numeric_guard`), checkpoints written whole
+    (`staged_save`), token-budget micro-batches (`token_budget`)."""
 
 
 def _close_progress_bars(trainer) -> None:

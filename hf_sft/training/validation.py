@@ -109,6 +109,9 @@ def validate_arguments(*parsed: Any) -> None:
         if value is not None and reference is not None and not holds(value, reference):
             raise UsageError(f"{flag(name)} {requirement} {flag(other)}: got {value} > {reference}")
     _check_scheduler_floor(values)
+    if values.get("enable_jit_checkpoint"):
+        # Trainer's SIGTERM handler would replace hf_sft's one handler (hf_sft.training.signals), which saves anyway.
+        raise UsageError("--enable_jit_checkpoint is not needed: SIGTERM and SIGINT save a checkpoint and stop anyway")
     _check_paths(values)
     _check_installed(values, parsed)
 
