@@ -55,7 +55,7 @@ def save_final(trainer: Trainer, data_args: DataArguments, output_dir: Path, bas
     repo_id = trainer.hub_model_id if trainer.args.push_to_hub else None
     card = model_card(
         base_model=base,
-        data=data_args.data_path,
+        data=" + ".join(data_args.data_paths()),
         hyperparameters=hyper,
         log_history=history,
         samples=samples,

@@ -142,6 +142,10 @@ def build_run_datasets(
         seed=seed,
         num_proc=data_args.num_proc,
         cache_dir=cache_dir,
+        data_weights=data_args.data_weights,
+        dataset_config=data_args.dataset_config,
+        dataset_split=data_args.dataset_split,
+        dataset_revision=data_args.dataset_revision,
     )
 
 
@@ -158,7 +162,15 @@ def _tokenizer_for_new_model(model_args: ModelArguments, data_args: DataArgument
     from hf_sft.demo import record_text, train_tokenizer
 
     fields = resolve_fields(parse_field_map(data_args.field_map))
-    records = load_records(data_args.data_path, fields, skip_bad_records=data_args.skip_bad_records).dataset
+    records = load_records(
+        data_args.data_path,
+        fields,
+        skip_bad_records=data_args.skip_bad_records,
+        weights=data_args.data_weights,
+        dataset_config=data_args.dataset_config,
+        dataset_split=data_args.dataset_split,
+        dataset_revision=data_args.dataset_revision,
+    ).dataset
     vocab_size = model_args.tokenizer_vocab_size
     logger.info("training a %d-token byte-level BPE tokenizer on %s", vocab_size, data_args.data_path)
     if "messages" in records.column_names:
