@@ -15,9 +15,10 @@ prompt/completion pairs). Every stack prepares the records for training with the
 - `trl`: `load_dataset("json")` of the prompt/completion file and TRL's `SFTTrainer` construction, which tokenises
   and masks (`completion_only_loss`, no packing), as `scripts/throughput_stacks.py` drives it.
 
-Printed per stack, size and `num_proc`: records/s (records ÷ wall seconds of the preparation, imports and the
-tokenizer load excluded), the peak RSS of the process (`ru_maxrss`) and of its worker processes, then the ratios of
-this one run: ours/plain, ours/TRL, and num_proc 2 / num_proc 1 per stack.
+Printed per stack, size and `num_proc`: records/s (records ÷ wall seconds of the preparation; imports, the
+tokenizer load and TRL's model excluded), the peak RSS of the process (`ru_maxrss`) and of its worker processes,
+then the ratios of this one run: ours/plain, ours/TRL, and num_proc 2 / num_proc 1 per stack. The tokenizers
+library's own threads are off (`TOKENIZERS_PARALLELISM=false`) for every stack, so `num_proc` is the parallelism.
 """
 
 from __future__ import annotations
@@ -150,13 +151,17 @@ def print_ratios(results: dict, args: argparse.Namespace) -> None:
 
 
 def child(stack: str, spec_path: str) -> int:
-    spec = json.loads(Path(spec_path).read_text())
+    """One stack, one size: the imports, the tokenizer and (for TRL) the model before the clock starts."""
+    import datasets
+
     from hf_sft.tokenizer import load_tokenizer
 
+    datasets.disable_progress_bars()
+    spec = json.loads(Path(spec_path).read_text())
     tokenizer = load_tokenizer(spec["tokenizer"])
-    prepare = {"ours": prepare_ours, "plain": prepare_plain, "trl": prepare_trl}[stack]
+    prepare = {"ours": setup_ours, "plain": setup_plain, "trl": setup_trl}[stack](spec, tokenizer)
     start = time.perf_counter()
-    examples = prepare(spec, tokenizer)
+    examples = prepare()
     seconds = time.perf_counter() - start
     result = {
         "records_per_s": spec["records"] / seconds,
@@ -169,25 +174,30 @@ def child(stack: str, spec_path: str) -> int:
     return 0
 
 
-def prepare_ours(spec: dict, tokenizer) -> int:
+def setup_ours(spec: dict, tokenizer):
     from hf_sft.data import build_datasets
 
-    data = build_datasets(
-        spec["data"],
-        tokenizer,
-        max_seq_len=spec["max_seq_len"],
-        num_proc=spec["num_proc"],
-        cache_dir=spec["cache"],
-    )
-    return len(data.train.dataset)
+    def prepare() -> int:
+        data = build_datasets(
+            spec["data"],
+            tokenizer,
+            max_seq_len=spec["max_seq_len"],
+            val_split=0.0,
+            num_proc=spec["num_proc"],
+            cache_dir=spec["cache"],
+        )
+        return len(data.train.dataset)
+
+    return prepare
 
 
-def prepare_plain(spec: dict, tokenizer) -> int:
+def setup_plain(spec: dict, tokenizer):
     import datasets
 
     from hf_sft.data import DEFAULT_FORMAT
 
     bos, eos, limit = tokenizer.bos_token, tokenizer.eos_token, spec["max_seq_len"]
+    num_proc = spec["num_proc"] if spec["num_proc"] > 1 else None
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         texts = [
@@ -198,17 +208,21 @@ def prepare_plain(spec: dict, tokenizer) -> int:
         ]
         return tokenizer([text + eos for text in texts], truncation=True, max_length=limit)
 
-    loaded = datasets.load_dataset("json", data_files=spec["data"], split="train", cache_dir=spec["cache"])
-    num_proc = spec["num_proc"] if spec["num_proc"] > 1 else None
-    return len(loaded.map(tokenize, batched=True, remove_columns=loaded.column_names, num_proc=num_proc))
+    def prepare() -> int:
+        loaded = datasets.load_dataset("json", data_files=spec["data"], split="train", cache_dir=spec["cache"])
+        return len(loaded.map(tokenize, batched=True, remove_columns=loaded.column_names, num_proc=num_proc))
+
+    return prepare
 
 
-def prepare_trl(spec: dict, tokenizer) -> int:
+def setup_trl(spec: dict, tokenizer):
     import datasets
+    from transformers.utils import logging as transformers_logging
     from trl import SFTConfig, SFTTrainer
 
     from hf_sft import HfSftGPTConfig, HfSftGPTForCausalLM
 
+    transformers_logging.set_verbosity_error()
     config = HfSftGPTConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -219,8 +233,7 @@ def prepare_trl(spec: dict, tokenizer) -> int:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = HfSftGPTForCausalLM(config)  # one tiny layer: its construction is a negligible part of the timed span
-    loaded = datasets.load_dataset("json", data_files=spec["data"], split="train", cache_dir=spec["cache"])
+    model = HfSftGPTForCausalLM(config)
     args = SFTConfig(
         output_dir=str(Path(spec["cache"]) / "trl_out"),
         max_length=spec["max_seq_len"],
@@ -232,8 +245,13 @@ def prepare_trl(spec: dict, tokenizer) -> int:
         save_strategy="no",
         disable_tqdm=True,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=loaded, processing_class=tokenizer)
-    return len(trainer.train_dataset)
+
+    def prepare() -> int:
+        loaded = datasets.load_dataset("json", data_files=spec["data"], split="train", cache_dir=spec["cache"])
+        trainer = SFTTrainer(model=model, args=args, train_dataset=loaded, processing_class=tokenizer)
+        return len(trainer.train_dataset)
+
+    return prepare
 
 
 if __name__ == "__main__":

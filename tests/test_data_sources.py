@@ -332,3 +332,19 @@ def test_source_kinds(tmp_path):
         resolve_source(tmp_path)
     with pytest.raises(UsageError, match="data file not found"):
         resolve_source(tmp_path / "owner" / "missing.jsonl")
+
+
+def test_the_arrow_blank_check_is_pythons_strip():
+    """The vectorised check treats as blank exactly what `str.strip()` empties, character by character."""
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from hf_sft.data.arrow_records import PY_WHITESPACE, blank_pattern
+
+    assert PY_WHITESPACE == "".join(chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace())
+    rng = random.Random(3)
+    texts = ["", " ", "a", "\u3000\x1c\t", "\u200b", " x ", *("".join(rng.choices(ODD, k=4)) for _ in range(200))]
+    blank = pc.match_substring_regex(pa.array(texts), blank_pattern()).to_pylist()
+    assert blank == [not text.strip() for text in texts]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections import Counter
@@ -169,7 +170,7 @@ def tokenize_records(
     import pyarrow.compute as pc
 
     tokenized = records.map(
-        tokenize_and_mask,
+        _tokenized_table,
         batched=True,
         fn_kwargs={
             "encoder": encoder,
@@ -177,7 +178,7 @@ def tokenize_records(
             "max_seq_len": max_seq_len,
             "length_policy": length_policy,
         },
-        remove_columns=[column for column in records.column_names if column != "index"],
+        remove_columns=records.column_names,
         num_proc=num_proc if num_proc and num_proc > 1 else None,
         # An explicit fingerprint: hashing a tokenizer object is not stable across processes, this is.
         new_fingerprint=_fingerprint(records._fingerprint, encoder, template, max_seq_len, length_policy),
@@ -198,6 +199,31 @@ def tokenize_records(
         status=Counter({item["values"]: item["counts"] for item in pc.value_counts(outcome).to_pylist()}),
         lost_characters="".join(sorted(set("".join(pc.unique(pc.filter(lost, losing)).to_pylist())))),
         records_losing_characters=pc.sum(losing).as_py() or 0,
+    )
+
+
+def _tokenized_table(batch: dict[str, list], **options):
+    """`tokenize_and_mask` of a batch as an Arrow table of known types: `datasets` then writes it as it is, without
+    inferring types by walking every token in Python (which costs as much as the masking itself)."""
+    import pyarrow as pa
+
+    return pa.table({"index": batch["index"], **tokenize_and_mask(batch, **options)}, schema=_tokenized_schema())
+
+
+@functools.cache
+def _tokenized_schema():
+    import pyarrow as pa
+
+    # The types `datasets` itself gives these columns (its int optimisation for `input_ids` and `attention_mask`).
+    return pa.schema(
+        [
+            ("index", pa.int64()),
+            ("input_ids", pa.list_(pa.int32())),
+            ("attention_mask", pa.list_(pa.int8())),
+            ("labels", pa.list_(pa.int64())),
+            (STATUS_COLUMN, pa.string()),
+            (LOST_COLUMN, pa.string()),
+        ]
     )
 
 
