@@ -348,3 +348,19 @@ def test_the_arrow_blank_check_is_pythons_strip():
     texts = ["", " ", "a", "\u3000\x1c\t", "\u200b", " x ", *("".join(rng.choices(ODD, k=4)) for _ in range(200))]
     blank = pc.match_substring_regex(pa.array(texts), blank_pattern()).to_pylist()
     assert blank == [not text.strip() for text in texts]
+
+
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        (b'{"instruction": "a", "response": "b"}{"instruction": "c", "response": "d"}', "invalid JSON: Extra data"),
+        (b'{"instruction": "a",\n "response": "b"}', "invalid JSON"),
+    ],
+)
+def test_lines_pyarrow_reads_differently_are_judged_line_by_line(tmp_path, capsys, line, reason):
+    """pyarrow reads two objects on one line as two records and an object broken over lines as one."""
+    good = b'{"instruction": "x", "response": "y"}'
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\n".join([good, line, good]) + b"\n")
+    status, _, err = run_data(capsys, "--data_path", str(path), "--cache_dir", str(tmp_path / "c"))
+    assert status == 2 and err.startswith(f"error: {path}:2: {reason}"), err

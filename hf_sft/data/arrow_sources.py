@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from hf_sft.data.jsonfile import object_lines
 from hf_sft.data.records import Records, check_skipped
 from hf_sft.data.shapes import unrecognised_shape
 from hf_sft.data.sources import Source
@@ -39,6 +40,9 @@ def parsed_in_arrow(
             )
         except Exception:  # anything pyarrow cannot parse: the line-by-line reader says exactly what and where
             logger.debug("%s: not parsed in Arrow, validating record by record", source.name, exc_info=True)
+            return None
+        lines = [object_lines(path) for path in source.files]
+        if None in lines or len(loaded) != sum(lines):  # not one record per line: the row numbers would not hold
             return None
         columns = arrow_columns(loaded.features, fields, one_name_each=True)
         dataset = normalise_in_arrow(loaded, columns, num_proc) if columns else None

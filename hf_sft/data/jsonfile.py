@@ -77,6 +77,31 @@ def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
             yield number, parse_line(line)
 
 
+def object_lines(path: Path) -> int | None:
+    """The number of records of a JSON lines file if every non-blank line is shaped as one object, else None.
+
+    A check a fast reader's rows can be held against (pyarrow reads `{..}{..}` on one line as two records, and an
+    object broken over two lines as one): its rows are then the file's lines, one each, in order.
+    """
+    from hf_sft.data.sources import open_binary
+
+    count, rest, first = 0, b"", True
+    with open_binary(path) as stream:
+        while chunk := stream.read(1 << 20):
+            if first:
+                chunk, first = chunk.removeprefix(BOM), False
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            shaped = [line for line in map(bytes.strip, lines) if line]
+            if not all(line[:1] == b"{" and line[-1:] == b"}" for line in shaped):
+                return None
+            count += len(shaped)
+    rest = rest.strip()
+    if rest and not (rest[:1] == b"{" and rest[-1:] == b"}"):
+        return None
+    return count + bool(rest)
+
+
 def parse_line(line: bytes) -> Any:
     """One JSON line: the parsed value, or a `BadRecord` for bytes that are not UTF-8 or not JSON."""
     try:
