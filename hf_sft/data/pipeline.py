@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -202,29 +202,30 @@ def tokenize_records(
     )
 
 
+# Columns of the tokenised dataset, with the types `datasets` itself gives them (its int optimisation for
+# `input_ids` and `attention_mask`).
+_TOKEN_COLUMNS = {"input_ids": np.int32, "attention_mask": np.int8, "labels": np.int64}
+
+
 def _tokenized_table(batch: dict[str, list], **options):
-    """`tokenize_and_mask` of a batch as an Arrow table of known types: `datasets` then writes it as it is, without
-    inferring types by walking every token in Python (which costs as much as the masking itself)."""
+    """`tokenize_and_mask` of a batch as an Arrow table: the token lists go to Arrow as one flat array each, and
+    `datasets` writes the table as it is (without walking every token in Python to infer types)."""
     import pyarrow as pa
 
-    return pa.table({"index": batch["index"], **tokenize_and_mask(batch, **options)}, schema=_tokenized_schema())
+    columns = tokenize_and_mask(batch, **options)
+    table = {"index": pa.array(batch["index"], pa.int64())}
+    for name, dtype in _TOKEN_COLUMNS.items():
+        table[name] = _list_array(columns[name], dtype)
+    return pa.table(table | {name: pa.array(columns[name], pa.string()) for name in (STATUS_COLUMN, LOST_COLUMN)})
 
 
-@functools.cache
-def _tokenized_schema():
+def _list_array(rows: list[list[int]], dtype):
     import pyarrow as pa
 
-    # The types `datasets` itself gives these columns (its int optimisation for `input_ids` and `attention_mask`).
-    return pa.schema(
-        [
-            ("index", pa.int64()),
-            ("input_ids", pa.list_(pa.int32())),
-            ("attention_mask", pa.list_(pa.int8())),
-            ("labels", pa.list_(pa.int64())),
-            (STATUS_COLUMN, pa.string()),
-            (LOST_COLUMN, pa.string()),
-        ]
-    )
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum(np.fromiter(map(len, rows), dtype=np.int32, count=len(rows)), out=offsets[1:])
+    values = np.fromiter(chain.from_iterable(rows), dtype=dtype, count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
 def _int_array(column) -> np.ndarray:
