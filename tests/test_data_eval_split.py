@@ -44,7 +44,7 @@ def test_too_few_records_for_a_split_train_on_all(tmp_path, caplog):
     path = write_records(tmp_path / "one.jsonl", set(), n=1)
     with caplog.at_level(logging.WARNING, logger="hf_sft.data.pipeline"):
         data = build_datasets(path, TOKENIZER, val_split=0.05, cache_dir=tmp_path / "c")
-    assert data.eval is None and data.train.index == [0]
+    assert data.eval is None and data.train.index.tolist() == [0]
     assert "--val_split 0.05 of 1 records leaves no evaluation record: training on all of them, no evaluation" in (
         caplog.text
     )

@@ -32,10 +32,10 @@ def test_trainer_gets_exactly_the_model_columns(tmp_path):
     data = build_datasets(DATA, TOKENIZER, cache_dir=tmp_path)
     split = data.train
     assert split.dataset.column_names == list(MODEL_COLUMNS) and data.eval is None
-    assert split.index == list(range(6)) and split.status == {"ok": 6} and split.dropped == {}
-    assert split.lengths == [len(row["input_ids"]) for row in split.dataset]
+    assert split.index.tolist() == list(range(6)) and split.status == {"ok": 6} and split.dropped == {}
+    assert split.lengths.tolist() == [len(row["input_ids"]) for row in split.dataset]
     # v5 length grouping (train_sampling_strategy="group_by_length") measures input_ids itself.
-    assert LengthGroupedSampler(2, dataset=split.dataset).lengths == split.lengths
+    assert LengthGroupedSampler(2, dataset=split.dataset).lengths == split.lengths.tolist()
 
 
 def test_drops_are_counted_and_rows_keep_their_record_index(tmp_path):
@@ -43,7 +43,7 @@ def test_drops_are_counted_and_rows_keep_their_record_index(tmp_path):
     limit = sorted(full.lengths)[3]
     split = build_datasets(DATA, TOKENIZER, max_seq_len=limit, cache_dir=tmp_path).train
     kept = [i for i, n in enumerate(full.lengths) if n <= limit]
-    assert split.index == kept and split.dropped == {"too_long": 6 - len(kept)}
+    assert split.index.tolist() == kept and split.dropped == {"too_long": 6 - len(kept)}
     assert [row["input_ids"] for row in split.dataset] == [full.dataset[i]["input_ids"] for i in kept]
 
 
@@ -60,15 +60,16 @@ def test_val_split_is_deterministic_under_the_seed(tmp_path):
     again = build_datasets(path, TOKENIZER, val_split=0.25, seed=1, cache_dir=tmp_path)
     other = build_datasets(path, TOKENIZER, val_split=0.25, seed=2, cache_dir=tmp_path)
     assert len(first.eval.index) == 10 and len(first.train.index) == 30
-    assert sorted(first.train.index + first.eval.index) == list(range(40))
-    assert first.eval.index == again.eval.index and first.train.index == again.train.index
+    assert sorted([*first.train.index, *first.eval.index]) == list(range(40))
+    assert first.eval.index.tolist() == again.eval.index.tolist()
+    assert first.train.index.tolist() == again.train.index.tolist()
     assert set(first.eval.index) != set(other.eval.index)
     assert first.eval.dataset.column_names == list(MODEL_COLUMNS)
 
 
 def test_eval_file_and_option_errors(tmp_path):
     data = build_datasets(many_records(tmp_path), TOKENIZER, eval_data_path=DATA, cache_dir=tmp_path)
-    assert len(data.train.index) == 40 and data.eval.index == list(range(6)) and data.eval.source == str(DATA)
+    assert len(data.train.index) == 40 and data.eval.index.tolist() == list(range(6)) and data.eval.source == str(DATA)
     with pytest.raises(UsageError, match="not both"):
         build_datasets(DATA, TOKENIZER, val_split=0.1, eval_data_path=DATA, cache_dir=tmp_path)
     with pytest.raises(UsageError, match=r"--val_split must be in \[0, 1\)"):
@@ -98,7 +99,7 @@ def test_two_processes_give_the_same_examples(tmp_path):
     path = many_records(tmp_path)
     one = build_datasets(path, TOKENIZER, max_seq_len=20, cache_dir=tmp_path / "one").train
     two = build_datasets(path, TOKENIZER, max_seq_len=20, num_proc=2, cache_dir=tmp_path / "two").train
-    assert one.dropped and two.status == one.status and two.index == one.index
+    assert one.dropped and two.status == one.status and two.index.tolist() == one.index.tolist()
     assert two.dataset.to_list() == one.dataset.to_list()
 
 

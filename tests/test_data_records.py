@@ -72,7 +72,7 @@ def test_several_bad_records_are_counted_in_the_message(tmp_path, capsys):
         ("empty.jsonl", b"", "is empty"),
         ("blank.jsonl", b"\n  \n", "is empty"),
         ("empty_array.json", b" [ ] ", "is empty"),
-        ("data.csv", b"instruction,output\nx,y\n", "unsupported extension '.csv'; use .jsonl or .json"),
+        ("data.txt", b"instruction,output\nx,y\n", "unsupported extension '.txt'; use .jsonl, .jsonl.gz, .json"),
         ("noext", GOOD, "unsupported extension '(none)'"),
     ],
 )

@@ -58,6 +58,6 @@ def test_summary_and_dump(tmp_path):
     path = tmp_path / "dump.jsonl"
     assert write_dump(path, split) == len(split.index)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [row["index"] for row in rows] == split.index
+    assert [row["index"] for row in rows] == split.index.tolist()
     assert [row["input_ids"] for row in rows] == split.dataset["input_ids"]
     assert all(set(row) == {"index", "input_ids", "labels"} for row in rows)

@@ -59,9 +59,9 @@ def test_paths_of_the_wrong_kind_exit_2(tmp_path, capsys):
         refused(capsys, out, "--tokenizer_path", str(missing))
         == f"error: --tokenizer_path {missing}: no such file or folder"
     )
-    assert refused(capsys, out, "--data_path", str(tmp_path)) == (
-        f"error: --data_path {tmp_path} is a folder; pass a .jsonl or .json file, a Hub dataset id or a folder "
-        "written by `Dataset.save_to_disk`"
+    assert refused(capsys, out, "--data_path", str(tmp_path)).startswith(
+        f"error: --data_path {tmp_path} is a folder with no data file (.jsonl, .jsonl.gz, .json, .json.gz, .csv, "
+        ".csv.gz, .parquet) and no dataset written by `Dataset.save_to_disk`"
     )
     legacy = tmp_path / "base.pt"
     assert refused(capsys, out, "--pretrained_ckpt_path", str(legacy)) == (

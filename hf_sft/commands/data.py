@@ -1,10 +1,11 @@
 """Validate and tokenise an instruction dataset exactly as training will, and show what the model will learn.
 
 Takes the model and data flags of `hf-sft train` (the same `ModelArguments` and `DataArguments`), so the same flags
-give the same examples, and the same maximum length: `--max_seq_len`, else the model's positions (a new model's
-`--block_size` when no `--pretrained_ckpt_path` is given). Prints the kept and dropped counts (with reasons),
-token-length percentiles, the padding waste at a batch size with and without packing, and one example with its
-supervised tokens marked ([[...]], or green on a terminal).
+give the same examples, and the same maximum length when a model is named: `--max_seq_len`, else the model's
+positions (`--pretrained_ckpt_path`, or the new model that `--block_size` describes). With no model named, no model
+limit applies: `--max_seq_len` is taken as given, and without it no example is too long. Prints the kept and dropped
+counts (with reasons), token-length percentiles, the padding waste at a batch size with and without packing, and one
+example with its supervised tokens marked ([[...]], or green on a terminal).
 
 Examples:
   hf-sft data --data_path data/dolly.jsonl --pretrained_ckpt_path models/base
@@ -48,9 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--save_to", default=None, metavar="DIR", help="write the tokenised splits for `hf-sft train --data_path DIR`"
     )
     report.add_argument("--overwrite", action="store_true", help="let --save_to replace a folder it did not write")
+    # Unset unless given: a data check names a new model only by giving its --block_size.
+    parser.set_defaults(block_size=None)
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from hf_sft.data import get_format, resolve_max_seq_len
     from hf_sft.data.report import plural, render_preview, split_line, summary_lines, write_dump
     from hf_sft.errors import UsageError
@@ -59,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be positive, got {args.batch_size}")
+    model_named = args.pretrained_ckpt_path is not None or args.block_size is not None
+    if args.block_size is None:
+        args.block_size = ModelArguments.block_size
     model_args = from_namespace(ModelArguments, args)
     # The report covers the whole source: --streaming changes how training reads it, not what it holds.
     data_args = dataclasses.replace(from_namespace(DataArguments, args), streaming=False)
@@ -68,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         from hf_sft.data.saved import SAVE_COMMAND
         from hf_sft.writer import check_destination
 
-        sources = [path for path in (data_args.data_path, data_args.eval_data_path) if path and Path(path).exists()]
+        given = (*data_args.data_paths(), data_args.eval_data_path)
+        sources = [path for path in given if path and Path(path).exists()]
         check_destination(
             args.save_to,
             kind="folder",
@@ -79,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         )
     template = get_format(data_args.template)
     tokenizer = load_run_tokenizer(model_args, data_args)
-    max_seq_len = resolve_max_seq_len(data_args.max_seq_len, base_config(model_args, tokenizer))
+    config = base_config(model_args, tokenizer) if model_named else None
+    max_seq_len = resolve_max_seq_len(data_args.max_seq_len, config)
     seed = args.seed if args.seed is not None else SFTTrainingArguments.seed
     data = build_run_datasets(
         data_args, tokenizer, template, max_seq_len=max_seq_len, seed=seed, cache_dir=args.cache_dir
@@ -94,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
         f"tokenizer: {model_args.tokenizer_path or model_args.pretrained_ckpt_path or 'trained on the data'} "
         f"(vocabulary {len(tokenizer)}; {specials})"
     )
+    if config is None:
+        given = f"--max_seq_len {max_seq_len} as given" if max_seq_len else "no length limit"
+        print(f"length limit: {given} (no model named: no model limit applied)")
     n_skipped = sum(split.skipped.values())
     if n_skipped:
         print(f"skipped {plural(n_skipped, 'bad record')}:")
@@ -107,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     if args.preview_index is not None:
         if args.preview_index not in split.index:
             raise UsageError(f"--preview_index {args.preview_index} is not a kept example")
-        row = split.index.index(args.preview_index)
+        row = int(np.flatnonzero(split.index == args.preview_index)[0])
     example = split.dataset[row]
     color = sys.stdout.isatty()
     legend = "supervised tokens in green" if color else "supervised tokens between [[ and ]]"
@@ -124,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         settings = run_settings(
             tokenizer, template, data_args, max_seq_len=max_seq_len, val_split=val_split, seed=seed
         )
-        sources = source_fingerprints(data_args.data_path, data_args.eval_data_path)
+        sources = source_fingerprints(*data_args.data_paths(), data_args.eval_data_path)
         written = save_tokenized(data, args.save_to, settings, sources)
         print(f"\nsaved {plural(written, 'tokenised example')} to {args.save_to}")
         print(f"train on them with: hf-sft train --data_path {args.save_to} (and this tokenizer and these flags)")

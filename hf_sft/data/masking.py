@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 from tokenizers import Tokenizer
 
@@ -155,7 +156,7 @@ def tokenize_and_mask(
     input_ids, attention_mask, labels, status = [], [], [], []
     for i, parts in enumerate(chunks):
         outcome = "ok"
-        if max_seq_len is not None and sum(len(ids) for ids, _ in parts) > max_seq_len:
+        if max_seq_len is not None and sum(map(len, (ids for ids, _ in parts))) > max_seq_len:
             if instructions is None:  # a conversation has no single input to shorten
                 parts, outcome = fit_conversation(parts, max_seq_len, length_policy)
             else:
@@ -164,10 +165,11 @@ def tokenize_and_mask(
                     prompt, response, instructions[i], inputs[i], encoder, template, max_seq_len, length_policy
                 )
                 parts, outcome = [(fitted.prompt, False), (fitted.response, True)], fitted.status
-        ids = [token for chunk, _ in parts for token in chunk]
+        # Whole chunks joined (not token by token): this loop runs for every example of the dataset.
+        ids = list(chain.from_iterable(chunk for chunk, _ in parts))
         input_ids.append(ids)
         attention_mask.append([1] * len(ids))
-        labels.append([token for chunk, on in parts for token in (chunk if on else [IGNORE_INDEX] * len(chunk))])
+        labels.append(list(chain.from_iterable(chunk if on else [IGNORE_INDEX] * len(chunk) for chunk, on in parts)))
         status.append(outcome)
     lost_by_row = ["".join(sorted(lost.intersection("".join(parts)))) if lost else "" for parts in texts]
     columns = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, STATUS_COLUMN: status}

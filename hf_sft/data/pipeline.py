@@ -5,10 +5,13 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from hf_sft.data import lengths, masking
 from hf_sft.data import template as formats
@@ -27,8 +30,8 @@ class TokenizedSplit:
 
     Attributes:
         dataset: exactly the columns `input_ids`, `attention_mask`, `labels`.
-        index: for each row of `dataset`, the 0-based position of its record in the source.
-        lengths: for each row of `dataset`, its length in tokens.
+        index: for each row of `dataset`, the 0-based position of its record in the source (int64 array).
+        lengths: for each row of `dataset`, its length in tokens (int64 array).
         status: every record tokenised, by outcome: `ok`, `truncated_input`, `truncated`, `drop:<reason>`.
         skipped: bad records skipped in the source, by kind (with --val_split, reported on the training split).
         skipped_messages: the first few of them as `FILE:LINE: reason`.
@@ -38,8 +41,8 @@ class TokenizedSplit:
     """
 
     dataset: Any
-    index: list[int]
-    lengths: list[int]
+    index: np.ndarray
+    lengths: np.ndarray
     status: Counter
     skipped: Counter = field(default_factory=Counter)
     skipped_messages: list[str] = field(default_factory=list)
@@ -62,7 +65,7 @@ class SFTData:
 
 
 def build_datasets(
-    data_path: str | Path,
+    data_path: str | Path | Sequence[str | Path],
     tokenizer,
     *,
     template: PromptFormat = DEFAULT_FORMAT,
@@ -75,11 +78,17 @@ def build_datasets(
     seed: int = 42,
     num_proc: int | None = None,
     cache_dir: str | Path | None = None,
+    data_weights: Sequence[float] | None = None,
+    dataset_config: str | None = None,
+    dataset_split: str | None = None,
+    dataset_revision: str | None = None,
 ) -> SFTData:
     """Validate, load, split, tokenise and mask: the datasets for `Trainer`.
 
     Args:
-        data_path: `.jsonl`/`.json` file, Hub dataset id or `save_to_disk` folder.
+        data_path: a source (`hf_sft.data.sources`: a `.jsonl`/`.json`/`.csv`/`.parquet` file, a folder of shards,
+            a `save_to_disk` folder, a Hub dataset id), or a list of sources (concatenated, or mixed by
+            `data_weights`).
         tokenizer: the model's `PreTrainedTokenizerFast` (BOS/EOS set).
         template: prompt format (also install it as the chat template with `install_chat_template`).
         field_map: source field names, e.g. `{"output": "answer"}`; defaults cover input/context, output/response.
@@ -89,8 +98,12 @@ def build_datasets(
         val_split: fraction of the records held out for evaluation (deterministic under `seed`); 0 for none.
         eval_data_path: a separate evaluation file (exclusive with `val_split`).
         seed: seed of the held-out split.
-        num_proc: processes for tokenisation; `None` or 1 for one.
+        num_proc: processes for validation and tokenisation; `None` or 1 for one.
         cache_dir: `datasets` cache folder; `None` for the default.
+        data_weights: mixing weights, one per source of `data_path` (see `hf_sft.data.mixture`).
+        dataset_config: configuration of a Hub dataset.
+        dataset_split: split of a Hub dataset or a saved `DatasetDict` (default `train`).
+        dataset_revision: branch, tag or commit of a Hub dataset.
 
     Returns:
         The splits; `train.dataset` and `eval.dataset` hold only `input_ids`, `attention_mask`, `labels`.
@@ -104,7 +117,9 @@ def build_datasets(
     if not 0.0 <= val_split < 1.0:
         raise UsageError(f"--val_split must be in [0, 1), got {val_split}")
     fields = resolve_fields(field_map)
-    records = load_records(data_path, fields, skip_bad_records, cache_dir)
+    options = {"num_proc": num_proc, "seed": seed}
+    hub = {"dataset_config": dataset_config, "dataset_split": dataset_split, "dataset_revision": dataset_revision}
+    records = load_records(data_path, fields, skip_bad_records, cache_dir, weights=data_weights, **options, **hub)
     held_out = None
     if val_split:
         try:
@@ -119,7 +134,7 @@ def build_datasets(
             records = Records(parts["train"], records.source, records.skipped, records.skipped_messages)
             held_out = Records(parts["test"], f"{records.source} (held out)")
     elif eval_data_path:
-        held_out = load_records(eval_data_path, fields, skip_bad_records, cache_dir)
+        held_out = load_records(eval_data_path, fields, skip_bad_records, cache_dir, **options, **hub)
 
     encoder = Encoder.from_tokenizer(tokenizer)
     options = {"template": template, "max_seq_len": max_seq_len, "length_policy": length_policy, "num_proc": num_proc}
@@ -155,7 +170,7 @@ def tokenize_records(
     import pyarrow.compute as pc
 
     tokenized = records.map(
-        tokenize_and_mask,
+        _tokenized_table,
         batched=True,
         fn_kwargs={
             "encoder": encoder,
@@ -163,28 +178,58 @@ def tokenize_records(
             "max_seq_len": max_seq_len,
             "length_policy": length_policy,
         },
-        remove_columns=[column for column in records.column_names if column != "index"],
+        remove_columns=records.column_names,
         num_proc=num_proc if num_proc and num_proc > 1 else None,
         # An explicit fingerprint: hashing a tokenizer object is not stable across processes, this is.
         new_fingerprint=_fingerprint(records._fingerprint, encoder, template, max_seq_len, length_policy),
         desc="Tokenizing",
     )
-    status = tokenized[STATUS_COLUMN]
-    kept = [row for row, outcome in enumerate(status) if not outcome.startswith("drop:")]
-    all_lengths = pc.list_value_length(tokenized.data.column("input_ids")).to_pylist()
-    all_index = tokenized["index"]
+    table = tokenized.data  # Arrow, memory-mapped: nothing below holds a Python object per record
+    outcome = table.column(STATUS_COLUMN)
+    kept_rows = np.flatnonzero(pc.invert(pc.starts_with(outcome, "drop:")).to_numpy())
+    lost = table.column(LOST_COLUMN)
+    losing = pc.not_equal(lost, "")
     dataset = tokenized.select_columns(list(MODEL_COLUMNS))
-    if len(kept) < len(tokenized):
-        dataset = dataset.select(kept)
-    lost_by_row = [chars for chars in tokenized[LOST_COLUMN] if chars]
+    if len(kept_rows) < len(tokenized):
+        dataset = dataset.select(kept_rows)
     return TokenizedSplit(
         dataset=dataset,
-        index=[all_index[row] for row in kept],
-        lengths=[all_lengths[row] for row in kept],
-        status=Counter(status),
-        lost_characters="".join(sorted(set("".join(lost_by_row)))),
-        records_losing_characters=len(lost_by_row),
+        index=_int_array(table.column("index"))[kept_rows],
+        lengths=_int_array(pc.list_value_length(table.column("input_ids")))[kept_rows],
+        status=Counter({item["values"]: item["counts"] for item in pc.value_counts(outcome).to_pylist()}),
+        lost_characters="".join(sorted(set("".join(pc.unique(pc.filter(lost, losing)).to_pylist())))),
+        records_losing_characters=pc.sum(losing).as_py() or 0,
     )
+
+
+# Columns of the tokenised dataset, with the types `datasets` itself gives them (its int optimisation for
+# `input_ids` and `attention_mask`).
+_TOKEN_COLUMNS = {"input_ids": np.int32, "attention_mask": np.int8, "labels": np.int64}
+
+
+def _tokenized_table(batch: dict[str, list], **options):
+    """`tokenize_and_mask` of a batch as an Arrow table: the token lists go to Arrow as one flat array each, and
+    `datasets` writes the table as it is (without walking every token in Python to infer types)."""
+    import pyarrow as pa
+
+    columns = tokenize_and_mask(batch, **options)
+    table = {"index": pa.array(batch["index"], pa.int64())}
+    for name, dtype in _TOKEN_COLUMNS.items():
+        table[name] = _list_array(columns[name], dtype)
+    return pa.table(table | {name: pa.array(columns[name], pa.string()) for name in (STATUS_COLUMN, LOST_COLUMN)})
+
+
+def _list_array(rows: list[list[int]], dtype):
+    import pyarrow as pa
+
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum(np.fromiter(map(len, rows), dtype=np.int32, count=len(rows)), out=offsets[1:])
+    values = np.fromiter(chain.from_iterable(rows), dtype=dtype, count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def _int_array(column) -> np.ndarray:
+    return np.asarray(column.to_numpy(), dtype=np.int64) if len(column) else np.zeros(0, dtype=np.int64)
 
 
 def _fingerprint(parent: str, encoder: Encoder, template: PromptFormat, max_seq_len, length_policy: str) -> str:
@@ -202,7 +247,7 @@ def _tokenize_split(
 ) -> TokenizedSplit | None:
     split = tokenize_records(records.dataset, encoder, **options)
     split.source, split.skipped, split.skipped_messages = records.source, records.skipped, records.skipped_messages
-    if not split.index and not required:
+    if not len(split.index) and not required:
         logger.warning(
             "no %s example is left in %s (%s): training without evaluation",
             role,
@@ -226,7 +271,7 @@ def _check_split(split: TokenizedSplit, role: str) -> None:
             role,
             " ".join(repr(char) for char in split.lost_characters),
         )
-    if split.index:
+    if len(split.index):
         return
     raise UsageError(
         f"no {role} example with a supervised token is left in {split.source} ({_dropped_text(split)}); "

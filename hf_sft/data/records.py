@@ -1,48 +1,58 @@
-"""Records: strict validation of the source, then a `datasets.Dataset` with fixed columns.
+"""Records: strict validation of a source, then a `datasets.Dataset` with fixed columns, at flat memory.
 
 Two shapes: instruction records (columns `instruction`, `input`, `output`) and conversations (`messages`: a list of
 `{"role": "system"|"user"|"assistant", "content": ...}` turns with at least one assistant turn). A source holds one
-shape; a local file that mixes them is refused at the first record of the other shape.
+shape; a local file that mixes them is refused at the first record of the other shape. The shape is recognised by
+name from the first record: `messages`, else the field names below; a record with none of them is refused with the
+fields it has and the `--field_map` that would map them.
 
-A local `.jsonl` (one object per line) or `.json` (an array of objects, or JSON lines) file is read record by record
-(`hf_sft.data.jsonfile`) and validated here before `datasets` sees it, so that a bad record is reported as
-`FILE:LINE: reason` instead of a pyarrow error. The valid records are written, normalised (`index` plus the shape's
-columns), to a file in the `datasets` cache (named by a hash of the source, so a rerun reuses it and every later `map`
-hits the cache) and loaded with `load_dataset("json", ...)`. `index` is the record's 0-based position in the source
-(blank lines are not records). A Hub dataset id or a `save_to_disk` folder stays in Arrow
-(`hf_sft.data.arrow_records`) and goes through the same validation.
+Where the records come from (`hf_sft.data.sources`: files, shard folders, `save_to_disk` folders, Hub ids) decides
+how they are checked, never what is accepted:
 
-Field names: `instruction`; `input` or `context`; `output` or `response` (the first one present wins); other fields
-are ignored. A mapping such as `{"instruction": "question", "output": "answer"}` replaces the names of those fields.
+- a source that `datasets` reads into Arrow (JSON lines, parquet, a Hub dataset, a saved folder) is first checked
+  vectorised in Arrow (`hf_sft.data.arrow_records.normalise_in_arrow`): when every record is valid, which is the
+  common case, no record ever exists as a Python object;
+- otherwise, and for CSV and JSON arrays, records are validated one by one as the source streams by: local text
+  files by `hf_sft.data.text_records` (messages `FILE:LINE: reason`, the valid records written to a normalised
+  JSONL copy in the `datasets` cache), Arrow sources by `Dataset.map` (messages `SOURCE row N: reason`).
+
+`index` is the record's 0-based position in the source (blank lines are not records; a folder's shards count on
+from one file to the next). Several sources are concatenated or mixed by `hf_sft.data.mixture`.
+
+Field names: `instruction` or `prompt`; `input` or `context`; `output`, `response` or `completion` (the first one
+present wins); other fields are ignored. A TRL-style `prompt`/`completion` record is thus an instruction record whose
+prompt is the instruction text (the prompt format still frames it). A mapping such as
+`{"instruction": "question", "output": "answer"}` replaces the names of those fields.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import re
+import functools
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hf_sft.data.jinja_format import ROLES
-from hf_sft.data.jsonfile import DATA_EXTENSIONS, BadRecord, read_json_records
+from hf_sft.data.jsonfile import BadRecord
+from hf_sft.data.shapes import DEFAULT_FIELDS, record_shape
+from hf_sft.data.sources import DATASETS_FOLDER_MARKERS, resolve_source
 from hf_sft.errors import UsageError
 
 RECORD_COLUMNS = ("index", "instruction", "input", "output")
 SHAPES = ("instruction", "messages")
-DEFAULT_FIELDS: dict[str, tuple[str, ...]] = {
-    "instruction": ("instruction",),
-    "input": ("input", "context"),
-    "output": ("output", "response"),
-}
-# What `Dataset.save_to_disk` / `DatasetDict.save_to_disk` leave in a folder.
-DATASETS_FOLDER_MARKERS = ("state.json", "dataset_dict.json")
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _SKIP_HINT = "pass --skip_bad_records to skip bad records"
+__all__ = [
+    "DATASETS_FOLDER_MARKERS",
+    "DEFAULT_FIELDS",
+    "Records",
+    "load_records",
+    "parse_field_map",
+    "record_shape",
+    "resolve_fields",
+    "validate_record",
+]
 
 
 @dataclass
@@ -84,11 +94,6 @@ def parse_field_map(text: str | None) -> dict[str, str]:
     if any(len(pair) != 2 or not pair[1].strip() for pair in pairs):
         raise UsageError(f"--field_map wants COLUMN=FIELD pairs separated by commas, got {text!r}")
     return {column.strip(): name.strip() for column, name in pairs}
-
-
-def record_shape(obj: Any) -> str:
-    """`"messages"` for an object with a `messages` field, else `"instruction"`."""
-    return "messages" if isinstance(obj, dict) and "messages" in obj else "instruction"
 
 
 def validate_record(obj: Any, fields: Mapping[str, tuple[str, ...]], shape: str = "instruction") -> dict[str, Any]:
@@ -147,75 +152,71 @@ def normalised_features(shape: str):
 
 
 def load_records(
-    data: str | Path,
+    data: str | Path | Sequence[str | Path],
     fields: Mapping[str, tuple[str, ...]] | None = None,
     skip_bad_records: bool = False,
     cache_dir: str | Path | None = None,
+    *,
+    weights: Sequence[float] | None = None,
+    seed: int = 42,
+    num_proc: int | None = None,
+    dataset_config: str | None = None,
+    dataset_split: str | None = None,
+    dataset_revision: str | None = None,
 ) -> Records:
-    """Validate a local JSON/JSONL file (or a Hub dataset id, or a `save_to_disk` folder) and load its records.
+    """Validate and load the records of a source (or of several, concatenated or mixed).
 
     Args:
-        data: path of a `.jsonl`/`.json` file, a Hub dataset id such as `databricks/databricks-dolly-15k`, or a
-            folder written by `Dataset.save_to_disk`.
+        data: a local `.jsonl`/`.json`/`.csv` file (each optionally `.gz`), a `.parquet` file, a folder of such
+            files (shards of one kind), a folder written by `Dataset.save_to_disk`, a Hub dataset id such as
+            `databricks/databricks-dolly-15k`; or a list of these (see `hf_sft.data.mixture`).
         fields: from `resolve_fields`; defaults to the standard aliases.
         skip_bad_records: skip invalid records (counted) instead of failing on the first one.
         cache_dir: `datasets` cache folder; `None` for the default.
+        weights: mixing weights of several sources (`--data_weights`); None concatenates them.
+        seed: seed of the mixing.
+        num_proc: processes for the validation maps.
+        dataset_config: configuration of a Hub dataset.
+        dataset_split: split of a Hub dataset or of a saved `DatasetDict` (default `train`).
+        dataset_revision: branch, tag or commit of a Hub dataset.
 
     Returns:
         The records and the skip counts.
 
     Raises:
-        UsageError: missing path, wrong extension, empty file, a bad record (naming file, line and reason) unless
-            skipped, or no valid record at all.
+        UsageError: missing path, wrong extension, empty file, a record of no known shape, a bad record (naming
+            file, line and reason) unless skipped, or no valid record at all.
     """
     fields = fields or DEFAULT_FIELDS
-    path = Path(data)
-    if _is_datasets_source(path, str(data)):
-        return _arrow_records(str(data), fields, skip_bad_records, cache_dir)
-    rows = read_json_records(path)
-    records = Records(dataset=None, source=str(data))
-    shape = next((record_shape(obj) for _, obj in rows if isinstance(obj, dict)), "instruction")
-    good: list[dict[str, Any]] = []
-    for index, (line, obj) in enumerate(rows):
-        if isinstance(obj, dict) and record_shape(obj) != shape:
-            raise UsageError(
-                f"{path}:{line}: a {record_shape(obj)} record in a file of {shape} records; "
-                "a file holds either instruction records or messages records"
-            )
-        try:
-            if isinstance(obj, BadRecord):
-                raise obj
-            good.append({"index": index, **validate_record(obj, fields, shape)})
-        except BadRecord as err:
-            records.skipped[err.kind] += 1
-            if len(records.skipped_messages) < 5:
-                records.skipped_messages.append(f"{path}:{line}: {err}")
-    _check_skipped(records, len(good), skip_bad_records)
-    key = hashlib.sha256(path.read_bytes()).hexdigest()
-    key = hashlib.sha256(f"{key}|{json.dumps(fields, sort_keys=True)}".encode()).hexdigest()[:24]
-    records.dataset = _load_normalised(good, key, cache_dir, shape)
-    return records
+    hub = {"config": dataset_config, "split": dataset_split, "revision": dataset_revision}
+    if not isinstance(data, str | Path):
+        from hf_sft.data.mixture import load_mixture
+
+        one = functools.partial(
+            load_records,
+            fields=fields,
+            skip_bad_records=skip_bad_records,
+            cache_dir=cache_dir,
+            num_proc=num_proc,
+            **{f"dataset_{name}": value for name, value in hub.items()},
+        )
+        return load_mixture(list(data), weights, seed, one)
+    if weights is not None:
+        raise UsageError("--data_weights mixes several --data_path sources; one source was given")
+    from hf_sft.data.arrow_sources import arrow_records, parsed_in_arrow
+    from hf_sft.data.text_records import load_text_records
+
+    source = resolve_source(data)
+    if not source.is_text:
+        return arrow_records(source, fields, skip_bad_records, cache_dir, num_proc, hub)
+    # JSON lines are parsed by pyarrow and checked vectorised; when that cannot vouch for every record (or for CSV
+    # and JSON arrays), they are read and checked one by one, which names every bad record exactly.
+    records = parsed_in_arrow(source, fields, cache_dir, num_proc) if source.kind == "jsonl" else None
+    return records or load_text_records(source, fields, skip_bad_records, cache_dir)
 
 
-def _is_datasets_source(path: Path, name: str) -> bool:
-    if path.is_dir():
-        return any((path / marker).is_file() for marker in DATASETS_FOLDER_MARKERS)
-    return not path.exists() and bool(_HUB_ID.match(name)) and path.suffix not in DATA_EXTENSIONS
-
-
-def _arrow_records(name: str, fields, skip_bad_records: bool, cache_dir) -> Records:
-    from hf_sft.data.arrow_records import load_datasets_source, skipped_counts, validate_dataset
-
-    dataset = load_datasets_source(name, cache_dir)
-    shape = "messages" if "messages" in dataset.column_names else "instruction"
-    good, bad = validate_dataset(dataset, fields, shape)
-    records = Records(dataset=good, source=name, skipped=skipped_counts(bad))
-    records.skipped_messages = [f"{name} row {row}: {message}" for row, _, message in bad[:5]]
-    _check_skipped(records, len(good), skip_bad_records)
-    return records
-
-
-def _check_skipped(records: Records, n_good: int, skip_bad_records: bool) -> None:
+def check_skipped(records: Records, n_good: int, skip_bad_records: bool) -> None:
+    """Refuse bad records unless skipped (naming the first and counting the rest), and a source with no good one."""
     if records.skipped and not skip_bad_records:
         extra = sum(records.skipped.values()) - 1
         more = f" (and {extra} more bad record{'s' if extra > 1 else ''})" if extra else ""
@@ -225,23 +226,6 @@ def _check_skipped(records: Records, n_good: int, skip_bad_records: bool) -> Non
         raise UsageError(
             f"no valid record in {records.source}: {skipped} bad record{'s' if skipped != 1 else ''} skipped"
         )
-
-
-def _load_normalised(records: list[dict[str, Any]], key: str, cache_dir: str | Path | None, shape: str):
-    """Write the valid records once under the `datasets` cache and load them with `load_dataset("json")`."""
-    import datasets
-
-    root = Path(cache_dir) if cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
-    target = root / "hf_sft_records" / f"records-{key}.jsonl"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(f".{os.getpid()}.tmp")
-        with partial.open("w", encoding="utf-8") as out:
-            for record in records:
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(partial, target)  # atomic: a concurrent or interrupted run never sees half a file
-    features = normalised_features(shape)
-    return datasets.load_dataset("json", data_files=str(target), split="train", features=features, cache_dir=str(root))
 
 
 def _json_type(value: Any) -> str:

@@ -7,6 +7,8 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from hf_sft.data.collator import padded_length
 from hf_sft.data.masking import IGNORE_INDEX
 from hf_sft.data.pipeline import TokenizedSplit
@@ -94,15 +96,14 @@ def summary_lines(split: TokenizedSplit, max_seq_len: int | None, policy: str, b
             f"warning: {plural(split.records_losing_characters, 'record')} contain characters the tokenizer cannot "
             f"represent and drops: {shown}{more}"
         )
-    if not split.lengths:
+    if not len(split.lengths):
         return lines
-    ordered = sorted(split.lengths)
+    ordered = np.sort(split.lengths)
+    total = int(ordered.sum())
     stats = " | ".join([f"min {ordered[0]}", *(f"p{q} {percentile(ordered, q)}" for q in PERCENTILES)])
-    lines.append(f"tokens per example: {stats} | max {ordered[-1]} | mean {sum(ordered) / len(ordered):.1f}")
+    lines.append(f"tokens per example: {stats} | max {ordered[-1]} | mean {total / len(ordered):.1f}")
     supervised = supervised_tokens(split)
-    lines.append(
-        f"tokens: {sum(ordered)} in all, {supervised} supervised ({supervised / sum(ordered):.1%}; response + EOS)"
-    )
+    lines.append(f"tokens: {total} in all, {supervised} supervised ({supervised / total:.1%}; response + EOS)")
     lines.append(f"padding waste at batch size {batch_size}:")
     lines += [f"  {name:<42} {fraction:6.1%}" for name, fraction in padding_report(split.lengths, batch_size)]
     return lines
@@ -157,6 +158,6 @@ def write_dump(path: str | Path, *splits: TokenizedSplit) -> int:
     rows.sort(key=lambda item: item[0])
     with new_file(path) as tmp, tmp.open("w", encoding="utf-8") as out:  # never a partial file under its name
         for index, row in rows:
-            record = {"index": index, "input_ids": row["input_ids"], "labels": row["labels"]}
+            record = {"index": int(index), "input_ids": row["input_ids"], "labels": row["labels"]}
             out.write(json.dumps(record, separators=(",", ":")) + "\n")
     return len(rows)

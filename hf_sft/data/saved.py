@@ -18,6 +18,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from hf_sft.data.masking import MODEL_COLUMNS
 from hf_sft.data.pipeline import SFTData, TokenizedSplit
 from hf_sft.errors import UsageError, bad_input
@@ -99,10 +101,7 @@ def save_tokenized(data: SFTData, dest: str | Path, settings: dict, sources: lis
     from hf_sft.writer import new_folder
 
     splits = {"train": data.train, **({"eval": data.eval} if data.eval is not None else {})}
-    parts = {
-        name: split.dataset.add_column("index", list(split.index)).add_column("length", list(split.lengths))
-        for name, split in splits.items()
-    }
+    parts = {name: _with_bookkeeping(split) for name, split in splits.items()}
     manifest = {
         "version": MANIFEST_VERSION,
         "settings": settings,
@@ -164,11 +163,15 @@ def _split_record(split: TokenizedSplit) -> dict[str, Any]:
     }
 
 
+def _with_bookkeeping(split: TokenizedSplit):
+    return split.dataset.add_column("index", np.asarray(split.index)).add_column("length", np.asarray(split.lengths))
+
+
 def _split(dataset, record: dict[str, Any]) -> TokenizedSplit:
     return TokenizedSplit(
         dataset=dataset.select_columns(list(MODEL_COLUMNS)),
-        index=dataset.data.column("index").to_pylist(),
-        lengths=dataset.data.column("length").to_pylist(),
+        index=np.asarray(dataset.data.column("index").to_numpy(), dtype=np.int64),
+        lengths=np.asarray(dataset.data.column("length").to_numpy(), dtype=np.int64),
         status=Counter(record["status"]),
         skipped=Counter(record["skipped"]),
         skipped_messages=list(record["skipped_messages"]),

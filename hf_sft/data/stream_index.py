@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from hf_sft.data.jsonfile import BadRecord
-from hf_sft.data.records import Records, _check_skipped, normalised_features, record_shape, validate_record
+from hf_sft.data.records import Records, check_skipped, normalised_features, record_shape, validate_record
 from hf_sft.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def index_records(path: str | Path, fields: Mapping[str, tuple[str, ...]], skip_
                     records.skipped_messages.append(f"{path}:{number}: {err}")
     if not offsets and not records.skipped:
         raise UsageError(f"{path} is empty")
-    _check_skipped(records, len(offsets), skip_bad_records)
+    check_skipped(records, len(offsets), skip_bad_records)
     return StreamSource(
         path, np.frombuffer(offsets, dtype=np.int64).copy(), shape, fields, records.skipped, records.skipped_messages
     )

@@ -62,7 +62,7 @@ def save_final(trainer: Trainer, data_args: DataArguments, output_dir: Path, bas
         hyper["template"] = data_args.template
         card = model_card(
             base_model=base,
-            data=data_args.data_path,
+            data=" + ".join(data_args.data_paths()),
             hyperparameters=hyper,
             log_history=history,
             samples=samples,

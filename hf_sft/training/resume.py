@@ -74,6 +74,10 @@ KEPT_ON_RESUME = (
     "lora_targets",
     # the data and their order: the restored data position counts batches of these examples in this order
     "data_path",
+    "data_weights",
+    "dataset_config",
+    "dataset_split",
+    "dataset_revision",
     "eval_data_path",
     "field_map",
     "streaming",

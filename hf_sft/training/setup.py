@@ -137,7 +137,13 @@ def build_run_datasets(
     from hf_sft.data.saved import is_saved_dataset, load_saved
 
     val_split = 0.0 if data_args.eval_data_path else data_args.val_split
-    if is_saved_dataset(data_args.data_path):
+    sources = data_args.data_paths()
+    if data_args.streaming and (len(sources) > 1 or data_args.data_weights):
+        raise UsageError(
+            f"--streaming reads one .jsonl file; --data_path names {len(sources)} sources: drop --streaming, or "
+            "join them into one file"
+        )
+    if len(sources) == 1 and is_saved_dataset(sources[0]):
         if data_args.streaming:
             raise UsageError(
                 f"--data_path {data_args.data_path} is tokenised already and read from disk as needed: "
@@ -162,7 +168,15 @@ def build_run_datasets(
         return build_streaming(data_args.data_path, tokenizer, data_seed=data_seed, **options)
     from hf_sft.data import build_datasets
 
-    return build_datasets(data_args.data_path, tokenizer, **options)
+    return build_datasets(
+        data_args.data_path,
+        tokenizer,
+        **options,
+        data_weights=data_args.data_weights,
+        dataset_config=data_args.dataset_config,
+        dataset_split=data_args.dataset_split,
+        dataset_revision=data_args.dataset_revision,
+    )
 
 
 def _is_legacy(source: str | None) -> bool:
@@ -184,7 +198,15 @@ def _tokenizer_for_new_model(model_args: ModelArguments, data_args: DataArgument
             "--pretrained_ckpt_path) they were tokenised with"
         )
     fields = resolve_fields(parse_field_map(data_args.field_map))
-    records = load_records(data_args.data_path, fields, skip_bad_records=data_args.skip_bad_records).dataset
+    records = load_records(
+        data_args.data_path,
+        fields,
+        skip_bad_records=data_args.skip_bad_records,
+        weights=data_args.data_weights,
+        dataset_config=data_args.dataset_config,
+        dataset_split=data_args.dataset_split,
+        dataset_revision=data_args.dataset_revision,
+    ).dataset
     vocab_size = model_args.tokenizer_vocab_size
     logger.info("training a %d-token byte-level BPE tokenizer on %s", vocab_size, data_args.data_path)
     if "messages" in records.column_names:

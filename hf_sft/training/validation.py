@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hf_sft.data.records import DATASETS_FOLDER_MARKERS
+from hf_sft.data.sources import folder_problem
 from hf_sft.errors import UsageError
 from hf_sft.flags import not_finite
 from hf_sft.training.arguments import flag
@@ -144,12 +144,11 @@ def _check_paths(values: dict[str, Any]) -> None:
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{flag('output_dir')} {out_dir} exists and is not a folder")
     for name in ("data_path", "eval_data_path"):
-        path = values.get(name)
-        if path and Path(path).is_dir() and not any((Path(path) / m).is_file() for m in DATASETS_FOLDER_MARKERS):
-            raise UsageError(
-                f"{flag(name)} {path} is a folder; pass a .jsonl or .json file, a Hub dataset id or a folder "
-                "written by `Dataset.save_to_disk`"
-            )
+        paths = values.get(name) or []
+        for path in [paths] if isinstance(paths, str) else paths:
+            problem = folder_problem(Path(path)) if Path(path).is_dir() else None
+            if problem:
+                raise UsageError(f"{flag(name)} {problem}")
     tokenizer = values.get("tokenizer_path")
     if tokenizer and not Path(tokenizer).exists():
         raise UsageError(f"{flag('tokenizer_path')} {tokenizer}: no such file or folder")

@@ -1,0 +1,142 @@
+"""What a data source can be, and how each kind is opened: the one place that knows the input kinds.
+
+A `--data_path` entry is one of:
+
+- a local file: `.jsonl` (JSON lines), `.json` (an array of objects, or JSON lines), `.csv` (a header row, then one
+  record per row) or `.parquet`; the three text kinds may be gzip-compressed (`.jsonl.gz`, `.json.gz`, `.csv.gz`);
+- a folder of such files, all of one kind: shards of one source, read in name order (subfolders included, hidden
+  files and files of other kinds, such as a README, ignored);
+- a folder written by `Dataset.save_to_disk` (a `DatasetDict`'s split chosen with `--dataset_split`);
+- a Hub dataset id (`owner/name`), loaded with `datasets.load_dataset` and `--dataset_config`, `--dataset_split`,
+  `--dataset_revision`.
+
+Records of the text kinds are located as `FILE:LINE` in messages (the line where a record starts), those of
+parquet files and `datasets` objects as `SOURCE row N` (0-based).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from hf_sft.errors import UsageError
+
+TEXT_KINDS = ("jsonl", "json", "csv")
+FILE_KINDS = (*TEXT_KINDS, "parquet")
+COMPRESSIONS = {".gz": gzip.open}
+# What `Dataset.save_to_disk` / `DatasetDict.save_to_disk` leave in a folder.
+DATASETS_FOLDER_MARKERS = ("state.json", "dataset_dict.json")
+DEFAULT_SPLIT = "train"
+SUFFIXES = (*(f".{kind}{gz}" for kind in TEXT_KINDS for gz in ("", *COMPRESSIONS)), ".parquet")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Source:
+    """One resolved `--data_path` entry.
+
+    Attributes:
+        name: as the user gave it (used in messages).
+        kind: `jsonl`, `json`, `csv`, `parquet` (local files), `saved` (a `save_to_disk` folder) or `hub`.
+        files: the local files of the file kinds, in reading order (one, or a folder's shards).
+    """
+
+    name: str
+    kind: str
+    files: tuple[Path, ...] = ()
+
+    @property
+    def is_text(self) -> bool:
+        """Records located by file and line (`FILE:LINE`)."""
+        return self.kind in TEXT_KINDS
+
+
+def file_kind(path: Path) -> str | None:
+    """The kind of a data file from its name (`data.jsonl.gz` -> `jsonl`), or None for other files."""
+    name = path.name.lower()
+    for compression in COMPRESSIONS:
+        if name.endswith(compression):
+            name = name[: -len(compression)]
+            kind = name.rpartition(".")[2]
+            return kind if "." in name and kind in TEXT_KINDS else None
+    kind = name.rpartition(".")[2]
+    return kind if "." in name and kind in FILE_KINDS else None
+
+
+def resolve_source(data: str | Path) -> Source:
+    """Which kind of source `data` is, and its files.
+
+    Raises:
+        UsageError: a missing path, a file of an unsupported kind, a folder with no data file or files of several
+            kinds.
+    """
+    path, name = Path(data), str(data)
+    if path.is_dir():
+        if any((path / marker).is_file() for marker in DATASETS_FOLDER_MARKERS):
+            return Source(name, "saved")
+        return _shards(path)
+    if not path.exists():
+        if _HUB_ID.match(name) and not _looks_like_a_file(path):
+            return Source(name, "hub")
+        raise UsageError(f"data file not found: {path}")
+    kind = file_kind(path)
+    if kind is None:
+        double = len(path.suffixes) > 1 and path.suffixes[-2][1:].lower() in FILE_KINDS  # data.jsonl.bz2
+        suffix = "".join(path.suffixes[-2:]) if double else path.suffix
+        raise UsageError(f"{path}: unsupported extension {suffix or '(none)'!r}; use {', '.join(SUFFIXES)}")
+    return Source(name, kind, (path,))
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why a folder cannot be a data source (no data file, several kinds), or None when it can."""
+    try:
+        resolve_source(path)
+    except UsageError as err:
+        return str(err)
+    return None
+
+
+def open_binary(path: Path) -> IO[bytes]:
+    """The file's bytes, decompressed when its name ends with a compression suffix."""
+    opener = COMPRESSIONS.get(path.suffix.lower())
+    return opener(path, "rb") if opener else path.open("rb")
+
+
+def content_key(files: tuple[Path, ...]) -> str:
+    """A sha256 of the files' bytes (read in chunks: memory stays flat whatever their size)."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}\0".encode())
+        with path.open("rb") as stream:
+            while chunk := stream.read(_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _shards(folder: Path) -> Source:
+    files = sorted(
+        (p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder)) and file_kind(p)),
+        key=lambda p: p.relative_to(folder).as_posix(),
+    )
+    kinds = sorted({file_kind(p) for p in files})
+    if not files:
+        raise UsageError(
+            f"{folder} is a folder with no data file ({', '.join(SUFFIXES)}) and no dataset written by "
+            "`Dataset.save_to_disk`"
+        )
+    if len(kinds) > 1:
+        raise UsageError(f"{folder} holds data files of several kinds ({', '.join(kinds)}); a folder is one kind")
+    return Source(str(folder), kinds[0], tuple(files))
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith((".", "_")) for part in relative.parts)
+
+
+def _looks_like_a_file(path: Path) -> bool:
+    return path.suffix.lower() in {".jsonl", ".json", ".csv", ".parquet", *COMPRESSIONS}

@@ -1,0 +1,114 @@
+"""Local text files (JSON lines, JSON arrays, CSV; gzip-compressed too) validated record by record as they stream.
+
+Each record is parsed, checked (`hf_sft.data.records.validate_record`) and, when valid, written normalised (`index`
+plus the shape's columns) to a JSONL copy in the `datasets` cache; nothing per record stays in memory, so memory is
+flat in the size of the source. The copy is named by a hash of the source's bytes (read in chunks), the field names
+and this code, and a summary beside it keeps the skip counts and messages: a rerun reuses both without reading the
+source again, and `load_dataset("json")` of the copy hits its own cache. A bad record is reported as
+`FILE:LINE: reason`, the line being where the record starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from hf_sft.data import csvfile, jsonfile, records
+from hf_sft.data.arrow_records import MESSAGES_KEPT
+from hf_sft.data.jsonfile import BadRecord
+from hf_sft.data.records import Records, check_skipped, normalised_features, validate_record
+from hf_sft.data.shapes import record_shape, unrecognised_shape
+from hf_sft.data.sources import Source, content_key
+from hf_sft.errors import UsageError
+from hf_sft.writer import new_file, write_json
+
+COPY_FOLDER = "hf_sft_records"
+
+
+def load_text_records(
+    source: Source, fields: Mapping[str, tuple[str, ...]], skip_bad_records: bool, cache_dir: str | Path | None
+) -> Records:
+    """Validate the records of local text files and load the valid ones (see the module docstring).
+
+    Raises:
+        UsageError: an empty source, a record of no known shape, a file mixing shapes, a bad record unless skipped,
+            or no valid record at all.
+    """
+    import datasets
+
+    root = Path(cache_dir) if cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
+    target = root / COPY_FOLDER / f"records-{_key(source, fields)}.jsonl"
+    summary_path = target.with_suffix(".summary.json")
+    if target.is_file() and summary_path.is_file():
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    else:
+        summary = _write_copy(source, fields, target)
+        write_json(summary_path, summary)
+    found = Records(None, source.name, Counter(summary["skipped"]), summary["messages"])
+    check_skipped(found, summary["good"], skip_bad_records)
+    found.dataset = datasets.load_dataset(
+        "json",
+        data_files=str(target),
+        split="train",
+        features=normalised_features(summary["shape"]),
+        cache_dir=str(root),
+    )
+    return found
+
+
+def located_rows(source: Source) -> Iterator[tuple[str, Any]]:
+    """`("FILE:LINE", parsed value or BadRecord)` per record of the source's files, in order."""
+    for path in source.files:
+        rows = csvfile.iter_csv_records(path) if source.kind == "csv" else jsonfile.iter_json_records(path)
+        for line, value in rows:
+            yield f"{path}:{line}", value
+
+
+def _write_copy(source: Source, fields: Mapping[str, tuple[str, ...]], target: Path) -> dict[str, Any]:
+    """Stream the source into the normalised copy; return the summary (counts, first messages, shape)."""
+    skipped: Counter = Counter()
+    messages: list[str] = []
+    shape, good, index = None, 0, -1
+    with new_file(target) as partial, partial.open("w", encoding="utf-8") as out:
+        for index, (where, obj) in enumerate(located_rows(source)):
+            if isinstance(obj, dict):
+                if shape is None:
+                    shape = _first_shape(where, obj, fields)
+                elif record_shape(obj) != shape:
+                    raise UsageError(
+                        f"{where}: a {record_shape(obj)} record in a file of {shape} records; "
+                        "a file holds either instruction records or messages records"
+                    )
+            try:
+                if isinstance(obj, BadRecord):
+                    raise obj
+                record = {"index": index, **validate_record(obj, fields, shape or "instruction")}
+            except BadRecord as err:
+                skipped[err.kind] += 1
+                if len(messages) < MESSAGES_KEPT:
+                    messages.append(f"{where}: {err}")
+                continue
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            good += 1
+        if index < 0:
+            raise UsageError(f"{source.name} is empty")
+    return {"shape": shape or "instruction", "good": good, "skipped": dict(skipped), "messages": messages}
+
+
+def _first_shape(where: str, obj: dict, fields: Mapping[str, tuple[str, ...]]) -> str:
+    problem = unrecognised_shape(list(obj), fields)
+    if problem:
+        raise UsageError(f"{where}: {problem}")
+    return record_shape(obj)
+
+
+def _key(source: Source, fields: Mapping[str, tuple[str, ...]]) -> str:
+    digest = hashlib.sha256(f"{content_key(source.files)}|{source.kind}|{json.dumps(fields, sort_keys=True)}".encode())
+    for module in (jsonfile, csvfile, records):  # a change to the checks must not reuse an old copy
+        digest.update(Path(module.__file__).read_bytes())
+    digest.update(Path(__file__).read_bytes())
+    return digest.hexdigest()[:24]
