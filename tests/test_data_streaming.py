@@ -223,5 +223,5 @@ def test_an_eval_file_is_tokenised_up_front():
     eval_file = str(FIXTURES / "tiny_sft.jsonl")
     mapped = build_datasets(DATA, TOKENIZER, max_seq_len=160, eval_data_path=eval_file)
     streamed = build_streaming(DATA, TOKENIZER, max_seq_len=160, eval_data_path=eval_file)
-    assert streamed.eval.dataset[:] == mapped.eval.dataset[:] and streamed.eval.index == mapped.eval.index
+    assert streamed.eval.dataset[:] == mapped.eval.dataset[:] and list(streamed.eval.index) == list(mapped.eval.index)
     assert streamed.train.records == 320
