@@ -42,8 +42,11 @@ class NumericGuard(TrainerCallback):
         self._loss = loss if self._loss is None else self._loss + loss  # non-finite once any micro-step's is
 
     def record_grad_norm(self, norm) -> None:
-        if norm is not None:
-            self._grad_norm = torch.as_tensor(norm, dtype=torch.float32).detach()
+        if norm is None:
+            return
+        if hasattr(norm, "full_tensor"):  # FSDP2's norm is a DTensor: its value, before any collective of ours
+            norm = norm.full_tensor()
+        self._grad_norm = torch.as_tensor(norm, dtype=torch.float32).detach()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         saves = control.should_save or state.global_step >= state.max_steps  # Trainer saves at the last step
