@@ -107,7 +107,11 @@ def _first_shape(where: str, obj: dict, fields: Mapping[str, tuple[str, ...]]) -
 
 
 def _key(source: Source, fields: Mapping[str, tuple[str, ...]]) -> str:
-    digest = hashlib.sha256(f"{content_key(source.files)}|{source.kind}|{json.dumps(fields, sort_keys=True)}".encode())
+    # The paths too: the summary's messages name the files.
+    paths = json.dumps([str(Path(path).resolve()) for path in source.files])
+    digest = hashlib.sha256(
+        f"{content_key(source.files)}|{paths}|{source.kind}|{json.dumps(fields, sort_keys=True)}".encode()
+    )
     for module in (jsonfile, csvfile, records):  # a change to the checks must not reuse an old copy
         digest.update(Path(module.__file__).read_bytes())
     digest.update(Path(__file__).read_bytes())

@@ -39,6 +39,7 @@ class StagedCheckpoints:
     """
 
     _staging_root: Path | None = None
+    _push_deferred = False
 
     def __init__(
         self, *args, checkpoint_files: CheckpointFiles | None = None, keep_checkpoints: int | None = None, **kwargs
@@ -63,10 +64,12 @@ class StagedCheckpoints:
             with new_folder(final, temp=root / final.name) if main else contextlib.nullcontext() as staged:
                 self.accelerator.wait_for_everyone()  # the staging folder exists before anyone writes into it
                 self._staging_root = root
+                self._push_deferred = True
                 try:
                     super()._save_checkpoint(model, trial)
                 finally:
                     self._staging_root = None
+                    self._push_deferred = False
                 if main and self.checkpoint_files is not None:
                     self.checkpoint_files.write(staged, self.model)
                 self.accelerator.wait_for_everyone()  # every process's files are in
@@ -82,6 +85,14 @@ class StagedCheckpoints:
             self._fix_best_checkpoint(root, final)
             rotate_checkpoints(run_dir, final, self.keep_checkpoints)
         self.accelerator.wait_for_everyone()  # the checkpoint is in place before anyone goes on
+        if self.args.push_to_hub:
+            super()._push_from_checkpoint(str(final))
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # Trainer pushes from inside its save: the run folder then holds our staging folder, which its upload would
+        # list and then lose mid-upload. Push once the checkpoint is in place instead.
+        if not self._push_deferred:
+            super()._push_from_checkpoint(checkpoint_folder)
 
     def _fix_best_checkpoint(self, root: Path, final: Path) -> None:
         best = self.state.best_model_checkpoint
