@@ -7,7 +7,6 @@ them. See `hf_sft.data.streaming`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from array import array
@@ -15,11 +14,10 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from hf_sft.data.jsonfile import BadRecord
+from hf_sft.data.jsonfile import BadRecord, parse_line
 from hf_sft.data.records import Records, check_skipped, normalised_features, record_shape, validate_record
 from hf_sft.errors import UsageError
 
@@ -97,20 +95,6 @@ def index_records(path: str | Path, fields: Mapping[str, tuple[str, ...]], skip_
     return StreamSource(
         path, np.frombuffer(offsets, dtype=np.int64).copy(), shape, fields, records.skipped, records.skipped_messages
     )
-
-
-def parse_line(line: bytes) -> Any:
-    """One JSON line parsed, or a `BadRecord` saying why it cannot be (the map-style reader's messages)."""
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return BadRecord(
-            "invalid_utf8", f"bytes that are not UTF-8 (byte 0x{line[err.start]:02x}, column {err.start + 1})"
-        )
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        return BadRecord("invalid_json", f"invalid JSON: {err.msg} (column {err.colno})")
 
 
 def split_offsets(offsets: np.ndarray, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
