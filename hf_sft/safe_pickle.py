@@ -115,6 +115,21 @@ def load_checkpoint(path: str | Path) -> Any:
         raise UsageError(f"refusing to load {path}: {_first_line(err)}") from None
 
 
+def unsafe_globals(path: str | Path) -> list[str]:
+    """The globals a torch file's pickle names that Trainer's own loads of checkpoint state would not trust.
+
+    Trainer reads `optimizer.pt`, `scheduler.pt`, `scaler.pt` and `rng_state.pth` with `torch.load(weights_only=True)`
+    inside its `safe_globals()` (torch's allow-list plus numpy's arrays and dtypes). Asking torch which globals
+    fall outside that same list, statically (nothing is imported or called), lets a resume refuse a tampered file in
+    its own words before Trainer reaches it, instead of torch's advice to turn the check off.
+    """
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    with safe_globals():
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+
+
 def _refusal(path: Path, name: str) -> str:
     return f"refusing to load {path}: it asks to call {name}, which is not allowed in a checkpoint"
 

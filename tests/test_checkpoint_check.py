@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_training import train
 
-from hf_sft.training.checkpoint_check import MANIFEST, problem
+from hf_sft.training.checkpoint_check import MANIFEST, digest, problem
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +34,13 @@ def as_legacy(folder: Path) -> Path:
 def test_a_sealed_checkpoint_verifies_and_its_manifest_lists_every_file(run):
     folder = run / "checkpoint-4"
     manifest = json.loads((folder / MANIFEST).read_text())
-    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+    files = {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": digest(p)}
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
     del files[MANIFEST]
-    assert manifest == {"format": 1, "step": 4, "files": files, "absent": {}}
+    assert manifest == {"format": 2, "step": 4, "files": files, "absent": {}}
     assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= set(files)
     assert {"run_args.json", "config.json", "tokenizer.json"} <= set(files)
     assert problem(folder) is None and problem(run / "checkpoint-2") is None
