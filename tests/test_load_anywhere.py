@@ -13,7 +13,7 @@ from helpers.tiny_trained import train_tiny
 from hf_sft import MODEL_CODE_FILES
 
 LOADER = Path(__file__).resolve().parent / "helpers" / "load_anywhere.py"
-README = Path(__file__).resolve().parents[1] / "README.md"
+AFTER_TRAINING_PAGE = Path(__file__).resolve().parents[1] / "docs" / "after-training.md"
 QUESTION = "Do you wish to run the custom code?"  # what transformers asks (and waits for) before running remote code
 
 
@@ -108,7 +108,7 @@ def test_saved_folder_carries_the_code_and_auto_map(trained):
 
 def test_the_readme_snippet_runs_as_written_without_a_question(trained, tmp_path):
     """The "Load anywhere" snippet, stdin closed and hf_sft unimportable: it answers, and nothing asks to run code."""
-    section = README.read_text().split("### Load anywhere", 1)[1]
+    section = AFTER_TRAINING_PAGE.read_text().split("### Load anywhere", 1)[1]
     snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
     assert 'AutoTokenizer.from_pretrained("out/demo")' in snippet  # no trust_remote_code for the tokenizer
     script = tmp_path / "snippet.py"
