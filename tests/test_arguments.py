@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
-from hf_sft.data.lengths import LENGTH_POLICIES
+from hf_sft.data import LENGTH_POLICIES
 from hf_sft.errors import UsageError
 from hf_sft.training.arguments import parse_args
 

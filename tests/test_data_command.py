@@ -140,7 +140,7 @@ def test_a_multi_turn_messages_file_trains_on_the_assistant_turns_only(tmp_path,
 def test_a_dump_cut_short_leaves_the_earlier_file_whole(tmp_path, capsys, monkeypatch):
     from types import SimpleNamespace
 
-    from hf_sft.data import report
+    from hf_sft.data import summary
 
     dump = tmp_path / "dump.jsonl"
     dump.write_text("the earlier dump\n")
@@ -152,7 +152,7 @@ def test_a_dump_cut_short_leaves_the_earlier_file_whole(tmp_path, capsys, monkey
             raise OSError(28, "No space left on device")
         return json.dumps(value, **kwargs)
 
-    monkeypatch.setattr(report, "json", SimpleNamespace(dumps=dumps))
+    monkeypatch.setattr(summary, "json", SimpleNamespace(dumps=dumps))
     argv = ["data", "--data_path", str(FIXTURES / "tiny_sft.jsonl")]
     argv += ["--tokenizer_path", str(FIXTURES / "tiny_bpe.json")]
     argv += ["--val_split", "0", "--cache_dir", str(tmp_path / "cache"), "--dump", str(dump)]

@@ -5,8 +5,14 @@ from pathlib import Path
 import pytest
 from transformers import PretrainedConfig
 
-from hf_sft.data.lengths import LENGTH_POLICIES, check_length_policy, resolve_max_seq_len
-from hf_sft.data.masking import IGNORE_INDEX, Encoder, tokenize_and_mask
+from hf_sft.data.masking import (
+    IGNORE_INDEX,
+    LENGTH_POLICIES,
+    Encoder,
+    check_length_policy,
+    resolve_max_seq_len,
+    tokenize_and_mask,
+)
 from hf_sft.data.template import prompt_text
 from hf_sft.errors import UsageError
 from hf_sft.tokenizer import load_tokenizer

@@ -8,7 +8,7 @@ import pytest
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from hf_sft.data import MODEL_COLUMNS, Encoder, build_datasets
-from hf_sft.data.pipeline import _fingerprint
+from hf_sft.data.pipeline import tokenization_fingerprint
 from hf_sft.data.template import DEFAULT_FORMAT
 from hf_sft.errors import UsageError
 from hf_sft.tokenizer import load_tokenizer
@@ -86,13 +86,16 @@ def test_tokenisation_is_cached_and_the_fingerprint_is_stable(tmp_path):
     assert [Path(f["filename"]) for f in second.cache_files] == cache_files
     assert [f.stat().st_mtime_ns for f in cache_files] == stamps  # reused, not rewritten
     fingerprints = {
-        _fingerprint(
+        tokenization_fingerprint(
             "parent", Encoder.from_tokenizer(load_tokenizer(FIXTURES / "tiny_bpe.json")), DEFAULT_FORMAT, 64, "drop"
         )
         for _ in range(2)
     }
     assert len(fingerprints) == 1
-    assert _fingerprint("parent", Encoder.from_tokenizer(TOKENIZER), DEFAULT_FORMAT, 65, "drop") not in fingerprints
+    assert (
+        tokenization_fingerprint("parent", Encoder.from_tokenizer(TOKENIZER), DEFAULT_FORMAT, 65, "drop")
+        not in fingerprints
+    )
 
 
 def test_two_processes_give_the_same_examples(tmp_path):

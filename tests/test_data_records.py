@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from hf_sft.cli import main
-from hf_sft.data.records import load_records, parse_field_map, resolve_fields
+from hf_sft.data import load_records, parse_field_map, resolve_fields
 from hf_sft.errors import UsageError
 
 FIXTURES = Path(__file__).parent / "fixtures"

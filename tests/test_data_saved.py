@@ -79,10 +79,10 @@ def test_training_reuses_the_saved_folder_without_tokenising(saved, tmp_path, mo
     ids=["max_seq_len", "format", "tokenizer"],
 )
 def test_a_saved_folder_tokenised_differently_is_refused(saved, tmp_path, capsys, flags, difference):
+    from hf_sft.data import DataArguments
     from hf_sft.data.saved import run_settings
     from hf_sft.data.template import get_format
     from hf_sft.tokenizer import load_tokenizer
-    from hf_sft.training.arguments import DataArguments
 
     if "OTHER" in flags:  # the same tokenizer with two token ids swapped: other ids for the same text
         spec = json.loads(Path(TOKENIZER).read_text())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hf_sft.cli import main
-from hf_sft.data.records import load_records, resolve_fields
+from hf_sft.data import load_records, resolve_fields
 from hf_sft.data.sources import resolve_source
 from hf_sft.data.text_records import load_text_records
 from hf_sft.errors import UsageError

@@ -12,13 +12,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
-import hf_sft.data.streaming as streaming
+import hf_sft.data.stream as stream_module
 from hf_sft.cli import main
 from hf_sft.configuration_hfsft_gpt import HfSftGPTConfig
-from hf_sft.data import build_datasets, make_collator
-from hf_sft.data.records import resolve_fields
-from hf_sft.data.stream_index import index_records
-from hf_sft.data.streaming import build_streaming
+from hf_sft.data import build_datasets, make_collator, resolve_fields
+from hf_sft.data.stream import index_records
 from hf_sft.errors import UsageError
 from hf_sft.modeling_hfsft_gpt import HfSftGPTForCausalLM
 from hf_sft.tokenizer import load_tokenizer
@@ -53,7 +51,7 @@ def loader_batches(dataset, n: int, seed: int = 3, batch_size: int = 4) -> list[
 def test_the_stream_gives_the_map_style_examples_in_trainer_s_order():
     options = {"max_seq_len": 160, "val_split": 0.2, "seed": 5}
     mapped = build_datasets(DATA, TOKENIZER, **options)
-    streamed = build_streaming(DATA, TOKENIZER, data_seed=3, **options)
+    streamed = build_datasets(DATA, TOKENIZER, data_seed=3, **options, streaming=True)
     assert mapped.train.dropped == {} and streamed.train.records == len(mapped.train.index) == 256
     # The held-out split is the map-style one, tokenised up front.
     assert streamed.eval.dataset[:] == mapped.eval.dataset[:]
@@ -61,14 +59,14 @@ def test_the_stream_gives_the_map_style_examples_in_trainer_s_order():
     expected, got = loader_batches(mapped.train.dataset, 64), loader_batches(streamed.train.dataset, 64)
     for want, have in zip(expected, got, strict=True):
         assert all(torch.equal(want[key], have[key]) for key in want)
-    assert streamed.train.dataset.tokenized <= 256 + 2 * streaming.CHUNK_SIZE  # read as consumed, not up front
+    assert streamed.train.dataset.tokenized <= 256 + 2 * stream_module.CHUNK_SIZE  # read as consumed, not up front
 
 
 def test_dropped_examples_are_passed_over_and_counted():
     # Every third record is too long for 40 tokens: the stream keeps the others in its order over all records.
     mapped = build_datasets(DATA, TOKENIZER, max_seq_len=40)
     assert mapped.train.dropped  # some are dropped at this length
-    stream = build_streaming(DATA, TOKENIZER, max_seq_len=40, data_seed=1).train.dataset
+    stream = build_datasets(DATA, TOKENIZER, max_seq_len=40, data_seed=1, streaming=True).train.dataset
     stream.chunk_size = 7  # chunk edges land anywhere
     kept = {row: tuple(ids) for row, ids in zip(mapped.train.index, mapped.train.dataset["input_ids"], strict=True)}
     order = [row for row in stream.permutation(0).tolist() if row in kept]
@@ -139,13 +137,13 @@ class ReadLog:
 
     def __init__(self, monkeypatch):
         self.offsets: list[int] = []
-        original = streaming.read_records
+        original = stream_module.read_records
 
         def read(source, handle, offsets):
             self.offsets += offsets.tolist()
             return original(source, handle, offsets)
 
-        monkeypatch.setattr(streaming, "read_records", read)
+        monkeypatch.setattr(stream_module, "read_records", read)
 
 
 def test_a_resumed_stream_is_bit_identical_and_reads_nothing_consumed(tmp_path, monkeypatch, capsys):
@@ -222,6 +220,6 @@ def test_steps_follow_from_epochs_and_records():
 def test_an_eval_file_is_tokenised_up_front():
     eval_file = str(FIXTURES / "tiny_sft.jsonl")
     mapped = build_datasets(DATA, TOKENIZER, max_seq_len=160, eval_data_path=eval_file)
-    streamed = build_streaming(DATA, TOKENIZER, max_seq_len=160, eval_data_path=eval_file)
+    streamed = build_datasets(DATA, TOKENIZER, max_seq_len=160, eval_data_path=eval_file, streaming=True)
     assert streamed.eval.dataset[:] == mapped.eval.dataset[:] and list(streamed.eval.index) == list(mapped.eval.index)
     assert streamed.train.records == 320

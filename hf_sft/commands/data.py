@@ -33,7 +33,8 @@ HELP = "validate and tokenise a dataset; show counts, lengths, padding waste and
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from hf_sft.training.arguments import DataArguments, ModelArguments, add_dataclass_arguments
+    from hf_sft.data import DataArguments
+    from hf_sft.training.arguments import ModelArguments, add_dataclass_arguments
 
     add_dataclass_arguments(parser, DataArguments)
     add_dataclass_arguments(parser, ModelArguments)
@@ -56,11 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from hf_sft.data import get_format, resolve_max_seq_len
-    from hf_sft.data.report import plural, render_preview, split_line, summary_lines, write_dump
+    from hf_sft.data import DataArguments, build_run_datasets, get_format, resolve_max_seq_len
+    from hf_sft.data.splits import plural
+    from hf_sft.data.summary import render_preview, summary_lines, write_dump
     from hf_sft.errors import UsageError
-    from hf_sft.training.arguments import DataArguments, ModelArguments, SFTTrainingArguments, from_namespace
-    from hf_sft.training.setup import base_config, build_run_datasets, load_run_tokenizer
+    from hf_sft.training.arguments import ModelArguments, SFTTrainingArguments, from_namespace
+    from hf_sft.training.setup import base_config, load_run_tokenizer
 
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be positive, got {args.batch_size}")
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     for line in summary_lines(split, max_seq_len, data_args.length_policy, args.batch_size):
         print(line)
     # The lines training logs for the same flags.
-    print("\n".join(split_line(role, part) for role, part in (("train", split), ("eval", data.eval)) if part))
+    print("\n".join(part.describe(role) for role, part in (("train", split), ("eval", data.eval)) if part))
 
     row = 0
     if args.preview_index is not None:

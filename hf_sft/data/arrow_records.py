@@ -1,5 +1,5 @@
 """Records that `datasets` holds in Arrow (a Hub dataset, a `save_to_disk` folder, parquet files, JSON lines that
-`load_dataset("json")` parsed), validated without leaving Arrow.
+`load_dataset("json")` parsed), loaded and validated without leaving Arrow.
 
 Two checks, the same rules (`hf_sft.data.records.validate_record`):
 
@@ -10,7 +10,9 @@ Two checks, the same rules (`hf_sft.data.records.validate_record`):
 - `validate_dataset`, record by record through `Dataset.map`: every bad row is found, counted and named.
 
 Either way the records never leave Arrow for a Python list or a JSONL copy, and `datasets` caches the result like any
-other map.
+other map. Parquet, saved and Hub sources that the vectorised check cannot vouch for are validated row by row
+(messages `SOURCE row N: reason`); JSON lines go back to the line-by-line reader (`hf_sft.data.text_records`), whose
+messages name the file and line.
 """
 
 from __future__ import annotations
@@ -21,11 +23,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hf_sft.data.jsonfile import BadRecord
+from hf_sft.data.line_reader import BadRecord, quiet_datasets, read_json_lines_in_arrow
+from hf_sft.data.records import (
+    MESSAGES_KEPT,
+    Records,
+    check_skipped,
+    normalised_features,
+    unrecognised_shape,
+    validate_record,
+)
+from hf_sft.data.sources import DEFAULT_SPLIT, Source
 from hf_sft.errors import UsageError
 
 _CHECK_COLUMNS = ("bad_kind", "bad_message")
-MESSAGES_KEPT = 5  # bad-record messages kept for the report
 _STRING_TYPES = ("string", "large_string")
 
 
@@ -54,8 +64,6 @@ def load_datasets_source(
         UsageError: the source cannot be loaded (offline, unknown id, no such split or config), in one line.
     """
     import datasets
-
-    from hf_sft.data.sources import DEFAULT_SPLIT
 
     split = split or DEFAULT_SPLIT
     try:
@@ -122,8 +130,6 @@ def normalise_in_arrow(dataset, columns: dict[str, str | None], num_proc: int | 
     Returns:
         The normalised dataset, or None when some record may be invalid (null, blank): validate record by record.
     """
-    from hf_sft.data.records import normalised_features
-
     digest = hashlib.sha256(f"{dataset._fingerprint}|{sorted(columns.items())}".encode())
     digest.update(Path(__file__).read_bytes())
     try:
@@ -225,8 +231,6 @@ def validate_dataset(dataset, fields: Mapping[str, tuple[str, ...]], shape: str,
     """
     import datasets
 
-    from hf_sft.data.records import normalised_features, validate_record
-
     features = datasets.Features(
         {**normalised_features(shape), **{name: datasets.Value("string") for name in _CHECK_COLUMNS}}
     )
@@ -271,3 +275,67 @@ def validate_dataset(dataset, fields: Mapping[str, tuple[str, ...]], shape: str,
 
 def _empty(shape: str) -> dict[str, Any]:
     return {"messages": []} if shape == "messages" else {"instruction": "", "input": "", "output": ""}
+
+
+def parsed_in_arrow(
+    source: Source, fields: Mapping[str, tuple[str, ...]], cache_dir: str | Path | None, num_proc: int | None
+) -> Records | None:
+    """JSON lines parsed by pyarrow and checked in Arrow; None when the records must be read one by one."""
+    with quiet_datasets():  # a check that declines only means "read it line by line": nothing to show
+        loaded = read_json_lines_in_arrow(list(source.files), cache_dir)
+        if loaded is None:
+            return None
+        columns = arrow_columns(loaded.features, fields, one_name_each=True)
+        dataset = normalise_in_arrow(loaded, columns, num_proc) if columns else None
+    return Records(dataset=dataset, source=source.name) if dataset is not None else None
+
+
+def arrow_records(
+    source: Source,
+    fields: Mapping[str, tuple[str, ...]],
+    skip_bad_records: bool,
+    cache_dir: str | Path | None,
+    num_proc: int | None,
+    hub: dict,
+) -> Records:
+    """A parquet file or folder, a saved folder or a Hub dataset: checked in Arrow, row by row if need be."""
+    import datasets
+
+    if source.kind == "parquet":
+        files = [str(path) for path in source.files]
+        try:
+            dataset = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=_cache(cache_dir))
+        except Exception as err:  # a file that is not parquet, or shards whose columns differ
+            raise UsageError(f"{source.name}: cannot read the parquet data: {err}") from None
+    else:
+        dataset = load_datasets_source(source.name, cache_dir, **hub)
+    shape = "messages" if "messages" in dataset.column_names else "instruction"
+    problem = unrecognised_shape(dataset.column_names, fields)
+    if problem:
+        raise UsageError(f"{source.name}: {problem}")
+    columns = arrow_columns(dataset.features, fields, one_name_each=False) if shape == "instruction" else None
+    good = normalise_in_arrow(dataset, columns, num_proc) if columns else None
+    if good is not None:
+        return Records(dataset=good, source=source.name)
+    good, skipped, examples = validate_dataset(dataset, fields, shape, num_proc)
+    records = Records(dataset=good, source=source.name, skipped=skipped)
+    records.skipped_messages = [f"{_row_location(source, row)}: {message}" for row, message in examples]
+    check_skipped(records, len(good), skip_bad_records)
+    return records
+
+
+def _row_location(source: Source, row: int) -> str:
+    """`SOURCE row N`; for parquet shards, the shard and the row in it."""
+    if len(source.files) > 1:
+        import pyarrow.parquet as pq
+
+        for path in source.files:
+            rows = pq.ParquetFile(path).metadata.num_rows
+            if row < rows:
+                return f"{path} row {row}"
+            row -= rows
+    return f"{source.files[0] if source.files else source.name} row {row}"
+
+
+def _cache(cache_dir: str | Path | None) -> str | None:
+    return str(cache_dir) if cache_dir else None

@@ -1,6 +1,6 @@
 """Several sources as one: concatenated in the order given, or mixed by weight (`--data_weights`).
 
-Each source is loaded and validated on its own (`hf_sft.data.records.load_records`). Without weights the records
+Each source is loaded and validated on its own (`hf_sft.data.pipeline.load_records`). Without weights the records
 follow one another; with weights they are interleaved by `datasets.interleave_datasets`: each next record comes from
 source i with probability weight_i / sum(weights) under the seed (the same seed gives the same mixture), until one
 source runs out (`first_exhausted`: no record is repeated, and the shares hold for the whole mixture).
@@ -17,8 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from hf_sft.data.arrow_records import MESSAGES_KEPT
-from hf_sft.data.records import Records
+from hf_sft.data.records import MESSAGES_KEPT, Records
 from hf_sft.errors import UsageError
 
 logger = logging.getLogger(__name__)

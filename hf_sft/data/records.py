@@ -1,4 +1,4 @@
-"""Records: strict validation of a source, then a `datasets.Dataset` with fixed columns, at flat memory.
+"""One record: its two shapes, its field names, the check of one record, and the account of the bad ones.
 
 Two shapes: instruction records (columns `instruction`, `input`, `output`) and conversations (`messages`: a list of
 `{"role": "system"|"user"|"assistant", "content": ...}` turns with at least one assistant turn). A source holds one
@@ -6,53 +6,43 @@ shape; a local file that mixes them is refused at the first record of the other 
 name from the first record: `messages`, else the field names below; a record with none of them is refused with the
 fields it has and the `--field_map` that would map them.
 
-Where the records come from (`hf_sft.data.sources`: files, shard folders, `save_to_disk` folders, Hub ids) decides
-how they are checked, never what is accepted:
-
-- a source that `datasets` reads into Arrow (JSON lines, parquet, a Hub dataset, a saved folder) is first checked
-  vectorised in Arrow (`hf_sft.data.arrow_records.normalise_in_arrow`): when every record is valid, which is the
-  common case, no record ever exists as a Python object;
-- otherwise, and for CSV and JSON arrays, records are validated one by one as the source streams by: local text
-  files by `hf_sft.data.text_records` (messages `FILE:LINE: reason`, the valid records written to a normalised
-  JSONL copy in the `datasets` cache), Arrow sources by `Dataset.map` (messages `SOURCE row N: reason`).
-
-`index` is the record's 0-based position in the source (blank lines are not records; a folder's shards count on
-from one file to the next). Several sources are concatenated or mixed by `hf_sft.data.mixture`.
-
 Field names: `instruction` or `prompt`; `input` or `context`; `output`, `response` or `completion` (the first one
 present wins); other fields are ignored. A TRL-style `prompt`/`completion` record is thus an instruction record whose
 prompt is the instruction text (the prompt format still frames it). A mapping such as
 `{"instruction": "question", "output": "answer"}` replaces the names of those fields.
+
+`RecordChecker` is the one loop over parsed records that every record-by-record reader runs (the normalised copy of
+`hf_sft.data.text_records`, the index of `hf_sft.data.stream`): the shape of the first record, the refusal of a
+record of the other shape, the check of each record, and the skip counts with the first `MESSAGES_KEPT` messages.
+Where the records come from and how each kind of source is checked is `hf_sft.data.pipeline.load_records`.
 """
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from hf_sft.data.jinja_format import ROLES
-from hf_sft.data.jsonfile import BadRecord
-from hf_sft.data.shapes import DEFAULT_FIELDS, record_shape
-from hf_sft.data.sources import DATASETS_FOLDER_MARKERS, resolve_source
+from hf_sft.data.line_reader import BadRecord
 from hf_sft.errors import UsageError
 
 RECORD_COLUMNS = ("index", "instruction", "input", "output")
 SHAPES = ("instruction", "messages")
+MESSAGES_KEPT = 5  # bad-record messages kept for the report
+DEFAULT_FIELDS: dict[str, tuple[str, ...]] = {
+    "instruction": ("instruction", "prompt"),
+    "input": ("input", "context"),
+    "output": ("output", "response", "completion"),
+}
+# Field names other datasets use, for the --field_map suggested when a record's shape is not recognised.
+_LIKELY_NAMES = {
+    "instruction": ("question", "query", "problem", "task", "inputs", "text"),
+    "input": ("passage", "document", "background"),
+    "output": ("answer", "answers", "solution", "target", "targets", "reply", "label"),
+}
 _SKIP_HINT = "pass --skip_bad_records to skip bad records"
-__all__ = [
-    "DATASETS_FOLDER_MARKERS",
-    "DEFAULT_FIELDS",
-    "Records",
-    "load_records",
-    "parse_field_map",
-    "record_shape",
-    "resolve_fields",
-    "validate_record",
-]
 
 
 @dataclass
@@ -151,68 +141,88 @@ def normalised_features(shape: str):
     )
 
 
-def load_records(
-    data: str | Path | Sequence[str | Path],
-    fields: Mapping[str, tuple[str, ...]] | None = None,
-    skip_bad_records: bool = False,
-    cache_dir: str | Path | None = None,
-    *,
-    weights: Sequence[float] | None = None,
-    seed: int = 42,
-    num_proc: int | None = None,
-    dataset_config: str | None = None,
-    dataset_split: str | None = None,
-    dataset_revision: str | None = None,
-) -> Records:
-    """Validate and load the records of a source (or of several, concatenated or mixed).
+def record_shape(obj: Any) -> str:
+    """`"messages"` for an object with a `messages` field, else `"instruction"`."""
+    return "messages" if isinstance(obj, dict) and "messages" in obj else "instruction"
+
+
+def unrecognised_shape(names: Sequence[str], fields: Mapping[str, tuple[str, ...]]) -> str | None:
+    """Why records with these field names are of no known shape (with the `--field_map` to use), or None.
+
+    A record is recognised when it has a `messages` field, an instruction name or an output name; with neither it is
+    not one bad record among good ones but a source of another shape.
+    """
+    names = list(names)
+    if "messages" in names or any(name in names for column in ("instruction", "output") for name in fields[column]):
+        return None
+    label = " or ".join(repr(n) for n in fields["instruction"])
+    return (
+        f"missing field {label}; records have fields {', '.join(names) or '(none)'}: "
+        f"map them with --field_map {_suggested_map(names)}"
+    )
+
+
+def _suggested_map(names: list[str]) -> str:
+    chosen: dict[str, str] = {}
+    for column in ("instruction", "output", "input"):
+        known = _LIKELY_NAMES[column] if column == "input" else (*DEFAULT_FIELDS[column], *_LIKELY_NAMES[column])
+        guess = next((n for n in known if n in names), None)
+        if guess and guess not in chosen.values():
+            chosen[column] = guess
+    unused = iter(n for n in names if n not in chosen.values())
+    for column in ("instruction", "output"):  # by order of the record's fields, when no name gives it away
+        chosen.setdefault(column, next(unused, "FIELD"))
+    return ",".join(f"{column}={chosen[column]}" for column in ("instruction", "input", "output") if column in chosen)
+
+
+class RecordChecker:
+    """Checks parsed records one by one, as a record-by-record reader meets them, and counts the bad ones.
 
     Args:
-        data: a local `.jsonl`/`.json`/`.csv` file (each optionally `.gz`), a `.parquet` file, a folder of such
-            files (shards of one kind), a folder written by `Dataset.save_to_disk`, a Hub dataset id such as
-            `databricks/databricks-dolly-15k`; or a list of these (see `hf_sft.data.mixture`).
-        fields: from `resolve_fields`; defaults to the standard aliases.
-        skip_bad_records: skip invalid records (counted) instead of failing on the first one.
-        cache_dir: `datasets` cache folder; `None` for the default.
-        weights: mixing weights of several sources (`--data_weights`); None concatenates them.
-        seed: seed of the mixing.
-        num_proc: processes for the validation maps.
-        dataset_config: configuration of a Hub dataset.
-        dataset_split: split of a Hub dataset or of a saved `DatasetDict` (default `train`).
-        dataset_revision: branch, tag or commit of a Hub dataset.
+        fields: source field names per column (`resolve_fields`).
 
-    Returns:
-        The records and the skip counts.
-
-    Raises:
-        UsageError: missing path, wrong extension, empty file, a record of no known shape, a bad record (naming
-            file, line and reason) unless skipped, or no valid record at all.
+    Attributes:
+        shape: the shape of the first record that is an object (None before it).
+        skipped: bad records by kind.
+        messages: the first `MESSAGES_KEPT` bad-record messages (`FILE:LINE: reason`).
     """
-    fields = fields or DEFAULT_FIELDS
-    hub = {"config": dataset_config, "split": dataset_split, "revision": dataset_revision}
-    if not isinstance(data, str | Path):
-        from hf_sft.data.mixture import load_mixture
 
-        one = functools.partial(
-            load_records,
-            fields=fields,
-            skip_bad_records=skip_bad_records,
-            cache_dir=cache_dir,
-            num_proc=num_proc,
-            **{f"dataset_{name}": value for name, value in hub.items()},
-        )
-        return load_mixture(list(data), weights, seed, one)
-    if weights is not None:
-        raise UsageError("--data_weights mixes several --data_path sources; one source was given")
-    from hf_sft.data.arrow_sources import arrow_records, parsed_in_arrow
-    from hf_sft.data.text_records import load_text_records
+    def __init__(self, fields: Mapping[str, tuple[str, ...]]):
+        self.fields = fields
+        self.shape: str | None = None
+        self.skipped: Counter = Counter()
+        self.messages: list[str] = []
 
-    source = resolve_source(data)
-    if not source.is_text:
-        return arrow_records(source, fields, skip_bad_records, cache_dir, num_proc, hub)
-    # JSON lines are parsed by pyarrow and checked vectorised; when that cannot vouch for every record (or for CSV
-    # and JSON arrays), they are read and checked one by one, which names every bad record exactly.
-    records = parsed_in_arrow(source, fields, cache_dir, num_proc) if source.kind == "jsonl" else None
-    return records or load_text_records(source, fields, skip_bad_records, cache_dir)
+    def check(self, where: str, obj: Any) -> dict[str, Any] | None:
+        """The record's normalised columns, or None for a bad record (counted, its message kept).
+
+        Args:
+            where: `FILE:LINE`, for messages.
+            obj: the parsed value, or the `BadRecord` of a line that could not be parsed.
+
+        Raises:
+            UsageError: a first record of no known shape, or a record of the other shape than the first.
+        """
+        if isinstance(obj, dict):
+            if self.shape is None:
+                problem = unrecognised_shape(list(obj), self.fields)
+                if problem:
+                    raise UsageError(f"{where}: {problem}")
+                self.shape = record_shape(obj)
+            elif record_shape(obj) != self.shape:
+                raise UsageError(
+                    f"{where}: a {record_shape(obj)} record in a file of {self.shape} records; "
+                    "a file holds either instruction records or messages records"
+                )
+        try:
+            if isinstance(obj, BadRecord):
+                raise obj
+            return validate_record(obj, self.fields, self.shape or "instruction")
+        except BadRecord as err:
+            self.skipped[err.kind] += 1
+            if len(self.messages) < MESSAGES_KEPT:
+                self.messages.append(f"{where}: {err}")
+            return None
 
 
 def check_skipped(records: Records, n_good: int, skip_bad_records: bool) -> None:

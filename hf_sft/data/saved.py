@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from hf_sft.data.masking import MODEL_COLUMNS
-from hf_sft.data.pipeline import SFTData, TokenizedSplit
+from hf_sft.data.splits import SFTData, TokenizedSplit
 from hf_sft.errors import UsageError, bad_input
 
 MANIFEST = "hf_sft_tokenized.json"

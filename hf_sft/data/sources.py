@@ -32,7 +32,8 @@ COMPRESSIONS = {".gz": gzip.open}
 DATASETS_FOLDER_MARKERS = ("state.json", "dataset_dict.json")
 DEFAULT_SPLIT = "train"
 SUFFIXES = (*(f".{kind}{gz}" for kind in TEXT_KINDS for gz in ("", *COMPRESSIONS)), ".parquet")
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# A Hub id as `owner/name`: the one pattern of it (a local path that does not exist is taken for one).
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _CHUNK = 1 << 20
 
 
@@ -81,7 +82,7 @@ def resolve_source(data: str | Path) -> Source:
             return Source(name, "saved")
         return _shards(path)
     if not path.exists():
-        if _HUB_ID.match(name) and not _looks_like_a_file(path):
+        if HUB_ID.match(name) and not _looks_like_a_file(path):
             return Source(name, "hub")
         raise UsageError(f"data file not found: {path}")
     kind = file_kind(path)
@@ -139,4 +140,4 @@ def _hidden(relative: Path) -> bool:
 
 
 def _looks_like_a_file(path: Path) -> bool:
-    return path.suffix.lower() in {".jsonl", ".json", ".csv", ".parquet", *COMPRESSIONS}
+    return path.suffix.lower() in {*(f".{kind}" for kind in FILE_KINDS), *COMPRESSIONS}

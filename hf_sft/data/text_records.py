@@ -17,11 +17,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from hf_sft.data import csvfile, jsonfile, records
-from hf_sft.data.arrow_records import MESSAGES_KEPT
-from hf_sft.data.jsonfile import BadRecord
-from hf_sft.data.records import Records, check_skipped, normalised_features, validate_record
-from hf_sft.data.shapes import record_shape, unrecognised_shape
+from hf_sft.data import line_reader, records
+from hf_sft.data.records import RecordChecker, Records, check_skipped, normalised_features
 from hf_sft.data.sources import Source, content_key
 from hf_sft.errors import UsageError
 from hf_sft.writer import new_file, write_json
@@ -63,47 +60,24 @@ def load_text_records(
 def located_rows(source: Source) -> Iterator[tuple[str, Any]]:
     """`("FILE:LINE", parsed value or BadRecord)` per record of the source's files, in order."""
     for path in source.files:
-        rows = csvfile.iter_csv_records(path) if source.kind == "csv" else jsonfile.iter_json_records(path)
-        for line, value in rows:
+        for line, value in line_reader.iter_records(path):
             yield f"{path}:{line}", value
 
 
 def _write_copy(source: Source, fields: Mapping[str, tuple[str, ...]], target: Path) -> dict[str, Any]:
     """Stream the source into the normalised copy; return the summary (counts, first messages, shape)."""
-    skipped: Counter = Counter()
-    messages: list[str] = []
-    shape, good, index = None, 0, -1
+    checker = RecordChecker(fields)
+    good, index = 0, -1
     with new_file(target) as partial, partial.open("w", encoding="utf-8") as out:
         for index, (where, obj) in enumerate(located_rows(source)):
-            if isinstance(obj, dict):
-                if shape is None:
-                    shape = _first_shape(where, obj, fields)
-                elif record_shape(obj) != shape:
-                    raise UsageError(
-                        f"{where}: a {record_shape(obj)} record in a file of {shape} records; "
-                        "a file holds either instruction records or messages records"
-                    )
-            try:
-                if isinstance(obj, BadRecord):
-                    raise obj
-                record = {"index": index, **validate_record(obj, fields, shape or "instruction")}
-            except BadRecord as err:
-                skipped[err.kind] += 1
-                if len(messages) < MESSAGES_KEPT:
-                    messages.append(f"{where}: {err}")
-                continue
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            good += 1
+            record = checker.check(where, obj)
+            if record is not None:
+                out.write(json.dumps({"index": index, **record}, ensure_ascii=False) + "\n")
+                good += 1
         if index < 0:
             raise UsageError(f"{source.name} is empty")
-    return {"shape": shape or "instruction", "good": good, "skipped": dict(skipped), "messages": messages}
-
-
-def _first_shape(where: str, obj: dict, fields: Mapping[str, tuple[str, ...]]) -> str:
-    problem = unrecognised_shape(list(obj), fields)
-    if problem:
-        raise UsageError(f"{where}: {problem}")
-    return record_shape(obj)
+    shape = checker.shape or "instruction"
+    return {"shape": shape, "good": good, "skipped": dict(checker.skipped), "messages": checker.messages}
 
 
 def _key(source: Source, fields: Mapping[str, tuple[str, ...]]) -> str:
@@ -112,7 +86,7 @@ def _key(source: Source, fields: Mapping[str, tuple[str, ...]]) -> str:
     digest = hashlib.sha256(
         f"{content_key(source.files)}|{paths}|{source.kind}|{json.dumps(fields, sort_keys=True)}".encode()
     )
-    for module in (jsonfile, csvfile, records):  # a change to the checks must not reuse an old copy
+    for module in (line_reader, records):  # a change to the checks must not reuse an old copy
         digest.update(Path(module.__file__).read_bytes())
     digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()[:24]

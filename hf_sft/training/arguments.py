@@ -25,9 +25,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 
-from hf_sft.data.lengths import LENGTH_POLICIES
-from hf_sft.data.sources import DEFAULT_SPLIT
-from hf_sft.data.template import DEFAULT_FORMAT, FORMATS
+from hf_sft.data import DataArguments
 from hf_sft.errors import UsageError
 from hf_sft.flags import OneLineErrors, finite_floats
 
@@ -99,66 +97,6 @@ class ModelArguments:
     def special_tokens(self) -> dict[str, str | None]:
         """The special-token overrides, as keyword arguments of `hf_sft.tokenizer.load_tokenizer`."""
         return {name: getattr(self, name) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
-
-
-@dataclass
-class DataArguments:
-    """What the examples are: the source, its fields, the prompt format, the split and the length limit."""
-
-    # One source is kept as a plain string (as run_args.json of earlier runs holds it), several as a list.
-    data_path: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Training data: one or more sources, each a .jsonl/.json/.csv file (also .gz), a .parquet file, "
-            "a folder of such files, a save_to_disk folder, a folder of `hf-sft data --save_to` or a Hub dataset "
-            "id; several are concatenated, or mixed by --data_weights (hf_sft/data/sources.py)."
-        },
-    )
-    data_weights: list[float] | None = field(
-        default=None,
-        metadata={"help": "Mixing weights, one per --data_path source: records interleaved under --seed."},
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset: its configuration."})
-    dataset_split: str = field(
-        default=DEFAULT_SPLIT, metadata={"help": "Hub dataset or saved DatasetDict: the split to train on."}
-    )
-    dataset_revision: str | None = field(default=None, metadata={"help": "Hub dataset: a branch, tag or commit."})
-    field_map: str | None = field(
-        default=None, metadata={"help": "Source field names, e.g. instruction=question,output=answer."}
-    )
-    eval_data_path: str | None = field(default=None, metadata={"help": "Separate evaluation file (else --val_split)."})
-    val_split: float = field(default=0.05, metadata={"help": "Fraction of the data held out for evaluation."})
-    max_seq_len: int | None = field(default=None, metadata={"help": "Longest example in tokens (default: model max)."})
-    length_policy: str = field(
-        default="drop",
-        metadata={"help": "Examples longer than max_seq_len (hf_sft/data/lengths.py).", "choices": LENGTH_POLICIES},
-    )
-    skip_bad_records: bool = field(default=False, metadata={"help": "Skip invalid records (and count them)."})
-    num_proc: int | None = field(
-        default=None,
-        metadata={"help": "Processes for validation and tokenisation.", "aliases": ["--dataset_num_proc"]},
-    )
-    streaming: bool = field(
-        default=False,
-        metadata={
-            "help": "Train from the .jsonl file read and tokenised as consumed (constant memory; the map-style "
-            "order and losses; exact resume). See README 'Streaming'."
-        },
-    )
-    template: str = field(
-        default=DEFAULT_FORMAT.name,
-        metadata={"help": f"Prompt format: {', '.join(FORMATS)}, or the path of a Jinja chat template file."},
-    )
-
-    def __post_init__(self):
-        if isinstance(self.data_path, list | tuple) and len(self.data_path) == 1:
-            self.data_path = self.data_path[0]
-
-    def data_paths(self) -> list[str]:
-        """The `--data_path` sources as a list (empty when none is given)."""
-        if not self.data_path:
-            return []
-        return [self.data_path] if isinstance(self.data_path, str) else list(self.data_path)
 
 
 @dataclass

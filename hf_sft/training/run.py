@@ -9,6 +9,7 @@ from pathlib import Path
 import transformers
 from transformers import TrainerCallback, set_seed
 
+from hf_sft.data import build_run_datasets
 from hf_sft.errors import UsageError, bad_input
 from hf_sft.training import engines
 from hf_sft.training.arguments import DataArguments, ModelArguments, SFTTrainingArguments, parse_args
@@ -28,7 +29,6 @@ from hf_sft.training.resumed_state import NothingLeftToTrain, ResumeCallback
 from hf_sft.training.run_folder import check_run_folder, claim_run_folder, discard_newer, release_run_folders
 from hf_sft.training.run_log import ConsoleHandler, hold_run_log, start_run_log
 from hf_sft.training.setup import (
-    build_run_datasets,
     load_model_and_tokenizer,
     resolve_device_and_precision,
     sync_special_token_ids,
@@ -228,7 +228,7 @@ def _close_progress_bars(trainer) -> None:
 
 
 def _log_data(data) -> None:
-    from hf_sft.data.report import split_line
+    from hf_sft.data import split_line
     from hf_sft.training.streaming import stream_line
 
     for role, split in (("train", data.train), ("eval", data.eval)):

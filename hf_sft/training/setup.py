@@ -6,7 +6,6 @@ import dataclasses
 import logging
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast, TrainingArguments
@@ -16,10 +15,6 @@ from hf_sft.errors import UsageError, bad_input
 from hf_sft.modeling_hfsft_gpt import HfSftGPTForCausalLM
 from hf_sft.tokenizer import load_tokenizer
 from hf_sft.training.arguments import DataArguments, ModelArguments
-
-if TYPE_CHECKING:
-    from hf_sft.data.jinja_format import JinjaFormat
-    from hf_sft.data.template import PromptFormat
 
 logger = logging.getLogger("hf_sft.train")
 
@@ -114,68 +109,6 @@ def base_config(model_args: ModelArguments, tokenizer: PreTrainedTokenizerFast) 
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-    )
-
-
-def build_run_datasets(
-    data_args: DataArguments,
-    tokenizer: PreTrainedTokenizerFast,
-    template: PromptFormat | JinjaFormat,
-    *,
-    max_seq_len: int,
-    seed: int,
-    data_seed: int | None = None,
-    cache_dir: str | None = None,
-):
-    """The run's datasets from its `DataArguments`: what `hf-sft train` trains on and `hf-sft data` reports.
-
-    A folder written by `hf-sft data --save_to` is used as saved (after checking that it was tokenised as this run
-    would tokenise); `--streaming` gives a stream for training (`hf_sft.data.streaming`); else `build_datasets`.
-    `data_seed` orders a stream (default: `seed`, which also draws the held-out split).
-    """
-    from hf_sft.data import parse_field_map
-    from hf_sft.data.saved import is_saved_dataset, load_saved
-
-    val_split = 0.0 if data_args.eval_data_path else data_args.val_split
-    sources = data_args.data_paths()
-    if data_args.streaming and (len(sources) > 1 or data_args.data_weights):
-        raise UsageError(
-            f"--streaming reads one .jsonl file; --data_path names {len(sources)} sources: drop --streaming, or "
-            "join them into one file"
-        )
-    if len(sources) == 1 and is_saved_dataset(sources[0]):
-        if data_args.streaming:
-            raise UsageError(
-                f"--data_path {data_args.data_path} is tokenised already and read from disk as needed: "
-                "drop --streaming"
-            )
-        return load_saved(data_args, tokenizer, template, max_seq_len=max_seq_len, val_split=val_split, seed=seed)
-    options = {
-        "template": template,
-        "field_map": parse_field_map(data_args.field_map),
-        "max_seq_len": max_seq_len,
-        "length_policy": data_args.length_policy,
-        "skip_bad_records": data_args.skip_bad_records,
-        "val_split": val_split,
-        "eval_data_path": data_args.eval_data_path,
-        "seed": seed,
-        "num_proc": data_args.num_proc,
-        "cache_dir": cache_dir,
-    }
-    if data_args.streaming:
-        from hf_sft.data.streaming import build_streaming
-
-        return build_streaming(data_args.data_path, tokenizer, data_seed=data_seed, **options)
-    from hf_sft.data import build_datasets
-
-    return build_datasets(
-        data_args.data_path,
-        tokenizer,
-        **options,
-        data_weights=data_args.data_weights,
-        dataset_config=data_args.dataset_config,
-        dataset_split=data_args.dataset_split,
-        dataset_revision=data_args.dataset_revision,
     )
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from hf_sft.data.streaming import StreamedSplit, StreamingExamples
+from hf_sft.data import StreamedSplit, StreamingExamples
 from hf_sft.errors import UsageError
 
 logger = logging.getLogger("hf_sft.train")

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from hf_sft.data.jsonfile import BadRecord, read_json_records
+from hf_sft.data.line_reader import BadRecord, read_json_records
 from hf_sft.errors import UsageError
 
 

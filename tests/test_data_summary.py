@@ -4,9 +4,9 @@ import doctest
 import json
 from pathlib import Path
 
-import hf_sft.data.report as report_module
+import hf_sft.data.summary as summary_module
 from hf_sft.data import build_datasets
-from hf_sft.data.report import padding_fraction, padding_report, percentile, render_preview, summary_lines, write_dump
+from hf_sft.data.summary import padding_fraction, padding_report, percentile, render_preview, summary_lines, write_dump
 from hf_sft.tokenizer import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -14,7 +14,7 @@ TOKENIZER = load_tokenizer(FIXTURES / "tiny_bpe.json")
 
 
 def test_doctests():
-    assert doctest.testmod(report_module).failed == 0
+    assert doctest.testmod(summary_module).failed == 0
 
 
 def test_percentile_and_padding_fraction():

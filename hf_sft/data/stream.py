@@ -1,12 +1,13 @@
 """`--streaming`: train from a `.jsonl` source read record by record as it is consumed, at constant memory.
 
-One pass first reads the file line by line and validates every record (the same `FILE:LINE: reason` errors and skip
-counts as the map-style path), keeping only the byte offset of each valid record: a numpy `int64` array, 8 bytes per
-record. Each epoch then draws the permutation the map-style run's sampler draws (`torch.randperm` seeded with the
-data seed plus the epoch, as accelerate's `SeedableRandomSampler` does; another 8 bytes per record), and
-`StreamingExamples` reads the records in that order by seeking to their offsets, `chunk_size` at a time, tokenises
-and masks each chunk (`tokenize_and_mask`, the map-style function) and applies the length policy as it goes. Nothing
-else per record is kept: no token ids, no texts.
+One pass first reads the file line by line (`hf_sft.data.line_reader`) and validates every record (the checks, the
+`FILE:LINE: reason` errors and the skip counts of the map-style path: `hf_sft.data.records.RecordChecker`), keeping
+only the byte offset of each valid record: a numpy `int64` array, 8 bytes per record. Each epoch then draws the
+permutation the map-style run's sampler draws (`torch.randperm` seeded with the data seed plus the epoch, as
+accelerate's `SeedableRandomSampler` does; another 8 bytes per record), and `StreamingExamples` reads the records in
+that order by seeking to their offsets, `chunk_size` at a time, tokenises and masks each chunk (`tokenize_and_mask`,
+the map-style function) and applies the length policy as it goes. Nothing else per record is kept: no token ids, no
+texts.
 
 What "the same order" means: with `--val_split` the held-out records are chosen exactly as `Dataset.train_test_split`
 chooses them, and the training records keep the order that split gives them; every epoch visits them in the
@@ -17,15 +18,21 @@ permutation of the records with the dropped ones left out. The stream runs on fr
 style run ends an epoch with a short batch instead). Length grouping needs every length before the first step and is
 refused.
 
-Resume: `StreamPositionCallback` stores, in every checkpoint's `trainer_state.json`, the epoch and the position in
-that epoch's permutation of the first record not yet consumed. A resumed run starts the stream there (Trainer's own
-replay of the consumed batches is switched off with `ignore_data_skip`), so nothing consumed is read or tokenised
-again.
+The records are read back by seeking to their offsets (`read_records`) and validated again there, cheaply, to
+normalise them. `hf_sft.data.pipeline.build_datasets(..., streaming=True)` is the entry point: the same steps as the
+map-style path, with the training split a branch of them.
+
+Resume: `hf_sft.training`'s `StreamPositionCallback` stores, in every checkpoint's `trainer_state.json`, the epoch
+and the position in that epoch's permutation of the first record not yet consumed. A resumed run starts the stream
+there (Trainer's own replay of the consumed batches is switched off with `ignore_data_skip`), so nothing consumed is
+read or tokenised again.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import logging
+import math
+from array import array
 from collections import Counter, deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -34,15 +41,95 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hf_sft.data.lengths import check_length_policy
+from hf_sft.data.line_reader import iter_json_lines, read_line_at
 from hf_sft.data.masking import MODEL_COLUMNS, STATUS_COLUMN, Encoder, tokenize_and_mask
-from hf_sft.data.pipeline import SFTData, _tokenize_split
-from hf_sft.data.records import Records, load_records, normalised_features, resolve_fields
-from hf_sft.data.stream_index import StreamSource, index_records, read_records, split_offsets
+from hf_sft.data.records import RecordChecker, Records, check_skipped, normalised_features, validate_record
 from hf_sft.data.template import DEFAULT_FORMAT, PromptFormat
 from hf_sft.errors import UsageError
 
+logger = logging.getLogger(__name__)
 CHUNK_SIZE = 256  # records tokenised per call: large enough for the batched tokenizer, small next to memory
+STREAM_EXTENSIONS = (".jsonl",)
+
+
+@dataclass
+class StreamSource:
+    """The valid records of a `.jsonl` file, as byte offsets.
+
+    Attributes:
+        path: the file.
+        offsets: byte offset of each valid record's line (`int64`), in source order.
+        shape: `"instruction"` or `"messages"`.
+        fields: the source field names per column.
+        skipped: bad records skipped, by kind.
+        skipped_messages: the first few of them as `FILE:LINE: reason`.
+    """
+
+    path: Path
+    offsets: np.ndarray
+    shape: str
+    fields: Mapping[str, tuple[str, ...]]
+    skipped: Counter = field(default_factory=Counter)
+    skipped_messages: list[str] = field(default_factory=list)
+
+
+def index_records(path: str | Path, fields: Mapping[str, tuple[str, ...]], skip_bad_records: bool) -> StreamSource:
+    """Validate every record of a `.jsonl` file in one pass and keep the byte offset of each valid one.
+
+    Raises:
+        UsageError: not a `.jsonl` file, missing, empty, a bad record (unless skipped) or no valid record; the
+            messages are the map-style path's.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in STREAM_EXTENSIONS or path.is_dir():
+        raise UsageError(
+            f"--streaming reads a .jsonl file (one record per line, read back by byte offset); {path} is not one: "
+            "train without --streaming, or tokenise it once with `hf-sft data --save_to DIR`"
+        )
+    if not path.exists():
+        raise UsageError(f"data file not found: {path}")
+    offsets = array("q")
+    checker = RecordChecker(fields)
+    for number, offset, obj in iter_json_lines(path):
+        if checker.check(f"{path}:{number}", obj) is not None:
+            offsets.append(offset)
+    if not offsets and not checker.skipped:
+        raise UsageError(f"{path} is empty")
+    check_skipped(Records(None, str(path), checker.skipped, checker.messages), len(offsets), skip_bad_records)
+    return StreamSource(
+        path, np.frombuffer(offsets, dtype=np.int64).copy(), checker.shape, fields, checker.skipped, checker.messages
+    )
+
+
+def split_offsets(offsets: np.ndarray, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The training and held-out records, chosen as `Dataset.train_test_split(test_size=val_split, seed=seed)` does.
+
+    Returns:
+        `(train, held_out)` offsets; `held_out` is None when `val_split` is 0 or leaves one side empty.
+    """
+    n = len(offsets)
+    n_test = math.ceil(val_split * n)
+    if not val_split:
+        return offsets, None
+    if n_test == 0 or n_test >= n:
+        logger.warning(
+            "--val_split %s of %d records leaves no evaluation record: training on all of them, no evaluation",
+            val_split,
+            n,
+        )
+        return offsets, None
+    permutation = np.random.default_rng(seed).permutation(n)
+    return offsets[permutation[n_test:]], offsets[permutation[:n_test]]
+
+
+def read_records(source: StreamSource, handle, offsets: np.ndarray) -> dict[str, list]:
+    """The normalised columns of the records at `offsets` (already validated), read from the open file `handle`."""
+    columns: dict[str, list] = {name: [] for name in normalised_features(source.shape) if name != "index"}
+    for offset in offsets.tolist():
+        obj = read_line_at(handle, offset)
+        for name, value in validate_record(obj, source.fields, source.shape).items():
+            columns[name].append(value)
+    return columns
 
 
 class StreamingExamples(torch.utils.data.IterableDataset):
@@ -55,7 +142,7 @@ class StreamingExamples(torch.utils.data.IterableDataset):
         encoder: `Encoder.from_tokenizer(tokenizer)`.
         template: prompt format.
         max_seq_len: longest example in tokens, `None` for no limit.
-        length_policy: see `hf_sft.data.lengths`.
+        length_policy: see `hf_sft.data.masking`.
         seed: the data seed (`--data_seed`, else `--seed`): epoch `e` is the permutation seeded with `seed + e`.
         chunk_size: records read and tokenised per call.
         shuffle: False for the records in their order (`--train_sampling_strategy sequential`).
@@ -148,78 +235,3 @@ def held_out_records(source: StreamSource, offsets: np.ndarray, cache_dir: str |
         features=normalised_features(source.shape),
         cache_dir=str(cache_dir) if cache_dir else None,
     )
-
-
-@dataclass
-class StreamedSplit:
-    """The training split of a `--streaming` run: the stream and what the index pass counted.
-
-    Attributes:
-        dataset: the `StreamingExamples`.
-        source: the file.
-        records: valid training records (the held-out ones excluded).
-        skipped: bad records skipped, by kind.
-        skipped_messages: the first few of them.
-    """
-
-    dataset: StreamingExamples
-    source: str
-    records: int
-    skipped: Counter = field(default_factory=Counter)
-    skipped_messages: list[str] = field(default_factory=list)
-
-
-def build_streaming(
-    data_path: str | Path,
-    tokenizer,
-    *,
-    template: PromptFormat = DEFAULT_FORMAT,
-    field_map: Mapping[str, str] | None = None,
-    max_seq_len: int | None = None,
-    length_policy: str = "drop",
-    skip_bad_records: bool = False,
-    val_split: float = 0.0,
-    eval_data_path: str | Path | None = None,
-    seed: int = 42,
-    data_seed: int | None = None,
-    num_proc: int | None = None,
-    cache_dir: str | Path | None = None,
-) -> SFTData:
-    """`build_datasets`' twin for `--streaming`: the training split is a stream, the evaluation split map-style.
-
-    Args:
-        data_seed: the seed of the training order (the run's `--data_seed`, else `--seed`); `None`: `seed`.
-        Others: as `hf_sft.data.pipeline.build_datasets`.
-
-    Returns:
-        `SFTData` whose `train` is a `StreamedSplit` and whose `eval` (held-out records or `eval_data_path`) is a
-        `TokenizedSplit`, tokenised up front.
-
-    Raises:
-        UsageError: as `build_datasets`, and a source `--streaming` cannot read by offset.
-    """
-    check_length_policy(length_policy)
-    if val_split and eval_data_path:
-        raise UsageError("pass either --val_split or --eval_data_path, not both")
-    fields = resolve_fields(field_map)
-    source = index_records(data_path, fields, skip_bad_records)
-    train_offsets, held_offsets = split_offsets(source.offsets, val_split, seed)
-    encoder = Encoder.from_tokenizer(tokenizer)
-    options = {"template": template, "max_seq_len": max_seq_len, "length_policy": length_policy, "num_proc": num_proc}
-    evaluation = None
-    if held_offsets is not None:
-        held = Records(held_out_records(source, held_offsets, cache_dir), f"{data_path} (held out)")
-        evaluation = _tokenize_split(held, "evaluation", encoder, options, required=False)
-    elif eval_data_path:
-        held = load_records(eval_data_path, fields, skip_bad_records, cache_dir)
-        evaluation = _tokenize_split(held, "evaluation", encoder, options)
-    stream = StreamingExamples(
-        dataclasses.replace(source, offsets=train_offsets),
-        encoder,
-        template,
-        max_seq_len,
-        length_policy,
-        seed=seed if data_seed is None else data_seed,
-    )
-    train = StreamedSplit(stream, str(data_path), len(train_offsets), source.skipped, source.skipped_messages)
-    return SFTData(train, evaluation)

@@ -11,16 +11,11 @@ import numpy as np
 
 from hf_sft.data.collator import padded_length
 from hf_sft.data.masking import IGNORE_INDEX
-from hf_sft.data.pipeline import TokenizedSplit
+from hf_sft.data.splits import TokenizedSplit, plural
 from hf_sft.writer import new_file
 
 _GREEN, _DIM, _RESET = "\033[32m", "\033[2m", "\033[0m"
 PERCENTILES = (50, 90, 95, 99)
-
-
-def plural(n: int, word: str) -> str:
-    """`1 bad record`, `2 bad records`."""
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def percentile(sorted_values: Sequence[int], q: float) -> int:
@@ -66,14 +61,6 @@ def padding_report(lengths: Sequence[int], batch_size: int, seed: int = 0) -> li
         ("dynamic padding, grouped by length", padding_fraction(lengths, batch_size, grouped)),
         ("padding-free packing", 0.0),
     ]
-
-
-def split_line(role: str, split: TokenizedSplit) -> str:
-    """The one-line account of a split that training logs and `hf-sft data` prints: `train data: N examples ...`."""
-    dropped = ", ".join(f"{n} {reason}" for reason, n in split.dropped.items()) or "none"
-    skipped = sum(split.skipped.values())
-    line = f"{role} data: {len(split.index)} examples from {split.source}; dropped: {dropped}"
-    return line + (f"; skipped {plural(skipped, 'bad record')}" if skipped else "")
 
 
 def summary_lines(split: TokenizedSplit, max_seq_len: int | None, policy: str, batch_size: int) -> list[str]:
