@@ -1,11 +1,12 @@
-"""Reading JSON/JSONL files record by record: line numbers, blank lines, BOM, arrays, per-line errors."""
+"""The one line reader: line numbers and offsets, blank lines, BOM, arrays, CSV, gzip, per-line errors."""
 
+import gzip
 import json
 import re
 
 import pytest
 
-from hf_sft.data.line_reader import BadRecord, read_json_records
+from hf_sft.data.line_reader import BadRecord, iter_json_lines, iter_records, read_json_records, read_line_at
 from hf_sft.errors import UsageError
 
 
@@ -56,3 +57,25 @@ def test_file_level_errors(tmp_path):
     (tmp_path / "empty.jsonl").write_bytes(b"\xef\xbb\xbf \n\n")
     with pytest.raises(UsageError, match="is empty"):
         read_json_records(tmp_path / "empty.jsonl")
+
+
+def test_json_lines_offsets_read_back_the_same_records(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n\n  \n{"a": \n{"b": "caf\xc3\xa9"}\n')
+    rows = list(iter_json_lines(path))
+    assert [(number, offset) for number, offset, _ in rows] == [(1, 0), (4, 16), (5, 23)]
+    assert [value for _, value in read_json_records(path)][::2] == [value for _, _, value in rows][::2]
+    with path.open("rb") as handle:
+        assert read_line_at(handle, 0) == {"a": 1}  # the byte-order mark is the reader's to strip
+        assert read_line_at(handle, 23) == {"b": "café"}
+        assert isinstance(read_line_at(handle, 16), BadRecord)
+
+
+def test_one_reader_for_every_text_kind(tmp_path):
+    (tmp_path / "data.csv").write_bytes(b"\xef\xbb\xbfinstruction,output\nSay hi.,hi\n\nSay yo.,yo,extra\n")
+    with gzip.open(tmp_path / "data.jsonl.gz", "wb") as out:
+        out.write(b'{"instruction": "Say hi.", "output": "hi"}\n')
+    rows = list(iter_records(tmp_path / "data.csv"))
+    assert rows[0] == (2, {"instruction": "Say hi.", "output": "hi"})
+    assert rows[1][0] == 4 and rows[1][1].kind == "extra_values"
+    assert list(iter_records(tmp_path / "data.jsonl.gz")) == [(1, {"instruction": "Say hi.", "output": "hi"})]

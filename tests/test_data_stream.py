@@ -97,6 +97,33 @@ def test_bad_records_fail_or_are_skipped_exactly_as_map_style(tmp_path):
     assert len(source.offsets) == len(split.index) == 27
 
 
+@pytest.mark.parametrize(
+    "first, later",
+    [
+        ({"question": "Say hi.", "answer": "hi"}, None),  # no known shape: the --field_map to use
+        ({"instruction": "Say hi.", "output": "hi"}, {"messages": [{"role": "assistant", "content": "hi"}]}),
+    ],
+)
+def test_the_stream_index_refuses_a_source_as_map_style_does(tmp_path, first, later):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\ufeff" + "".join(json.dumps(row) + "\n" for row in (first, later) if row), encoding="utf-8")
+    with pytest.raises(UsageError) as streamed:
+        index_records(path, resolve_fields(), skip_bad_records=True)
+    with pytest.raises(UsageError) as mapped:
+        build_datasets(path, TOKENIZER, skip_bad_records=True, cache_dir=tmp_path / "cache")
+    assert str(streamed.value) == str(mapped.value)
+    assert str(streamed.value).startswith(f"{path}:{1 if later is None else 2}: ")
+
+
+def test_streaming_takes_one_source_and_the_run_s_checks(tmp_path):
+    with pytest.raises(UsageError, match="--streaming reads one .jsonl file; --data_path names 2 sources"):
+        build_datasets([DATA, DATA], TOKENIZER, streaming=True)
+    with pytest.raises(UsageError, match=r"--val_split must be in \[0, 1\)"):
+        build_datasets(DATA, TOKENIZER, val_split=1.5, streaming=True)
+    with pytest.raises(UsageError, match="unknown length policy"):
+        build_datasets(DATA, TOKENIZER, length_policy="squeeze", streaming=True)
+
+
 def test_streaming_refuses_what_it_cannot_stream(tmp_path, capsys):
     arrays = tmp_path / "data.json"
     arrays.write_text("[]")
