@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hf_sft.data.jinja_format import ROLES
@@ -193,11 +194,12 @@ class RecordChecker:
         self.skipped: Counter = Counter()
         self.messages: list[str] = []
 
-    def check(self, where: str, obj: Any) -> dict[str, Any] | None:
+    def check(self, path: str | Path, line: int, obj: Any) -> dict[str, Any] | None:
         """The record's normalised columns, or None for a bad record (counted, its message kept).
 
         Args:
-            where: `FILE:LINE`, for messages.
+            path: the file, and `line` where the record starts: messages say `FILE:LINE: reason`.
+            line: see `path`.
             obj: the parsed value, or the `BadRecord` of a line that could not be parsed.
 
         Raises:
@@ -207,11 +209,11 @@ class RecordChecker:
             if self.shape is None:
                 problem = unrecognised_shape(list(obj), self.fields)
                 if problem:
-                    raise UsageError(f"{where}: {problem}")
+                    raise UsageError(f"{path}:{line}: {problem}")
                 self.shape = record_shape(obj)
             elif record_shape(obj) != self.shape:
                 raise UsageError(
-                    f"{where}: a {record_shape(obj)} record in a file of {self.shape} records; "
+                    f"{path}:{line}: a {record_shape(obj)} record in a file of {self.shape} records; "
                     "a file holds either instruction records or messages records"
                 )
         try:
@@ -221,7 +223,7 @@ class RecordChecker:
         except BadRecord as err:
             self.skipped[err.kind] += 1
             if len(self.messages) < MESSAGES_KEPT:
-                self.messages.append(f"{where}: {err}")
+                self.messages.append(f"{path}:{line}: {err}")
             return None
 
 

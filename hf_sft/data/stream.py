@@ -91,7 +91,7 @@ def index_records(path: str | Path, fields: Mapping[str, tuple[str, ...]], skip_
     offsets = array("q")
     checker = RecordChecker(fields)
     for number, offset, obj in iter_json_lines(path):
-        if checker.check(f"{path}:{number}", obj) is not None:
+        if checker.check(path, number, obj) is not None:
             offsets.append(offset)
     if not offsets and not checker.skipped:
         raise UsageError(f"{path} is empty")

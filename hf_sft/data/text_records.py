@@ -57,11 +57,11 @@ def load_text_records(
     return found
 
 
-def located_rows(source: Source) -> Iterator[tuple[str, Any]]:
-    """`("FILE:LINE", parsed value or BadRecord)` per record of the source's files, in order."""
+def located_rows(source: Source) -> Iterator[tuple[Path, int, Any]]:
+    """`(file, line, parsed value or BadRecord)` per record of the source's files, in order."""
     for path in source.files:
         for line, value in line_reader.iter_records(path):
-            yield f"{path}:{line}", value
+            yield path, line, value
 
 
 def _write_copy(source: Source, fields: Mapping[str, tuple[str, ...]], target: Path) -> dict[str, Any]:
@@ -69,8 +69,8 @@ def _write_copy(source: Source, fields: Mapping[str, tuple[str, ...]], target: P
     checker = RecordChecker(fields)
     good, index = 0, -1
     with new_file(target) as partial, partial.open("w", encoding="utf-8") as out:
-        for index, (where, obj) in enumerate(located_rows(source)):
-            record = checker.check(where, obj)
+        for index, (path, line, obj) in enumerate(located_rows(source)):
+            record = checker.check(path, line, obj)
             if record is not None:
                 out.write(json.dumps({"index": index, **record}, ensure_ascii=False) + "\n")
                 good += 1
