@@ -13,8 +13,8 @@ and `hf-sft data` parse); `streaming=True` gives a training split that is read a
 Either kind of split says what it is (`split.streamed`) and gives its one-line account (`split.describe(role)`).
 """
 
-from hf_sft.data.arguments import DataArguments
 from hf_sft.data.collator import PackingCollator, PaddingCollator, make_collator
+from hf_sft.data.data_arguments import DataArguments
 from hf_sft.data.masking import (
     IGNORE_INDEX,
     LENGTH_POLICIES,

@@ -60,7 +60,7 @@ from hf_sft.data.text_records import load_text_records
 from hf_sft.errors import UsageError
 
 if TYPE_CHECKING:
-    from hf_sft.data.arguments import DataArguments
+    from hf_sft.data.data_arguments import DataArguments
     from hf_sft.data.jinja_format import JinjaFormat
 
 logger = logging.getLogger(__name__)
