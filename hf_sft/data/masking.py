@@ -243,6 +243,9 @@ def _strip_prefix_space(component: dict | None) -> bool:
     return changed
 
 
+# The length policy (see the module docstring): what masking does with an example longer than `max_seq_len`.
+
+
 @dataclass(frozen=True)
 class Fitted:
     """Prompt and response ids of one example after the length policy, and what happened to it."""

@@ -1,11 +1,11 @@
 """Local text files (JSON lines, JSON arrays, CSV; gzip-compressed too) validated record by record as they stream.
 
-Each record is parsed, checked (`hf_sft.data.records.validate_record`) and, when valid, written normalised (`index`
-plus the shape's columns) to a JSONL copy in the `datasets` cache; nothing per record stays in memory, so memory is
-flat in the size of the source. The copy is named by a hash of the source's bytes (read in chunks), the field names
-and this code, and a summary beside it keeps the skip counts and messages: a rerun reuses both without reading the
-source again, and `load_dataset("json")` of the copy hits its own cache. A bad record is reported as
-`FILE:LINE: reason`, the line being where the record starts.
+Each record is read (`hf_sft.data.line_reader`), checked (`hf_sft.data.records.RecordChecker`) and, when valid,
+written normalised (`index` plus the shape's columns) to a JSONL copy in the `datasets` cache; nothing per record
+stays in memory, so memory is flat in the size of the source. The copy is named by a hash of the source's bytes
+(read in chunks), the field names and this code, and a summary beside it keeps the skip counts and messages: a rerun
+reuses both without reading the source again, and `load_dataset("json")` of the copy hits its own cache. A bad
+record is reported as `FILE:LINE: reason`, the line being where the record starts.
 """
 
 from __future__ import annotations
