@@ -25,10 +25,10 @@ def test_both_kinds_describe_themselves_without_being_told_apart(tmp_path):
         f"train data: streaming 256 records from {DATA}, tokenised as consumed"
     )
     assert streamed.eval.describe("eval") == mapped.eval.describe("eval")
-    assert [split_line(role, part) for role, part in (("train", streamed.train), ("eval", streamed.eval))] == [
-        streamed.train.describe("train"),
-        streamed.eval.describe("eval"),
-    ]
+    assert streamed.describe() == [streamed.train.describe("train"), streamed.eval.describe("eval")]
+    assert [split_line(role, part) for role, part in (("train", streamed.train), ("eval", streamed.eval))] == (
+        streamed.describe()
+    )
 
 
 def test_skipped_records_are_counted_in_the_line():

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     for line in summary_lines(split, max_seq_len, data_args.length_policy, args.batch_size):
         print(line)
     # The lines training logs for the same flags.
-    print("\n".join(part.describe(role) for role, part in (("train", split), ("eval", data.eval)) if part))
+    print("\n".join(data.describe()))
 
     row = 0
     if args.preview_index is not None:

@@ -10,7 +10,8 @@ Typical use (as in `hf_sft.training.run`)::
 
 A run reads its data through `build_run_datasets(data_args, ...)` (`DataArguments`: the flags both `hf-sft train`
 and `hf-sft data` parse); `streaming=True` gives a training split that is read and tokenised as it is consumed.
-Either kind of split says what it is (`split.streamed`) and gives its one-line account (`split.describe(role)`).
+Either kind of split says what it is (`split.streamed`) and gives its one-line account (`split.describe(role)`;
+`data.describe()` gives both splits' lines, as training logs them and `hf-sft data` prints them).
 """
 
 from hf_sft.data.collator import PackingCollator, PaddingCollator, make_collator

@@ -94,6 +94,11 @@ class SFTData:
     train: TokenizedSplit | StreamedSplit
     eval: TokenizedSplit | None = None
 
+    def describe(self) -> list[str]:
+        """The one-line accounts of the splits (`train data: ...`, `eval data: ...`): what training logs and
+        `hf-sft data` prints for the same flags."""
+        return [split.describe(role) for role, split in (("train", self.train), ("eval", self.eval)) if split]
+
 
 def split_line(role: str, split: TokenizedSplit | StreamedSplit) -> str:
     """`split.describe(role)`: the line training logs and `hf-sft data` prints for a split of either kind."""
