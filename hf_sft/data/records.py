@@ -30,7 +30,6 @@ from hf_sft.data.line_reader import BadRecord
 from hf_sft.errors import UsageError
 
 RECORD_COLUMNS = ("index", "instruction", "input", "output")
-SHAPES = ("instruction", "messages")
 MESSAGES_KEPT = 5  # bad-record messages kept for the report
 DEFAULT_FIELDS: dict[str, tuple[str, ...]] = {
     "instruction": ("instruction", "prompt"),
