@@ -629,7 +629,9 @@ def loss_chart(rows: Sequence[tuple[str, Mapping]], roles: Sequence[str]) -> str
                 f'<rect x="{label_width}" y="{y}" width="{length:.1f}" height="{bar - 2}" fill="{_COLOURS[role]}">'
                 f"<title>{html.escape(name)}, {role}: {loss!r}</title></rect>"
             )
-            parts.append(f'<text x="{label_width + length + 4}" y="{y + bar - 4}" font-size="11">{loss:.3f}</text>')
+            parts.append(
+                f'<text x="{label_width + length + 4:.1f}" y="{y + bar - 4}" font-size="11">{loss:.3f}</text>'
+            )
             y += bar
         y += gap
     parts.append("</svg>")

@@ -219,6 +219,9 @@ def bad_cases(tmp_path: Path, folder: Path) -> dict[str, list]:
     incomplete = tmp_path / "incomplete"
     shutil.copytree(folder, incomplete)
     (incomplete / PENDING_RECORD).write_text(json.dumps({"note": "rerun the save", "files": []}), encoding="utf-8")
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(folder, no_weights)
+    (no_weights / "model.safetensors").unlink()
     return {
         "missing file": [folder, "--data_path", tmp_path / "nope.jsonl"],
         "wrong extension": [folder, "--data_path", tmp_path / "records.txt"],
@@ -238,6 +241,8 @@ def bad_cases(tmp_path: Path, folder: Path) -> dict[str, list]:
         "missing folder": [tmp_path / "no_model", "--data_path", good],
         "legacy base without tokenizer": [folder, "--data_path", good, "--compare", tmp_path / "base.pt"],
         "missing legacy base": [folder, "--data_path", good, "--compare", tmp_path / "missing.pt"],
+        "base not on the Hub": [folder, "--data_path", good, "--compare", "nobody-here/no-such-model"],
+        "base without weights": [folder, "--data_path", good, "--compare", no_weights],
         "no data": [folder],
         "bad batch size": [folder, "--data_path", good, "--batch_size", 0],
     }
