@@ -107,14 +107,16 @@ def load_model(
         weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
         revision = _sha256(*weights) if weights else None
         return LoadedModel(model, tokenizer, {"kind": "folder", "path": str(path.resolve()), "revision": revision})
+    from huggingface_hub import hf_hub_download
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hf_sft  # noqa: F401 - registers the hf_sft model with the Auto classes
 
     with bad_input(f"{spec} is neither a local path nor a model on the Hub"):
-        tokenizer = AutoTokenizer.from_pretrained(str(spec))
-        model = AutoModelForCausalLM.from_pretrained(str(spec), dtype=torch.float32)
-    revision = getattr(model.config, "_commit_hash", None)
+        # The cache keeps each download under snapshots/<commit>/: the commit the model is then pinned to.
+        revision = Path(hf_hub_download(str(spec), "config.json")).parent.name
+        tokenizer = AutoTokenizer.from_pretrained(str(spec), revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(str(spec), revision=revision, dtype=torch.float32)
     return LoadedModel(model.to(device).eval(), tokenizer, {"kind": "hub", "path": str(spec), "revision": revision})
 
 

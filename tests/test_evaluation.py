@@ -396,3 +396,34 @@ def test_evaluate_after_training_writes_the_results_into_the_final_folder(folder
     assert results["overall"]["difference"]["loss"] == 0.0
     assert results["data"]["source"].endswith("(held out)")
     assert (folder / REPORT_FILE).is_file() and "model-index" in (folder / CARD_FILE).read_text(encoding="utf-8")
+
+
+def test_compare_against_a_hub_id_evaluates_the_downloaded_base(folders, tmp_path):
+    import shutil
+
+    from helpers.hub_server import HubStandIn
+
+    folder = tmp_path / "model"
+    shutil.copytree(folders["llama"], folder)
+    data = write_records(tmp_path / "records.jsonl", seed=16, n=16)
+    token = "hf_eval_test_token"
+    with HubStandIn(tmp_path / "hub", token) as hub:
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
+        env |= {"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "home")}
+        env |= {"HF_TOKEN": token, "PYTHONPATH": str(REPO)}
+
+        def hf_sft(*argv) -> subprocess.CompletedProcess:
+            command = [sys.executable, "-m", "hf_sft.cli", *map(str, argv)]
+            return subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+        pushed = hf_sft("push", folders["llama"], "--repo_id", "tester/base")
+        assert pushed.returncode == 0, pushed.stderr[-2000:]
+        argv = [folder, "--data_path", data, "--max_seq_len", MAX_SEQ_LEN, "--num_answers", 1, "--max_new_tokens", 4]
+        done = hf_sft("eval", *argv, "--compare", "tester/base")
+        assert done.returncode == 0, done.stderr[-2000:]
+        commit = hub.load_repo("tester/base")["commits"][-1]
+    results = results_of(folder)
+    assert results["base"]["kind"] == "hub" and results["base"]["path"] == "tester/base"
+    assert results["base"]["revision"] == commit["oid"]
+    assert results["overall"]["difference"] == {"loss": 0.0, "perplexity": 0.0, "accuracy": 0.0}
+    assert results["answers"][0]["base"] == results["answers"][0]["model"]
