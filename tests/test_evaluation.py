@@ -55,8 +55,11 @@ def test_figures_equal_a_hand_loop_overall_and_per_group(folders, tmp_path, caps
         out = tmp_path / f"out{seed}"
         batch = rng.choice([1, 3, 8])
         argv = [folders[family], "--data_path", data, "--max_seq_len", MAX_SEQ_LEN, "--packing", packing]
-        code, _, err = run_eval(capsys, *argv, "--batch_size", batch, "--num_answers", 0, "--out", out)
+        code, _, err = run_eval(
+            capsys, *argv, "--batch_size", batch, "--num_answers", 0, "--out", out, "--no_model_card"
+        )
         assert code == 0, err
+        assert not (folders[family] / CARD_FILE).exists() and not (out / CARD_FILE).exists()
         results = results_of(out)
         expected = hand_figures(folders[family], data, MAX_SEQ_LEN)
         assert set(results["groups"]) == set(expected) - {"all"}
@@ -72,6 +75,7 @@ def test_group_by_names_another_field_and_held_out_part(folders, tmp_path, capsy
     data = write_records(tmp_path / "records.jsonl", seed=3, n=40, group_field="topic")
     out = tmp_path / "out"
     argv = [folders["llama"], "--data_path", data, "--max_seq_len", MAX_SEQ_LEN, "--num_answers", 0, "--out", out]
+    argv.append("--no_model_card")
     code, _, err = run_eval(capsys, *argv, "--group_by", "topic")
     assert code == 0, err
     expected = hand_figures(folders["llama"], data, MAX_SEQ_LEN, group_field="topic")
@@ -101,7 +105,9 @@ def test_compare_with_itself_gives_zero_differences_and_identical_answers(folder
         data = write_records(tmp_path / f"records{seed}.jsonl", seed=seed, n=24)
         out = tmp_path / f"out{seed}"
         argv = [folders[family], "--data_path", data, "--max_seq_len", MAX_SEQ_LEN, "--compare", folders[family]]
-        code, _, err = run_eval(capsys, *argv, "--num_answers", 3, "--max_new_tokens", 8, "--out", out)
+        code, _, err = run_eval(
+            capsys, *argv, "--num_answers", 3, "--max_new_tokens", 8, "--out", out, "--no_model_card"
+        )
         assert code == 0, err
         results = results_of(out)
         for entry in [results["overall"], *results["groups"].values()]:
@@ -187,7 +193,9 @@ def test_html_report_holds_every_figure_and_references_nothing_outside(folders, 
         data = write_records(tmp_path / f"records{seed}.jsonl", seed=seed, n=30)
         out = tmp_path / f"out{seed}"
         argv = [folders[family], "--data_path", data, "--max_seq_len", MAX_SEQ_LEN, "--compare", folders[family]]
-        code, _, err = run_eval(capsys, *argv, "--num_answers", 2, "--max_new_tokens", 6, "--out", out)
+        code, _, err = run_eval(
+            capsys, *argv, "--num_answers", 2, "--max_new_tokens", 6, "--out", out, "--no_model_card"
+        )
         assert code == 0, err
         results = results_of(out)
         page = _Page()
