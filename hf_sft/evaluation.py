@@ -423,7 +423,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 @dataclass
-class Settings:
+class EvalSettings:
     """How an evaluation runs (the CLI's flags; training passes its own batch size and packing).
 
     Attributes:
@@ -448,7 +448,7 @@ def evaluate(
     data: EvalData,
     *,
     template,
-    settings: Settings,
+    settings: EvalSettings,
     base: LoadedModel | None = None,
     command: str,
     data_settings: Mapping[str, Any] | None = None,
@@ -800,7 +800,7 @@ def evaluate_after_training(
         cache_dir=cache_dir,
         hub_options=hub_options,
     )
-    settings = Settings(batch_size, packing, num_answers, max_new_tokens, dtype)
+    settings = EvalSettings(batch_size, packing, num_answers, max_new_tokens, dtype)
     results = evaluate(
         model,
         data,

@@ -99,6 +99,18 @@ def test_group_by_names_another_field_and_held_out_part(folders, tmp_path, capsy
     assert results_of(out)["overall"]["model"]["examples"] == len(held_out.index)
 
 
+def test_conversations_are_scored_on_their_assistant_turns(folders, tmp_path, capsys):
+    chat = REPO / "hf_sft" / "demo" / "chat_sample.jsonl"
+    out = tmp_path / "out"
+    code, _, err = run_eval(capsys, folders["nanogpt"], "--data_path", chat, "--out", out, "--no_model_card")
+    assert code == 0, err
+    results = results_of(out)
+    assert results["groups"] == {} and results["answers"] == []  # no group field, no instruction to answer
+    assert_figures_equal(results["overall"]["model"], hand_figures(folders["nanogpt"], chat, 128)["all"])
+    code, _, err = run_eval(capsys, folders["nanogpt"], "--data_path", chat, "--group_by", "category")
+    assert code == 2 and "holds conversations" in err
+
+
 @pytest.mark.parametrize("family", ["nanogpt", "llama"])
 def test_compare_with_itself_gives_zero_differences_and_identical_answers(folders, tmp_path, capsys, family):
     for seed in (4, 5):

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from hf_sft.commands.generate import check_device
     from hf_sft.data import format_of, get_format, parse_field_map, resolve_max_seq_len
     from hf_sft.errors import UsageError
-    from hf_sft.evaluation import Settings, evaluate, load_model, prepare_data, write_outputs
+    from hf_sft.evaluation import EvalSettings, evaluate, load_model, prepare_data, write_outputs
     from hf_sft.generate import resolve_model_dir
 
     for name in ("batch_size", "max_new_tokens"):
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
             special_tokens=specials,
             device=str(model.model.device),
         )
-    settings = Settings(
+    settings = EvalSettings(
         batch_size=args.batch_size,
         packing=args.packing,
         num_answers=args.num_answers,
