@@ -424,7 +424,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 @dataclass
 class EvalSettings:
-    """How an evaluation runs (the CLI's flags; training passes its own batch size and packing).
+    """How an evaluation runs: batching as the training run's (`hf-sft eval` defaults to its defaults), answers.
 
     Attributes:
         batch_size: examples per forward.
@@ -435,8 +435,8 @@ class EvalSettings:
         progress: show a progress bar.
     """
 
-    batch_size: int = 8
-    packing: bool = True
+    batch_size: int
+    packing: bool
     num_answers: int = 3
     max_new_tokens: int = 64
     dtype: torch.dtype | None = None
@@ -742,15 +742,15 @@ def evaluate_after_training(
     records_source: str | Sequence[str],
     base: str | None,
     command: str,
+    batch_size: int,
+    packing: bool,
     base_tokenizer_path: str | None = None,
     special_tokens: Mapping[str, str | None] | None = None,
     field_map: Mapping[str, str] | None = None,
-    batch_size: int = 8,
-    packing: bool = True,
     device: str | None = None,
     dtype: torch.dtype | None = None,
-    num_answers: int = 3,
-    max_new_tokens: int = 64,
+    num_answers: int = EvalSettings.num_answers,
+    max_new_tokens: int = EvalSettings.max_new_tokens,
     cache_dir: str | Path | None = None,
     hub_options: Mapping[str, str | None] | None = None,
     data_settings: Mapping[str, Any] | None = None,
@@ -769,11 +769,11 @@ def evaluate_after_training(
         base: the model the run started from (`--pretrained_ckpt_path`), or None for a model trained from scratch
             (no comparison).
         command: the training command line, recorded.
+        batch_size: the run's evaluation batch size (`per_device_eval_batch_size`).
+        packing: the run's `--packing`.
         base_tokenizer_path: `--tokenizer_path` (needed when `base` is a legacy checkpoint).
         special_tokens: the run's BOS/EOS/PAD/UNK overrides.
         field_map: the run's `--field_map`.
-        batch_size: the run's evaluation batch size.
-        packing: the run's `--packing`.
         device: where to evaluate (default CUDA when available).
         dtype: autocast dtype (the run's bf16/fp16, or None for float32).
         num_answers, max_new_tokens: the side-by-side answers.

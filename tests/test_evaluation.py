@@ -407,6 +407,8 @@ def test_evaluate_after_training_writes_the_results_into_the_final_folder(folder
         records_source=str(data),
         base=str(folders["llama"]),
         command="hf-sft train --val_split 0.3",
+        batch_size=4,
+        packing=True,
         num_answers=1,
         max_new_tokens=4,
         device="cpu",

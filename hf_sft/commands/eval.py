@@ -36,6 +36,7 @@ HELP = "loss, perplexity and accuracy of a model on a dataset, per category, aga
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from hf_sft.evaluation import EvalSettings
     from hf_sft.training.arguments import DataArguments, SFTTrainingArguments, add_dataclass_arguments
 
     parser.add_argument("model_dir", metavar="MODEL", help="model folder or checkpoint-STEP folder to evaluate")
@@ -60,8 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="{true,false}",
         help=f"padding-free packing of each batch, as training [default: {SFTTrainingArguments.packing}]",
     )
-    evaluation.add_argument("--num_answers", type=int, default=3, help="records answered side by side [default: 3]")
-    evaluation.add_argument("--max_new_tokens", type=int, default=64, help="longest answer [default: 64]")
+    answers = EvalSettings.num_answers, EvalSettings.max_new_tokens
+    evaluation.add_argument(
+        "--num_answers", type=int, default=answers[0], help=f"records answered side by side [default: {answers[0]}]"
+    )
+    evaluation.add_argument(
+        "--max_new_tokens", type=int, default=answers[1], help=f"longest answer [default: {answers[1]}]"
+    )
     evaluation.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... [default: cuda when available]")
     evaluation.add_argument(
         "--dtype",
