@@ -12,7 +12,8 @@ Contents, in the order of a run:
 - `evaluate`: both models on the same tokens, the difference per group, greedy answers side by side; the results
   as one JSON-ready dict.
 - `render_report`, `card_with_results`, `write_outputs`: `eval_results.json`, the self-contained
-  `eval_report.html` and the model card's model-index metadata, written together through `hf_sft.writer`.
+  `eval_report.html` and the model card's model-index metadata, written together through `hf_sft.writer`;
+  `recover_interrupted_write` undoes such a write cut short.
 - `evaluate_after_training`: the same, for a training run that ends with an evaluation split.
 
 Figures are token-weighted, as the training loss is: a group's loss is the sum of its tokens' cross-entropies over
@@ -704,8 +705,9 @@ def write_outputs(
     """Write `eval_results.json` and `eval_report.html` into `out_dir`, and the model card into `card_folder`.
 
     The files are staged first and moved in together (`hf_sft.writer.replace_files`): an evaluation interrupted
-    before that leaves every final name as it was; one cut short during the move leaves the folder marked
-    incomplete. The card goes with the other two when `card_folder` is `out_dir`.
+    before that leaves every final name as it was; one cut short during the moves leaves the folder marked
+    incomplete, which `recover_interrupted_write` (run first by `hf-sft eval`) undoes. The card goes with the other
+    two when `card_folder` is `out_dir`.
 
     Returns:
         The paths written.
@@ -733,6 +735,27 @@ def write_outputs(
         write_text(Path(card_folder) / CARD_FILE, card_text)
         written.append(Path(card_folder) / CARD_FILE)
     return written
+
+
+def recover_interrupted_write(folder: str | Path) -> bool:
+    """Undo what a `write_outputs` cut short during its final moves left in `folder`, so it can run again.
+
+    Such a folder is marked incomplete (`hf_sft.writer.check_complete` refuses it) although only the evaluation's
+    files were being replaced: the model is intact, the card is the old or the new one whole (each move is atomic),
+    and the results and report may be from different runs. Those two and the mark are removed. A folder marked by
+    anything else (a training run's final save) is left alone.
+
+    Returns:
+        Whether there was such a write to undo.
+    """
+    from hf_sft.writer import PENDING_RECORD, incomplete, remove
+
+    folder = Path(folder)
+    if not folder.is_dir() or incomplete(folder) != _INTERRUPTED_NOTE:
+        return False
+    for name in (RESULTS_FILE, REPORT_FILE, PENDING_RECORD):
+        remove(folder / name)
+    return True
 
 
 def evaluate_after_training(

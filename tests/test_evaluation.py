@@ -15,7 +15,7 @@ from helpers.eval_cases import hand_figures, record_groups, tiny_folder, write_r
 from helpers.legacy_checkpoints import NANOGPT, shared_checkpoint, shared_tokenizer
 
 from hf_sft.cli import main
-from hf_sft.evaluation import CARD_FILE, REPORT_FILE, RESULTS_FILE, evaluate_after_training
+from hf_sft.evaluation import CARD_FILE, REPORT_FILE, RESULTS_FILE, evaluate_after_training, write_outputs
 from hf_sft.writer import PENDING_RECORD, leftovers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -379,13 +379,46 @@ def test_a_signal_midway_leaves_no_partial_output(folders, tmp_path):
         if finished:
             assert results_of(folder)["overall"]["model"]["tokens"] > 0
             assert (folder / REPORT_FILE).read_text(encoding="utf-8").rstrip().endswith("</html>")
-        elif (folder / PENDING_RECORD).exists():  # cut during the final moves: the folder says so and is refused
-            code = main(["eval", str(folder), "--data_path", str(data)])
-            assert code == 2
+        elif (folder / PENDING_RECORD).exists():  # cut during the final moves: the next evaluation recovers
+            assert main(["eval", str(folder), "--data_path", str(data), "--num_answers", "0"]) == 0
+            assert not (folder / PENDING_RECORD).exists() and results_of(folder)["overall"]["model"]["tokens"]
         else:
             assert process.returncode in (-signal.SIGTERM, 130), err
             assert not any((folder / name).exists() for name in (*OUTPUTS, CARD_FILE)), err
     assert False in outcomes  # at least one signal landed before the end
+
+
+def test_a_folder_left_incomplete_by_an_evaluation_is_recovered_and_others_are_refused(
+    folders, tmp_path, capsys, monkeypatch
+):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(folders["nanogpt"], folder)
+    data = write_records(tmp_path / "records.jsonl", seed=17, n=12)
+    argv = [folder, "--data_path", data, "--max_seq_len", MAX_SEQ_LEN, "--num_answers", 0]
+    assert run_eval(capsys, *argv)[0] == 0
+    results = results_of(folder)
+    real_replace, moved = os.replace, []
+
+    def replace_twice(source, dest):  # the mark and the first file move in, then the process "dies"
+        if len(moved) == 2:
+            raise KeyboardInterrupt
+        moved.append(Path(dest).name)
+        return real_replace(source, dest)
+
+    monkeypatch.setattr(os, "replace", replace_twice)
+    with pytest.raises(KeyboardInterrupt):
+        write_outputs(results | {"command": "cut"}, folder, card_folder=folder)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert moved == [PENDING_RECORD, CARD_FILE] and (folder / PENDING_RECORD).exists()
+    code, _, err = run_eval(capsys, *argv)
+    assert code == 0, err
+    assert "cut short" in err and not (folder / PENDING_RECORD).exists()
+    assert results_of(folder)["command"] == results["command"]
+    (folder / PENDING_RECORD).write_text(json.dumps({"note": "a training save was cut", "files": []}), "utf-8")
+    code, _, err = run_eval(capsys, *argv)
+    assert code == 2 and "a training save was cut" in err
 
 
 def test_evaluate_after_training_writes_the_results_into_the_final_folder(folders, tmp_path):

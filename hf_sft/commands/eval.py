@@ -18,7 +18,9 @@ greedy answers of the model (and the base) to the first --num_answers records ar
 Written into MODEL (or --out DIR), together, only once everything is computed: eval_results.json (every figure, the
 data files' sizes and sha256, the models' paths and revisions, this command), eval_report.html (one self-contained
 page: the table, a bar chart of the loss per group, the answers side by side) and, in MODEL, the model card
-(README.md) with the results as Hub model-index metadata (its text kept), which `hf-sft push` uploads.
+(README.md) with the results as Hub model-index metadata (its text kept), which `hf-sft push` uploads. An
+evaluation killed while moving its files in leaves the folder marked incomplete; the next `hf-sft eval` of it removes
+that evaluation's results and runs.
 
 examples:
   hf-sft eval out/finetune --data_path data/dolly_test.jsonl
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 
 HELP = "loss, perplexity and accuracy of a model on a dataset, per category, against its base model"
 
@@ -93,7 +96,14 @@ def run(args: argparse.Namespace) -> int:
     from hf_sft.commands.generate import check_device
     from hf_sft.data import format_of, get_format, parse_field_map, resolve_max_seq_len
     from hf_sft.errors import UsageError
-    from hf_sft.evaluation import EvalSettings, evaluate, load_model, prepare_data, write_outputs
+    from hf_sft.evaluation import (
+        EvalSettings,
+        evaluate,
+        load_model,
+        prepare_data,
+        recover_interrupted_write,
+        write_outputs,
+    )
     from hf_sft.generate import resolve_model_dir
 
     for name in ("batch_size", "max_new_tokens"):
@@ -107,8 +117,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--streaming: hf-sft eval reads its records whole; drop the flag")
     if args.device is not None:
         check_device(args.device)
+    out_dir = args.out or args.model_dir
+    for folder in {args.model_dir, out_dir}:
+        if recover_interrupted_write(folder):
+            print(f"{folder}: removed the results of an evaluation cut short while writing them", file=sys.stderr)
     model_dir = resolve_model_dir(args.model_dir)  # an incomplete folder is refused before anything is read
-    out_dir = args.out or model_dir
     data_path = args.data_path[0] if len(args.data_path) == 1 else args.data_path
     if args.data_weights and isinstance(data_path, str):
         raise UsageError("--data_weights mixes several --data_path sources; one source was given")
