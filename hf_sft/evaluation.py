@@ -187,7 +187,7 @@ class EvalData:
             records_source: the source the split was read from.
             field_map: the `--field_map` the split was read with.
             group_by: the record field that names each example's group; None: `category` when the records have
-                it, else no groups.
+                it, else no groups. A record whose field is missing, empty or not a string joins `UNGROUPED`.
             num_answers: how many reference records to keep for the side-by-side answers.
             cache_dir: `datasets` cache folder.
             hub_options: `dataset_config`, `dataset_split`, `dataset_revision` of a Hub source.
@@ -208,7 +208,7 @@ class EvalData:
         values = _column_by_index(by_group.dataset, "input")
         if values is None or not any(values.values()):
             if group_by is not None:
-                kind = "holds conversations" if values is None else f"has no record with a field {group_by!r}"
+                kind = "holds conversations" if values is None else f"has no record with a text field {group_by!r}"
                 raise UsageError(f"--group_by {group_by}: {split.source} {kind}")
             field_name = None
         else:
