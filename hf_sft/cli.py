@@ -20,7 +20,7 @@ import sys
 from hf_sft import flags
 from hf_sft.errors import RunInterrupted, TrainingDiverged, UsageError, WriteFailed
 
-COMMANDS = ("convert", "train", "data", "generate", "export", "push")
+COMMANDS = ("convert", "train", "data", "generate", "export", "push", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
