@@ -39,8 +39,9 @@ HELP = "loss, perplexity and accuracy of a model on a dataset, per category, aga
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from hf_sft.data import DataArguments
     from hf_sft.evaluation import EvalSettings
-    from hf_sft.training.arguments import DataArguments, SFTTrainingArguments, add_dataclass_arguments
+    from hf_sft.training.arguments import SFTTrainingArguments, add_dataclass_arguments
 
     parser.add_argument("model_dir", metavar="MODEL", help="model folder or checkpoint-STEP folder to evaluate")
     add_dataclass_arguments(parser, DataArguments)
