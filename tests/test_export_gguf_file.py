@@ -1,14 +1,14 @@
-"""`hf-sft export --to gguf`: what the file holds, the writer's rules, the self-check's verdict, the chat API."""
+"""`hf-sft export --to gguf`: what the file holds, the writer's rules, the self-check, llama-server's chat."""
 
 from pathlib import Path
 
 import gguf
-import llama_cpp
 import pytest
 
 from hf_sft.cli import main
 from hf_sft.export.gguf_file import export_gguf
 from hf_sft.export.gguf_vocab import GGUFVocab
+from hf_sft.export.llama_server import LlamaServer
 from hf_sft.generate import generate_response, load_for_generation
 from hf_sft.tokenizer import load_tokenizer
 from hf_sft.writer import leftovers
@@ -53,21 +53,16 @@ def test_file_carries_architecture_tokenizer_and_chat_template(gguf_folders, tmp
 
 
 @pytest.mark.parametrize("family", ["nanogpt", "llama"])
-def test_llama_cpp_chat_api_answers_as_hf_sft_generate(gguf_folders, tmp_path, capsys, family):
-    """llama-cpp-python formats the chat with the file's template, as training did, and stops at EOS."""
+def test_llama_server_chat_completions_answer_as_hf_sft_generate(gguf_folders, tmp_path, capsys, family):
+    """llama-server formats the chat with the file's own template, as training did, and stops at EOS."""
     folder = gguf_folders[family, "trained"]
     assert export(capsys, folder, tmp_path / "sft.gguf")[0] == 0
     model, tokenizer = load_for_generation(folder, device="cpu")
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "sft.gguf"), n_ctx=128, verbose=False, n_threads=2)
-    try:
+    with LlamaServer(tmp_path / "sft.gguf", n_ctx=128) as llm:
         for instruction in INSTRUCTIONS:
             ours = generate_response(model, tokenizer, instruction, max_new_tokens=24)
-            reply = llm.create_chat_completion(
-                [{"role": "user", "content": instruction}], temperature=0.0, top_k=1, max_tokens=24
-            )
+            reply = llm.chat([{"role": "user", "content": instruction}], max_tokens=24)
             assert reply["choices"][0]["message"]["content"].strip() == ours
-    finally:
-        llm.close()
 
 
 def test_existing_files_are_refused_unless_overwrite(gguf_folders, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""`hf-sft export MODEL --to gguf --out FILE.gguf`: one GGUF for llama.cpp, llama-cpp-python, Ollama, LM Studio.
+"""`hf-sft export MODEL --to gguf --out FILE.gguf`: one GGUF for llama.cpp (llama-server), Ollama, LM Studio.
 
 Everything that can be refused is refused before anything is written (exit 2): a model llama.cpp's architectures
 cannot express (`gguf_model.gguf_architecture`), a tokenizer component it cannot reproduce (`gguf_vocab`), a
