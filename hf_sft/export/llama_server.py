@@ -1,9 +1,10 @@
 """llama.cpp's own server on a GGUF file, in this process, from the prebuilt `xllamacpp` wheel (no compiler).
 
-This is the llama.cpp that llama-server and Ollama users run: the file is loaded as `llama-server -m FILE` loads it,
-and it is reached through the server's own routes: `/tokenize` (what the export's tokenizer check compares),
-`/completion` (greedy tokens and, with `n_probs`, the log-probabilities of the whole vocabulary at a position) and
-the chat completions of `Server.handle_chat_completions`, which apply the chat template stored in the file.
+This is llama.cpp as llama-server users run it (Ollama and LM Studio embed the same library): the file is loaded as
+`llama-server -m FILE` loads it and reached through the server's own routes: `/tokenize` (what the export's
+tokenizer check compares), `/completion` (greedy tokens and, with `n_probs`, the log-probabilities of the whole
+vocabulary at a position) and the chat completions of `Server.handle_chat_completions`, which apply the chat
+template stored in the file.
 
 The server listens on 127.0.0.1 on a port of its own; it stops when `close` drops it (xllamacpp's `Server` stops
 its loop in its destructor).
@@ -20,6 +21,8 @@ from typing import Any
 INSTALL = "pip install 'hf-sft[llama-cpp]'"
 # llama.cpp's KV cache types by name (its default is f16).
 KV_CACHE_TYPES = ("f16", "f32")
+# The server is on 127.0.0.1: a user's HTTP(S)_PROXY must not take the requests elsewhere.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # llama-server's `--flash-attn` values. "auto" (its default) turns it on on CPU, where its kernel rounds through
 # f16: about 3e-4 on these logits, against 1e-5 without it.
 FLASH_ATTENTION = {"auto": "AUTO", "on": "ENABLED", "off": "DISABLED"}
@@ -96,7 +99,7 @@ class LlamaServer:
         request = urllib.request.Request(
             self.address + route, data=json.dumps(body).encode("utf-8"), headers={"Content-Type": "application/json"}
         )
-        with urllib.request.urlopen(request, timeout=600) as answer:
+        with _DIRECT.open(request, timeout=600) as answer:
             return json.load(answer)
 
     def tokenize(self, text: str, add_special: bool) -> list[int]:
