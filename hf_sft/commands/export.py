@@ -4,9 +4,10 @@
 --to llama      a LlamaForCausalLM folder (LLaMA-style models: RMSNorm, rotary positions, SwiGLU MLP)
 --to legacy-pt  one .pt file in the layout the original training code loads: nanoGPT's
                 {"model_state_dict", "model_args"}, or simple_llama's {"model_state_dict", "config"}
---to gguf       one .gguf file for llama.cpp / llama-cpp-python / Ollama / LM Studio (nanoGPT-style -> llama.cpp's
+--to gguf       one .gguf file for llama.cpp (llama-server) / Ollama / LM Studio (nanoGPT-style -> llama.cpp's
                 gpt2, LLaMA-style -> llama), with the tokenizer, the chat template and NAME.Modelfile for Ollama;
-                its tokenizer is checked on the written file (llama.cpp itself when llama-cpp-python is installed)
+                its tokenizer is checked on the written file (llama.cpp itself when the prebuilt xllamacpp wheel is
+                installed: pip install 'hf-sft[llama-cpp]')
 
 The stock folders hold the same weights (same logits), the generation config and the tokenizer, with no model code
 and no auto_map: `AutoModelForCausalLM.from_pretrained(DIR)` and serving engines that know only stock architectures

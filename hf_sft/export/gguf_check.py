@@ -5,8 +5,8 @@ training texts (the ids training used) for built-in sample records and for the u
 plus raw probe texts (digits, contractions, whitespace runs, accents, CJK, emoji, special tokens inside text)
 encoded with and without special tokens, which checks the BOS/EOS the file adds.
 
-The file's side is llama.cpp itself when llama-cpp-python is importable, else a read-back of the file's vocabulary
-(`hf_sft.export.gguf_tokenize`); the report says which.
+The file's side is llama.cpp itself (llama-server's `/tokenize`) when xllamacpp is installed, else a read-back of the
+file's vocabulary (`hf_sft.export.gguf_tokenize`); the report says which.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class CheckReport:
     """What the self-check found.
 
     Attributes:
-        by: what tokenized the file's side ("llama.cpp (llama-cpp-python X)" or the read-back fallback).
+        by: what tokenized the file's side ("llama.cpp bN, xllamacpp V" or the read-back fallback).
         checked: number of texts compared.
         mismatches: `(probe, ids from the file)` for every text that differs, lost characters aside.
         lost_texts: texts holding characters the tokenizer cannot encode (not in its byte alphabet).

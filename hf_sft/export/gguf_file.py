@@ -1,4 +1,4 @@
-"""`hf-sft export MODEL --to gguf --out FILE.gguf`: one GGUF for llama.cpp, llama-cpp-python, Ollama, LM Studio.
+"""`hf-sft export MODEL --to gguf --out FILE.gguf`: one GGUF for llama.cpp (llama-server), Ollama, LM Studio.
 
 Everything that can be refused is refused before anything is written (exit 2): a model llama.cpp's architectures
 cannot express (`gguf_model.gguf_architecture`), a tokenizer component it cannot reproduce (`gguf_vocab`), a
@@ -13,17 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hf_sft.errors import UsageError
-from hf_sft.export import check_export_destination, load_hfsft_config, load_hfsft_model
+from hf_sft.export.destination import check_export_destination
+from hf_sft.export.model_folder import load_hfsft_config, load_hfsft_model
 from hf_sft.generate import resolve_model_dir, tokenizer_dir
 
 # Token texts that llama.cpp always treats as end-of-generation, whatever the metadata says (`special_eog_ids` in
-# `src/llama-vocab.cpp`, llama-cpp-python 0.3.36).
+# `src/llama-vocab.cpp`): its end-of-turn texts, and the fill-in-the-middle pad, repo and file-separator texts, which
+# it adds to them (so `[PAD]` and `<PAD>` end generation). Each seen in llama.cpp b11549's load log (xllamacpp).
 LLAMA_CPP_END_TOKENS = frozenset(
     {
         "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
         "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
         "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>", "<\uff5cend\u2581of\u2581sentence\uff5c>",
         "[e~[",
+        "<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]",
+        "<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>", "<|file_sep|>",
     }
 )  # fmt: skip
 

@@ -1,16 +1,15 @@
 """The GGUF's side of the tokenizer check: llama.cpp's own tokenizer on the file, or a read-back model of it.
 
-llama.cpp is reached through llama-cpp-python's bindings of its C API with a vocabulary-only load (no weights, no
-context). Without llama-cpp-python, the file's vocabulary is read back with `gguf` and run through a `tokenizers` BPE
-set up as llama.cpp sets up its own: the named pre-tokenizer's regex, no prefix space, special tokens by type, and
-byte symbols missing from the vocabulary ending a word (`lost_symbols_break`). That checks what was written, not
-llama.cpp's code.
+llama.cpp is reached as its users reach it: llama-server's `/tokenize` on the file (`hf_sft.export.llama_server`,
+from the prebuilt xllamacpp wheel). Without xllamacpp, the file's vocabulary is read back with `gguf` and run
+through a `tokenizers` BPE set up as llama.cpp sets up its own: the named pre-tokenizer's regex, no prefix space,
+special tokens by type, and byte symbols missing from the vocabulary ending a word (`lost_symbols_break`). That
+checks what was written, not llama.cpp's code.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -18,45 +17,25 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, pre_tokenizers
 
 Tokenize = Callable[[str, bool], list[int]]
+_TOKENIZE_CONTEXT = 64
 
 
 def file_tokenizer(path: Path, pre: str) -> tuple[Tokenize, str, Callable[[], None]]:
     """`(tokenize(text, add_special), what tokenizes, close)` for the GGUF at `path`."""
+    from hf_sft.export.llama_server import INSTALL, LlamaServer, llama_cpp_version
+
     try:
-        import llama_cpp
+        by = llama_cpp_version()
     except ImportError:
-        return readback_tokenizer(path, pre), "read back with gguf; llama-cpp-python is not installed", lambda: None
-    # llama.cpp's own tokenizer through its C API (vocab only: no weights, no context). llama-cpp-python prints
-    # llama.cpp's log lines at or above its logger's level; loading logs a "may be incorrect" line at error level
-    # for any EOS whose text is not one of the end tokens llama.cpp knows, and then adds it to them itself.
-    # A probe that starts with BOS and is encoded with special tokens makes llama.cpp warn about the two BOS (as
-    # ours, it adds one anyway): the check's own texts, not news for the user.
-    log = logging.getLogger("llama-cpp-python")
-    level = log.level
-    log.setLevel(logging.CRITICAL)
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-    if model is None:
-        log.setLevel(level)
-        raise RuntimeError(f"llama.cpp could not load the vocabulary of {path}")
-    vocab = llama_cpp.llama_model_get_vocab(model)
+        return readback_tokenizer(path, pre), f"read back with gguf; xllamacpp is not installed ({INSTALL})", _nothing
+    # llama-server's own /tokenize on the file. The context is never used (nothing is evaluated): the smallest
+    # that llama.cpp accepts keeps the KV cache small.
+    server = LlamaServer(path, n_ctx=_TOKENIZE_CONTEXT)
+    return server.tokenize, by, server.close
 
-    def tokenize(text: str, add_special: bool) -> list[int]:
-        data = text.encode("utf-8")
-        size = len(data) + 2
-        while True:
-            ids = (llama_cpp.llama_token * size)()
-            n = llama_cpp.llama_tokenize(vocab, data, len(data), ids, size, add_special, True)
-            if n >= 0:
-                return list(ids[:n])
-            size = -n
 
-    def close() -> None:
-        llama_cpp.llama_model_free(model)
-        log.setLevel(level)
-
-    return tokenize, f"llama.cpp, llama-cpp-python {llama_cpp.__version__}", close
+def _nothing() -> None:
+    pass
 
 
 def readback_tokenizer(path: Path, pre: str) -> Tokenize:

@@ -17,19 +17,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from hf_sft.generate import tokenizer_dir
-
-# Everything a tokenizer folder may hold; whichever of these exist are copied.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-)
+from hf_sft.tokenizer import TOKENIZER_FILES
 
 
 def gpt2_config(config) -> GPT2Config:
@@ -119,7 +107,7 @@ def llama_config(config) -> LlamaConfig:
 def to_stock(model, target: str) -> PreTrainedModel:
     """The stock model (`"gpt2"` or `"llama"`) holding `model`'s weights, in `model`'s dtype, in eval mode.
 
-    The caller has checked that `target` can express the model (`hf_sft.export.blockers`).
+    The caller has checked that `target` can express the model (`hf_sft.export.architectures.blockers`).
     """
     if target == "gpt2":
         config, cls, weights = gpt2_config(model.config), GPT2LMHeadModel, gpt2_state_dict(model)
