@@ -12,8 +12,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 
 from hf_sft import HfSftGPTConfig, HfSftGPTForCausalLM
 from hf_sft.cli import main
-from hf_sft.data import Encoder, format_of, get_format, install_chat_template
-from hf_sft.data.masking import unencodable_characters
+from hf_sft.data import Encoder, format_of, get_format, install_chat_template, unencodable_characters
 from hf_sft.export.gguf_check import check_file, lost_symbols_break, probes, records_for_check
 from hf_sft.export.gguf_vocab import PRE_TOKENIZERS, build_vocab
 from hf_sft.tokenizer import load_tokenizer

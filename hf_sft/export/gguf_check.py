@@ -15,8 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hf_sft.data import Encoder, encode_prompt, tokenize_and_mask
-from hf_sft.data.masking import unencodable_characters
+from hf_sft.data import Encoder, encode_prompt, tokenize_and_mask, unencodable_characters
 from hf_sft.export.gguf_tokenize import file_tokenizer, lost_symbols_break
 
 SAMPLE_RECORDS = (
