@@ -8,11 +8,11 @@ import torch
 from datasets import Dataset
 from transformers import TrainingArguments
 
-import hf_sft.training.token_budget as token_budget
+import hf_sft.training.trainer as token_budget
 from hf_sft.configuration_hfsft_gpt import HfSftGPTConfig
 from hf_sft.data.collator import make_collator
 from hf_sft.modeling_hfsft_gpt import HfSftGPTForCausalLM
-from hf_sft.training.token_budget import TokenBudgetTrainer, first_fit_rows, repack_micro_batches
+from hf_sft.training.trainer import RunTrainer, first_fit_rows, repack_micro_batches
 
 BATCH, ACCUM, MAX_LEN = 2, 4, 32
 
@@ -88,7 +88,7 @@ def train_losses(tmp_path, budget: int | None) -> tuple[list[float], int]:
         remove_unused_columns=False,
         disable_tqdm=True,
     )
-    trainer = TokenBudgetTrainer(
+    trainer = RunTrainer(
         token_budget=budget,
         model=model,
         args=args,

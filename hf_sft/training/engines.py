@@ -7,7 +7,7 @@ devices, and DeepSpeed is enabled only off CPU, so the run silently becomes plai
 accelerate's state the way it is completed on GPUs (engine type, plugin, a gloo backend for DeepSpeed's
 communication) at the moment Trainer creates its Accelerator; nothing else in the run changes, and on GPUs it does
 nothing. `check_engine` then compares the engine the launch asked for with the live accelerator and refuses a
-mismatch before training. Saving from these engines is `sharded_save.py`'s.
+mismatch before training. Saving from these engines is `hf_sft.training.checkpoints`' (the sharded gather).
 """
 
 from __future__ import annotations

@@ -1,15 +1,14 @@
-"""Before training: where it runs, in which precision, and from which model and tokenizer it starts."""
+"""What a run starts from: its model and tokenizer (from a legacy checkpoint, a HF folder, or new) and its datasets."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast, TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
 
 from hf_sft.configuration_hfsft_gpt import HfSftGPTConfig
 from hf_sft.errors import UsageError, bad_input
@@ -24,28 +23,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("hf_sft.train")
 
 LEGACY_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
-
-
-def resolve_device_and_precision(model_args: ModelArguments, args: TrainingArguments) -> TrainingArguments:
-    """CUDA: bf16 where supported, else fp16 (with a grad scaler); CPU: fp32 unless bfloat16 is asked for."""
-    use_cpu = args.use_cpu or model_args.device == "cpu"
-    if not use_cpu and not torch.cuda.is_available():
-        logger.warning("--device cuda: no CUDA device is available, training on CPU")
-        use_cpu = True
-    bf16, fp16 = args.bf16, args.fp16
-    if not (bf16 or fp16):
-        if use_cpu:
-            if model_args.dtype == "bfloat16":
-                bf16 = True
-            elif model_args.dtype == "float16":
-                logger.warning("--dtype float16 is ignored on CPU (fp32); bfloat16 autocast is available on CPU")
-        elif model_args.dtype != "float32":
-            bf16_ok = torch.cuda.is_bf16_supported()
-            bf16 = model_args.dtype == "bfloat16" and bf16_ok or (model_args.dtype is None and bf16_ok)
-            fp16 = not bf16
-            if model_args.dtype == "bfloat16" and not bf16_ok:
-                logger.warning("--dtype bfloat16: this GPU does not support it, using float16 with a grad scaler")
-    return dataclasses.replace(args, use_cpu=use_cpu, bf16=bf16, fp16=fp16)
 
 
 def load_model_and_tokenizer(
@@ -230,3 +207,20 @@ def sync_special_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenize
         raise UsageError(
             f"the tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size} embeddings"
         )
+
+
+def data_lines(data) -> list[str]:
+    """The log lines of a run's splits: counts of a prepared split, or of a stream (counted as it is read)."""
+    from hf_sft.data.report import split_line
+
+    lines = []
+    for role, split in (("train", data.train), ("eval", data.eval)):
+        if split is None:
+            continue
+        if hasattr(split, "records"):  # a stream: its drops are counted as it is read
+            skipped = sum(split.skipped.values())
+            line = f"{role} data: streaming {split.records} records from {split.source}, tokenised as consumed"
+            lines.append(line + (f"; skipped {skipped} bad record{'s' if skipped != 1 else ''}" if skipped else ""))
+        else:
+            lines.append(split_line(role, split))
+    return lines
