@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_training import train
+from helpers.runs import train
 
 from hf_sft.training.checkpoints import MANIFEST, digest, problem
 

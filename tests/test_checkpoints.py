@@ -5,9 +5,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers.runs import snapshot
+from helpers.runs import snapshot, train
 from test_resume import last_error, same_weights
-from test_training import train
 
 from hf_sft.cli import main
 from hf_sft.training.resume import RUN_ARGS_FILE

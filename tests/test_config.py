@@ -4,7 +4,7 @@ import os
 import shutil
 
 import pytest
-from test_training import TINY, train
+from helpers.runs import TINY, train
 
 from hf_sft.demo import DEMO_DATA
 from hf_sft.errors import UsageError

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.runs import snapshot
+from helpers.runs import snapshot, train
 from safetensors.torch import load_file
 from test_resume import last_error
-from test_training import train
 
 from hf_sft.cli import main
 from hf_sft.training.checkpoints import MANIFEST, problem

@@ -3,7 +3,8 @@
 Callbacks are the extension point, and everything that a callback can do is done by one (`hf_sft.training.callbacks`).
 What follows cannot be: each override names the Trainer API it relies on and why it is needed. Private ones
 (`_save_checkpoint`, `_get_output_dir`, `_push_from_checkpoint`, `_get_grad_norm`) can change between transformers
-releases; the tests that fail if they do are named beside them.
+releases: `tests/test_trainer.py` fails if one of them is renamed, and the tests of what each does are named beside
+it.
 
 - **Checkpoints written whole** (`_save_checkpoint`, `_get_output_dir`, `_push_from_checkpoint`): every checkpoint is
   staged, sealed, renamed into place and only then rotated and pushed (`hf_sft.training.checkpoints`). Give Trainer
@@ -186,7 +187,7 @@ class RunTrainer(Trainer):
 
     def _get_grad_norm(self, model, grad_norm=None):
         # Private `Trainer._get_grad_norm`: Trainer's own pre-clip norm of the step, whatever the engine
-        # (tests/test_numeric_guard.py fails if it is renamed).
+        # (tests/test_trainer.py fails if it is renamed).
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         if self.numeric_guard is not None:
             self.numeric_guard.record_grad_norm(grad_norm)

@@ -4,9 +4,8 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers.runs import snapshot
+from helpers.runs import snapshot, train
 from test_resume import last_error, same_weights
-from test_training import train
 
 from hf_sft.cli import main
 from hf_sft.writer import PENDING_RECORD, incomplete, leftovers
