@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from transformers import TrainerCallback, set_seed
 
@@ -123,9 +124,10 @@ class TrainingRecipe:
         self.stop = stop
 
     def run(self) -> int:
+        """The stages in order; the exit status."""
         self.setup()
         model, tokenizer, template, base = self.setup_model()
-        train_dataset, eval_dataset, stream = self.setup_data(tokenizer, template, model)
+        train_dataset, eval_dataset, stream = self.setup_data(tokenizer, template)
         trainer = self.make_trainer(model, tokenizer, template, train_dataset, eval_dataset, stream, base)
         self.train(trainer)
         self.finish(trainer, base)
@@ -136,6 +138,7 @@ class TrainingRecipe:
         self.stop.check(lambda: stopped_before_training(self.stop, self.resume, self.main_process))
 
     def setup(self) -> None:
+        """Check the run folder (nothing is written yet), reach the Hub if the run pushes, set the seed."""
         args = self.args
         check_run_folder(self.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir, self.main_process)
         self._prepare_hub()
@@ -143,7 +146,7 @@ class TrainingRecipe:
         self.check_stop()
         set_seed(args.seed)
 
-    def setup_model(self):
+    def setup_model(self) -> tuple[Any, Any, Any, str]:
         """The model (its weights restored later by Trainer when resuming), tokenizer, prompt format and the
         description of the base model."""
         from hf_sft.data import get_format, install_chat_template, resolve_max_seq_len
@@ -159,7 +162,7 @@ class TrainingRecipe:
         self.max_seq_len = resolve_max_seq_len(config.data.max_seq_len, model.config)
         return model, tokenizer, template, base
 
-    def setup_data(self, tokenizer, template, model):
+    def setup_data(self, tokenizer, template) -> tuple[Any, Any | None, Any | None]:
         """The training and evaluation datasets, and the training stream of a `--streaming` run (else None)."""
         data_args, args = self.config.data, self.args
         # The main process prepares (tokenises into the `datasets` cache); the others then read what it wrote.
@@ -178,7 +181,10 @@ class TrainingRecipe:
             train_dataset.resume_at(*recorded_position(self.resume))
         return train_dataset, eval_dataset, stream
 
-    def make_trainer(self, model, tokenizer, template, train_dataset, eval_dataset, stream, base: str) -> RunTrainer:
+    def make_trainer(
+        self, model: Any, tokenizer: Any, template: Any, train_dataset: Any, eval_dataset: Any, stream: Any, base: str
+    ) -> RunTrainer:
+        """Claim the run folder, then the run's Trainer over the model (LoRA adapters with `--use_lora`)."""
         from hf_sft.data import make_collator
 
         config, args = self.config, self.args
@@ -228,6 +234,7 @@ class TrainingRecipe:
         return trainer
 
     def train(self, trainer: RunTrainer) -> None:
+        """`Trainer.train` from the checkpoint resumed; the progress bars closed if it ends early."""
         self.check_stop()
         try:
             trainer.train(resume_from_checkpoint=self.resume)
@@ -241,6 +248,7 @@ class TrainingRecipe:
             raise
 
     def finish(self, trainer: RunTrainer, base: str) -> None:
+        """A diverged or signalled run stops with its last line; else the final evaluation and the final folder."""
         args = self.args
         if self.guard.failure:  # before a signal's stop: a diverged run is not continued by resuming it as it is
             raise diverged(self.guard, self.output_dir, args.learning_rate, args.max_grad_norm, self.main_process)
