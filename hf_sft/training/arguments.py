@@ -25,9 +25,8 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 
-from hf_sft.data.lengths import LENGTH_POLICIES
+from hf_sft.data import DEFAULT_FORMAT, FORMATS, LENGTH_POLICIES
 from hf_sft.data.sources import DEFAULT_SPLIT
-from hf_sft.data.template import DEFAULT_FORMAT, FORMATS
 from hf_sft.errors import UsageError
 from hf_sft.flags import OneLineErrors, finite_floats
 

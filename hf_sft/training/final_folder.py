@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import Trainer
 
-from hf_sft.data.template import get_format
+from hf_sft.data import get_format
 from hf_sft.training.arguments import DataArguments
 from hf_sft.training.checkpoints import consolidated_model
 from hf_sft.training.model_card import LOSS_PLOT, model_card, plot_losses

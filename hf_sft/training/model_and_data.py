@@ -17,8 +17,7 @@ from hf_sft.tokenizer import load_tokenizer
 from hf_sft.training.arguments import DataArguments, ModelArguments
 
 if TYPE_CHECKING:
-    from hf_sft.data.jinja_format import JinjaFormat
-    from hf_sft.data.template import PromptFormat
+    from hf_sft.data import JinjaFormat, PromptFormat
 
 logger = logging.getLogger("hf_sft.train")
 
