@@ -6,9 +6,10 @@ and how to resume), and 1 on any other failure: a run stopped by a non-finite lo
 system refused (`WriteFailed`, naming the path and the cause) or anything else (one line too, unless `--debug` asks
 for the traceback). Every message is printed on one line, whatever line breaks a library put in it.
 
-`train` installs the signal handler first (`hf_sft.training.signals`). Called as the process's entry point (no
-`argv`), it leaves SIGTERM/SIGINT ignored once the command has printed its last line, so that nothing that runs at
-interpreter exit is interrupted; called with `argv` (a test, an application), it restores the previous handlers.
+`train` installs the signal handler first (`hf_sft.training.signals`), the one place it is entered. Called as the
+process's entry point (no `argv`), it leaves SIGTERM/SIGINT ignored once the command has printed its last line, so
+that nothing that runs at interpreter exit is interrupted; called with `argv` (a test, an application), it restores
+the previous handlers.
 """
 
 from __future__ import annotations

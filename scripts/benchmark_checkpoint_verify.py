@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from hf_sft import HfSftGPTConfig, HfSftGPTForCausalLM
-from hf_sft.training.checkpoint_check import problem, seal
+from hf_sft.training.checkpoints import problem, seal
 
 
 def write_checkpoint(folder: Path) -> int:

@@ -23,7 +23,7 @@ from throughput_stacks import ACCUM, BATCH, LR
 from hf_sft.data import build_datasets, install_chat_template, make_collator
 from hf_sft.modeling_hfsft_gpt import HfSftGPTForCausalLM
 from hf_sft.tokenizer import load_tokenizer
-from hf_sft.training.token_budget import repack_micro_batches
+from hf_sft.training.trainer import repack_micro_batches
 
 
 def optimizer_steps(work: Path, count: int, max_len: int) -> list[list[dict]]:

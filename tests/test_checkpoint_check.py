@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_training import train
+from helpers.runs import train
 
-from hf_sft.training.checkpoint_check import MANIFEST, digest, problem
+from hf_sft.training.checkpoints import MANIFEST, digest, problem
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from test_resume import last_error, same_weights
 from test_training import train
 
 from hf_sft.cli import main
-from hf_sft.training.checkpoint_check import MANIFEST, digest, problem
+from hf_sft.training.checkpoints import MANIFEST, digest, problem
 
 
 @pytest.fixture(scope="module")

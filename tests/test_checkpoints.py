@@ -5,8 +5,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers.runs import snapshot, train
 from test_resume import last_error, same_weights
-from test_training import train
 
 from hf_sft.cli import main
 from hf_sft.training.resume import RUN_ARGS_FILE
@@ -18,10 +18,6 @@ def full_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("checkpoints") / "full"
     assert train(out, "--max_iters", "6", "--save_interval", "2") == 0
     return out
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def resume(*flags: str) -> int:
@@ -88,3 +84,13 @@ def test_discard_newer_checkpoints_removes_them_and_the_final_model_first(full_r
     assert same_weights(out / "checkpoint-6", full_run / "checkpoint-6")
     record = json.loads((out / "checkpoint-6" / RUN_ARGS_FILE).read_text())
     assert "discard_newer_checkpoints" not in record["values"]  # the next resume does not discard again
+
+
+def test_the_resume_path_is_resolved_once_in_a_whole_run(full_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+    (out / "checkpoint-6" / "optimizer.pt").write_bytes(b"")
+    assert resume("latest", "--out_dir", str(out)) == 0
+    skipped = "--resume_from_ckpt_path latest: skipping checkpoint-6:"
+    assert capsys.readouterr().err.count(skipped) == 1
+    assert (out / "train.log").read_text().count(skipped) == 1

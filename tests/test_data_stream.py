@@ -233,7 +233,7 @@ def test_steps_follow_from_epochs_and_records():
     from types import SimpleNamespace
 
     from hf_sft.training.arguments import SFTTrainingArguments
-    from hf_sft.training.streaming import streaming_arguments
+    from hf_sft.training.config import streaming_arguments
 
     args = SFTTrainingArguments(output_dir="unused", num_train_epochs=2, per_device_train_batch_size=4, use_cpu=True)
     split = SimpleNamespace(dataset=SimpleNamespace(shuffle=True), records=250)

@@ -18,8 +18,8 @@ MODULES = sorted(
             for m in ("cli", "flags", "convert", "weight_plans", "legacy_checkpoint", "safe_pickle")
         ),
         *(REPO / "hf_sft" / f"{m}.py" for m in ("tokenizer", "generate", "hub")),
-        *(REPO / "hf_sft" / "training" / f"{m}.py" for m in ("setup", "resume", "resumed_state", "continuation")),
-        *(REPO / "hf_sft" / "training" / f"{m}.py" for m in ("validation", "arguments", "run", "streaming")),
+        *(REPO / "hf_sft" / "training" / f"{m}.py" for m in ("model_and_data", "resume", "callbacks", "config")),
+        *(REPO / "hf_sft" / "training" / f"{m}.py" for m in ("validation", "arguments", "run")),
     }
 )
 # Library calls that read a file, a folder or a value a user gave: each raises its own exceptions on bad input.

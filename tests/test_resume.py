@@ -116,7 +116,7 @@ def test_a_checkpoint_without_weights_or_config_still_rebuilds_its_model(full_ru
     from transformers import AutoModelForCausalLM
 
     from hf_sft.tokenizer import load_tokenizer
-    from hf_sft.training.checkpoint_files import CheckpointFiles
+    from hf_sft.training.checkpoints import CheckpointFiles
     from hf_sft.training.resume import load_from_checkpoint
 
     model = AutoModelForCausalLM.from_pretrained(full_run)

@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.runs import snapshot
 
 from hf_sft.cli import main
 from hf_sft.errors import UsageError
-from hf_sft.training.run_folder import check_run_folder, claim_run_folder, release_run_folders
-from hf_sft.training.run_lock import LOCK_FILE, RunLock
+from hf_sft.training.run_folder import LOCK_FILE, RunLock, check_run_folder, claim_run_folder, release_run_folders
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "scripts" / "train.py")
@@ -28,10 +28,6 @@ HOST = socket.gethostname()
 
 def train(out: Path, *flags: str) -> int:
     return main(["train", *TINY, "--out_dir", str(out), *flags])
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_out_dir_of_another_run_is_refused_and_left_byte_identical(tmp_path, capsys):

@@ -13,25 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.runs import FIXTURE_RUN, snapshot
 from safetensors.torch import load_file
 
 from hf_sft.training.checkpoints import list_checkpoints
-from hf_sft.training.run_folder import check_run_folder
-from hf_sft.training.run_lock import LOCK_FILE, live_holder
+from hf_sft.training.run_folder import LOCK_FILE, check_run_folder, live_holder
 from hf_sft.training.signals import STOP, handling_signals
 
 REPO = Path(__file__).resolve().parents[1]
 HELPER = str(REPO / "tests" / "helpers" / "signal_run.py")
 STEPS = 12
 # A tiny new model on the shipped fixtures, a checkpoint every step: most of a run's time is spent writing them.
-FLAGS = [
-    "--tokenizer_path", str(REPO / "tests" / "fixtures" / "tiny_bpe.json"),
-    "--data_path", str(REPO / "hf_sft" / "demo" / "demo_sample.jsonl"),
-    "--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "128",
-    "--max_seq_len", "128", "--val_split", "0", "--learning_rate", "1e-3", "--warmup_steps", "2",
-    "--log_interval", "1", "--seed", "0", "--dropout", "0", "--batch_size", "2", "--gradient_accumulation_steps", "1",
-    "--max_iters", str(STEPS), "--save_interval", "1",
-]  # fmt: skip
+FLAGS = [*FIXTURE_RUN, "--log_interval", "1", "--gradient_accumulation_steps", "1", "--max_iters", str(STEPS)]
+FLAGS += ["--save_interval", "1"]
 
 
 class Run:
@@ -94,10 +88,6 @@ def server():
     started = Server()
     yield started
     started.close()
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -176,9 +166,10 @@ def test_the_handler_counts_every_signal_keeps_the_first_and_never_raises():
         for _ in range(50):
             os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGINT)  # not a KeyboardInterrupt
-        with handling_signals() as inner:  # a run inside the command: the same handler, the same record
-            os.kill(os.getpid(), signal.SIGTERM)
-            assert inner is stop and signal.getsignal(signal.SIGTERM) == stop._handle
+        with pytest.raises(RuntimeError, match="handled already"), handling_signals():  # entered once per command
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
         assert (stop.first, stop.count, stop.status) == (signal.SIGTERM, 52, 143)
         assert stop.unlogged() == 52 and stop.unlogged() == 0
     assert signal.getsignal(signal.SIGTERM) is previous  # given back: this process goes on

@@ -8,20 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.runs import snapshot, train
 from safetensors.torch import load_file
 from test_resume import last_error
-from test_training import train
 
 from hf_sft.cli import main
-from hf_sft.training.checkpoint_check import MANIFEST, problem
+from hf_sft.training.checkpoints import MANIFEST, problem
 from hf_sft.writer import incomplete, leftovers
 
 HELPERS = Path(__file__).parent / "helpers"
 STEPS = ["--max_iters", "3", "--save_interval", "1"]
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_a_checkpoint_is_written_aside_and_appears_only_once_sealed(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers.ports import free_port
+from helpers.runs import TINY, train
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -19,24 +20,14 @@ from hf_sft import MODEL_CODE_FILES
 from hf_sft.cli import main
 from hf_sft.errors import UsageError
 from hf_sft.training.checkpoints import COMPLETE_MARKER
-from hf_sft.training.run import _check_world_size
+from hf_sft.training.config import check_world_size
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "scripts" / "train.py")
-# A tiny new model on the built-in demo data: every run here takes seconds.
-TINY = [
-    "--demo", "--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "128",
-    "--tokenizer_vocab_size", "300", "--max_seq_len", "128", "--val_split", "0", "--learning_rate", "1e-3",
-    "--warmup_steps", "2", "--log_interval", "1", "--seed", "0", "--dropout", "0",
-]  # fmt: skip
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
-
-
-def train(out: Path, *flags: str) -> int:
-    return main(["train", *TINY, "--out_dir", str(out), *flags])
 
 
 def subprocess_env() -> dict[str, str]:
@@ -92,9 +83,9 @@ def test_processes_that_do_not_form_one_group_are_refused(monkeypatch):
     # What TrainingArguments reports when a launcher started 2 processes that did not join one process group.
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UsageError, match="would train separately"):
-        _check_world_size(SimpleNamespace(world_size=1))
+        check_world_size(SimpleNamespace(world_size=1))
     monkeypatch.setenv("WORLD_SIZE", "1")
-    _check_world_size(SimpleNamespace(world_size=1))
+    check_world_size(SimpleNamespace(world_size=1))
 
 
 def _start_long_run(out: Path, *flags: str) -> subprocess.Popen:

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from hf_sft.data.summary import render_preview, summary_lines, write_dump
     from hf_sft.errors import UsageError
     from hf_sft.training.arguments import ModelArguments, SFTTrainingArguments, from_namespace
-    from hf_sft.training.setup import base_config, load_run_tokenizer
+    from hf_sft.training.model_and_data import base_config, load_run_tokenizer
 
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be positive, got {args.batch_size}")

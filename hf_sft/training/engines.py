@@ -7,7 +7,12 @@ devices, and DeepSpeed is enabled only off CPU, so the run silently becomes plai
 accelerate's state the way it is completed on GPUs (engine type, plugin, a gloo backend for DeepSpeed's
 communication) at the moment Trainer creates its Accelerator; nothing else in the run changes, and on GPUs it does
 nothing. `check_engine` then compares the engine the launch asked for with the live accelerator and refuses a
-mismatch before training. Saving from these engines is `sharded_save.py`'s.
+mismatch before training. Saving from these engines is `hf_sft.training.checkpoints`' (the sharded gather).
+
+`enable_on_cpu` is part of the product, not of the tests: a user who launches an FSDP2 or DeepSpeed config on CPU
+(a dry run of a GPU configuration, a CPU cluster) gets the sharded run asked for, checked equal to one process; without
+it the same launch is refused by `check_engine` (FSDP1 on CPU still is). The scale-out tests launch the real command in
+subprocesses and check the live engine, so they exercise exactly what users run.
 """
 
 from __future__ import annotations

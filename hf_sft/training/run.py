@@ -1,65 +1,75 @@
-"""One training run, top to bottom: arguments -> model + tokenizer -> datasets -> Trainer -> final folder."""
+"""One training run as named stages: set up, the model, the data, the Trainer, train, finish.
+
+The run's configuration is resolved before the first stage (`hf_sft.training.config.resolve_run`); the stages only
+read it. `TrainingRecipe.run` is the table of contents:
+
+1. `setup`: the run folder checked (nothing is written yet), the Hub reached if the run pushes, the seed set;
+2. `setup_model`: the model and tokenizer, from the checkpoint resumed or the base model;
+3. `setup_data`: the datasets (the main process prepares, the others read its cache), positioned where a streaming
+   checkpoint left its stream;
+4. `make_trainer`: the run folder claimed and locked, the run's Trainer (over LoRA adapters with `--use_lora`) with
+   its callbacks in their order;
+5. `train`: `Trainer.train`, from the checkpoint resumed;
+6. `finish`: a diverged or signalled run stops with its last line; else the final evaluation and the final folder.
+
+A signal (`hf_sft.training.signals`) stops the run between stages, at an optimizer-step boundary, or after the
+final save; the handler itself is installed once per command by `hf_sft.cli`.
+"""
 
 from __future__ import annotations
 
 import logging
-import sys
+import os
 from pathlib import Path
+from typing import Any
 
-import transformers
 from transformers import TrainerCallback, set_seed
 
 from hf_sft.data import build_run_datasets
 from hf_sft.errors import UsageError, bad_input
 from hf_sft.training import engines
-from hf_sft.training.arguments import DataArguments, ModelArguments, SFTTrainingArguments, parse_args
-from hf_sft.training.checkpoint_files import CheckpointFiles
-from hf_sft.training.checkpoints import resolve_resume_path
-from hf_sft.training.feedback import (
+from hf_sft.training.arguments import DataArguments, ModelArguments, SFTTrainingArguments
+from hf_sft.training.callbacks import (
     DEFAULT_SAMPLE_INSTRUCTIONS,
-    EvaluateAtEpochEndCallback,
     LogFileCallback,
+    NumericGuard,
+    PreemptionCallback,
     SampleGenerationCallback,
-    ThroughputCallback,
+    StreamPositionCallback,
+    close_progress_bars,
+    diverged,
+    register_callbacks,
 )
-from hf_sft.training.numeric_guard import NumericGuard, NumericGuardSteps, diverged
-from hf_sft.training.output import check_hub_args, save_final
-from hf_sft.training.resume import load_from_checkpoint, record_arguments, resume_arguments
-from hf_sft.training.resumed_state import NothingLeftToTrain, ResumeCallback
-from hf_sft.training.run_folder import check_run_folder, claim_run_folder, discard_newer, release_run_folders
-from hf_sft.training.run_log import ConsoleHandler, hold_run_log, start_run_log
-from hf_sft.training.setup import (
+from hf_sft.training.checkpoints import CheckpointFiles
+from hf_sft.training.config import RunConfig, examples_per_step, fit_to_data, resolve_run
+from hf_sft.training.final_folder import save_final
+from hf_sft.training.model_and_data import (
     load_model_and_tokenizer,
-    resolve_device_and_precision,
     sync_special_token_ids,
 )
+from hf_sft.training.resume import NothingLeftToTrain, load_from_checkpoint, recorded_position
+from hf_sft.training.run_folder import (
+    check_run_folder,
+    claim_run_folder,
+    discard_newer,
+    release_run_folders,
+    start_run_log,
+)
 from hf_sft.training.signals import (
-    PreemptionCallback,
+    STOP,
     StopRequests,
-    handling_signals,
     stopped_after_training,
     stopped_before_training,
     stopped_in_training,
 )
-from hf_sft.training.staged_save import StagedCheckpoints
-from hf_sft.training.streaming import (
-    StreamPositionCallback,
-    check_streaming,
-    examples_per_step,
-    recorded_position,
-    streaming_arguments,
-)
-from hf_sft.training.token_budget import TokenBudgetTrainer
-from hf_sft.training.validation import validate_arguments
+from hf_sft.training.trainer import RunTrainer
 
 logger = logging.getLogger("hf_sft.train")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the command line (or YAML), fill what it does not give from the checkpoint it resumes, and train."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    model_args, data_args, args = resume_arguments(argv, parse_args(argv))
-    return run(model_args, data_args, args)
+    """Resolve the run's configuration from the command line (or YAML, or the checkpoint it resumes) and train."""
+    return train(resolve_run(argv))
 
 
 def run(
@@ -68,208 +78,204 @@ def run(
     args: SFTTrainingArguments,
     callbacks: list[TrainerCallback] | None = None,
 ) -> int:
+    """Train with argument dataclasses built in code (see `train`); returns the process exit status."""
+    return train(resolve_run(parsed=(model_args, data_args, args)), callbacks)
+
+
+def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None, stop: StopRequests = STOP) -> int:
     """Train as configured; returns the process exit status.
 
-    `callbacks` are added to the Trainer's own (the throughput benchmark measures through one).
+    Args:
+        config: the run's configuration (`resolve_run`).
+        callbacks: added to the run's own (the throughput benchmark measures through one).
+        stop: the signal record (`hf_sft.training.signals.STOP`, which `hf_sft.cli` installs).
 
     Raises:
         RunInterrupted: a SIGTERM/SIGINT came (`hf_sft.training.signals` says what each moment of it means).
-        TrainingDiverged: a non-finite loss, gradient norm or weights stopped training (`numeric_guard`).
+        TrainingDiverged: a non-finite loss, gradient norm or weights stopped training (`NumericGuard`).
     """
-    with handling_signals() as stop:
-        try:
-            status = _run(model_args, data_args, args, callbacks or [], stop)
-        finally:
-            release_run_folders()
-            stop.echo = False  # the run's last line follows: nothing may print after it
-        if stop.requested:  # it came once training had finished: the final folder was finished first
-            raise stopped_after_training(stop, Path(args.output_dir), args.process_index == 0)
-        return status
-
-
-def _run(
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    args: SFTTrainingArguments,
-    callbacks: list[TrainerCallback],
-    stop: StopRequests,
-) -> int:
-    validate_arguments(model_args, data_args, args)
-    if data_args.streaming:
-        check_streaming(args)
-    record = record_arguments((model_args, data_args, args), parse_args)
-    if args.demo:
-        _fill_demo_paths(data_args)
-    if not data_args.data_path:
-        raise UsageError("--data_path is required (or --demo, or no arguments at all, for the built-in demo)")
-    args = resolve_device_and_precision(model_args, args)
-    _check_world_size(args)
-    engine = engines.check_request(args, args.use_lora)
-    output_dir = Path(args.output_dir)
-    check_run_folder(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir, args.process_index == 0)
-    _setup_logging(args)
-    args = check_hub_args(args, output_dir)
-    logger.info("world size %d | device %s | precision %s", args.world_size, args.device, _precision_name(args))
-    resume = resolve_resume_path(args.resume_from_checkpoint, output_dir, args.discard_newer_checkpoints)
-    main_process = args.process_index == 0
-
-    def before_training() -> str:
-        return stopped_before_training(stop, resume, main_process)
-
-    stop.check(before_training)
-    set_seed(args.seed)
-
-    from hf_sft.data import get_format, install_chat_template, make_collator, resolve_max_seq_len
-
-    template = get_format(data_args.template)
-    loaded = load_from_checkpoint(resume, model_args, args.use_lora) if resume else None
-    model, tokenizer, base_description = loaded or load_model_and_tokenizer(model_args, data_args)
-    stop.check(before_training)
-    record["base_model"] = base_description
-    sync_special_token_ids(model, tokenizer)
-    model.supervised_logits_only = True  # Trainer reads only the loss: the LM head runs on supervised positions alone
-    install_chat_template(tokenizer, template)
-    max_seq_len = resolve_max_seq_len(data_args.max_seq_len, model.config)
-    # The main process prepares (tokenises into the `datasets` cache); the others then read what it wrote.
-    with args.main_process_first(desc="data preparation"):
-        data = build_run_datasets(
-            data_args, tokenizer, template, max_seq_len=max_seq_len, seed=args.seed, data_seed=args.data_seed
-        )
-    stop.check(before_training)
-    _log_data(data)
-    train_dataset = data.train.dataset
-    eval_dataset = data.eval.dataset if data.eval is not None else None
-    if args.use_lora:
-        model = _wrap_lora(model, args)
-
-    save_total_limit = args.save_total_limit
-    args = _finalise_training_args(args, has_eval=eval_dataset is not None)
-    stream_callbacks = []
-    if data_args.streaming:
-        args = streaming_arguments(args, data.train)
-        if resume:
-            train_dataset.resume_at(*recorded_position(resume))
-        stream_callbacks.append(StreamPositionCallback(train_dataset, examples_per_step(args)))
-    samples = SampleGenerationCallback(
-        tokenizer,
-        template,
-        args.sample_instructions.split("|") if args.sample_instructions else DEFAULT_SAMPLE_INSTRUCTIONS,
-        max_new_tokens=args.sample_max_new_tokens,
-    )
-    preemption = PreemptionCallback(stop)
-    guard = NumericGuard()
-    engines.enable_on_cpu(args)
-    if args.process_index == 0:
-        claim_run_folder(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
-        start_run_log(output_dir)
-        if resume and args.discard_newer_checkpoints:
-            discard_newer(output_dir, resume)
-    budget = args.per_device_train_batch_size * max_seq_len if args.packing and args.token_budget_batches else None
-    trainer = RunTrainer(
-        checkpoint_files=CheckpointFiles(record, tokenizer),
-        keep_checkpoints=save_total_limit,
-        numeric_guard=guard,
-        token_budget=budget,
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=make_collator(tokenizer.pad_token_id, args.packing, args.pad_to_multiple_of),
-        processing_class=tokenizer,
-        callbacks=[
-            preemption,
-            LogFileCallback(output_dir / "train.log"),
-            *stream_callbacks,
-            *callbacks,
-        ],
-    )
-    engines.check_engine(engine, trainer.accelerator)
-    logger.info("engine %s", engines.describe(trainer.accelerator))
-    if resume:
-        trainer.add_callback(ResumeCallback(resume, trainer))
-    trainer.callback_handler.callbacks.insert(0, ThroughputCallback())
-    if eval_dataset is not None:
-        trainer.add_callback(EvaluateAtEpochEndCallback())
-        trainer.add_callback(samples)
-    trainer.add_callback(guard)  # the last: it cancels the save that others asked for at a bad step
-
-    stop.check(before_training)
     try:
-        trainer.train(resume_from_checkpoint=resume)
-    except NothingLeftToTrain as done:
-        _close_progress_bars(trainer)
-        logger.info("%s", done)
-    except BaseException:
-        _close_progress_bars(trainer)  # now: closed when the trainer is collected, a bar would print after the error
-        raise
-    if guard.failure:  # before a signal's stop: a diverged run is not continued by resuming it as it is
-        raise diverged(guard, output_dir, args.learning_rate, args.max_grad_norm, main_process)
-    if preemption.requested and trainer.state.global_step < trainer.state.max_steps:
-        raise stopped_in_training(preemption, output_dir, main_process)
-    # Training has finished (a signal during its last step included): the final folder is finished too.
-    if eval_dataset is not None and not _evaluated_at(trainer.state.log_history, trainer.state.global_step):
-        trainer.evaluate()
-    save_final(trainer, data_args, output_dir, base_description, samples.history)
-    return 0
+        status = TrainingRecipe(config, list(callbacks or []), stop).run()
+    finally:
+        release_run_folders()
+        stop.echo = False  # the run's last line follows: nothing may print after it
+    if stop.requested:  # it came once training had finished: the final folder was finished first
+        raise stopped_after_training(stop, Path(config.training.output_dir), config.main_process)
+    return status
 
 
-class RunTrainer(NumericGuardSteps, StagedCheckpoints, TokenBudgetTrainer):
-    """The run's Trainer: steps shown to the numeric guard (`numeric_guard`), checkpoints written whole
-    (`staged_save`), token-budget micro-batches (`token_budget`)."""
+class TrainingRecipe:
+    """One run's stages, in the order `run` calls them (the module docstring says what each does).
 
+    Args:
+        config: the run's configuration.
+        callbacks: the caller's callbacks.
+        stop: the signal record.
+    """
 
-def _close_progress_bars(trainer) -> None:
-    for callback in trainer.callback_handler.callbacks:
-        for name in ("training_bar", "prediction_bar"):
-            bar = getattr(callback, name, None)
-            if bar is not None:
-                bar.close()
-                setattr(callback, name, None)
+    def __init__(self, config: RunConfig, callbacks: list[TrainerCallback], stop: StopRequests):
+        self.config = config
+        self.args = config.training
+        self.resume = config.resume
+        self.output_dir = Path(self.args.output_dir)
+        self.main_process = config.main_process
+        self.callbacks = callbacks
+        self.stop = stop
 
+    def run(self) -> int:
+        """The stages in order; the exit status."""
+        self.setup()
+        model, tokenizer, template, base = self.setup_model()
+        train_dataset, eval_dataset, stream = self.setup_data(tokenizer, template)
+        trainer = self.make_trainer(model, tokenizer, template, train_dataset, eval_dataset, stream, base)
+        self.train(trainer)
+        self.finish(trainer, base)
+        return 0
 
-def _log_data(data) -> None:
-    from hf_sft.data import split_line
-    from hf_sft.training.streaming import stream_line
+    def check_stop(self) -> None:
+        """Between stages: stop here if a signal came (nothing was trained)."""
+        self.stop.check(lambda: stopped_before_training(self.stop, self.resume, self.main_process))
 
-    for role, split in (("train", data.train), ("eval", data.eval)):
-        if split is not None:
-            logger.info("%s", stream_line(role, split) if hasattr(split, "records") else split_line(role, split))
+    def setup(self) -> None:
+        """Check the run folder (nothing is written yet), reach the Hub if the run pushes, set the seed."""
+        args = self.args
+        check_run_folder(self.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir, self.main_process)
+        self._prepare_hub()
+        logger.info("world size %d | device %s | precision %s", args.world_size, args.device, _precision_name(args))
+        self.check_stop()
+        set_seed(args.seed)
+
+    def setup_model(self) -> tuple[Any, Any, Any, str]:
+        """The model (its weights restored later by Trainer when resuming), tokenizer, prompt format and the
+        description of the base model."""
+        from hf_sft.data import get_format, install_chat_template, resolve_max_seq_len
+
+        config, args = self.config, self.args
+        template = get_format(config.data.template)
+        loaded = load_from_checkpoint(self.resume, config.model, args.use_lora) if self.resume else None
+        model, tokenizer, base = loaded or load_model_and_tokenizer(config.model, config.data)
+        self.check_stop()
+        sync_special_token_ids(model, tokenizer)
+        model.supervised_logits_only = True  # Trainer reads only the loss: the LM head runs on supervised positions
+        install_chat_template(tokenizer, template)
+        self.max_seq_len = resolve_max_seq_len(config.data.max_seq_len, model.config)
+        return model, tokenizer, template, base
+
+    def setup_data(self, tokenizer, template) -> tuple[Any, Any | None, Any | None]:
+        """The training and evaluation datasets, and the training stream of a `--streaming` run (else None)."""
+        data_args, args = self.config.data, self.args
+        # The main process prepares (tokenises into the `datasets` cache); the others then read what it wrote.
+        with args.main_process_first(desc="data preparation"):
+            data = build_run_datasets(
+                data_args, tokenizer, template, max_seq_len=self.max_seq_len, seed=args.seed, data_seed=args.data_seed
+            )
+        self.check_stop()
+        for line in data.describe():
+            logger.info("%s", line)
+        train_dataset = data.train.dataset
+        eval_dataset = data.eval.dataset if data.eval is not None else None
+        stream = data.train if data_args.streaming else None
+        self.args = fit_to_data(args, has_eval=eval_dataset is not None, stream=stream)
+        if stream is not None and self.resume:
+            train_dataset.resume_at(*recorded_position(self.resume))
+        return train_dataset, eval_dataset, stream
+
+    def make_trainer(
+        self, model: Any, tokenizer: Any, template: Any, train_dataset: Any, eval_dataset: Any, stream: Any, base: str
+    ) -> RunTrainer:
+        """Claim the run folder, then the run's Trainer over the model (LoRA adapters with `--use_lora`)."""
+        from hf_sft.data import make_collator
+
+        config, args = self.config, self.args
+        if args.use_lora:
+            model = _wrap_lora(model, args)
+        self.samples = SampleGenerationCallback(
+            tokenizer,
+            template,
+            args.sample_instructions.split("|") if args.sample_instructions else DEFAULT_SAMPLE_INSTRUCTIONS,
+            max_new_tokens=args.sample_max_new_tokens,
+        )
+        self.preemption = PreemptionCallback(self.stop)
+        self.guard = NumericGuard()
+        engines.enable_on_cpu(args)
+        if self.main_process:
+            claim_run_folder(self.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+            start_run_log(self.output_dir)
+            if self.resume and args.discard_newer_checkpoints:
+                discard_newer(self.output_dir, self.resume)
+        budget = (
+            args.per_device_train_batch_size * self.max_seq_len if args.packing and args.token_budget_batches else None
+        )
+        trainer = RunTrainer(
+            checkpoint_files=CheckpointFiles({**config.record, "base_model": base}, tokenizer),
+            keep_checkpoints=config.keep_checkpoints,
+            numeric_guard=self.guard,
+            token_budget=budget,
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=make_collator(tokenizer.pad_token_id, args.packing, args.pad_to_multiple_of),
+            processing_class=tokenizer,
+        )
+        engines.check_engine(config.engine, trainer.accelerator)
+        logger.info("engine %s", engines.describe(trainer.accelerator))
+        register_callbacks(
+            trainer,
+            preemption=self.preemption,
+            log_file=LogFileCallback(self.output_dir / "train.log"),
+            guard=self.guard,
+            stream=StreamPositionCallback(train_dataset, examples_per_step(args)) if stream is not None else None,
+            resume=self.resume,
+            samples=self.samples if eval_dataset is not None else None,
+            extra=self.callbacks,
+        )
+        return trainer
+
+    def train(self, trainer: RunTrainer) -> None:
+        """`Trainer.train` from the checkpoint resumed; the progress bars closed if it ends early."""
+        self.check_stop()
+        try:
+            trainer.train(resume_from_checkpoint=self.resume)
+        except NothingLeftToTrain as done:
+            close_progress_bars(trainer)
+            logger.info("%s", done)
+        except BaseException:
+            close_progress_bars(
+                trainer
+            )  # now: closed when the trainer is collected, a bar would print after the error
+            raise
+
+    def finish(self, trainer: RunTrainer, base: str) -> None:
+        """A diverged or signalled run stops with its last line; else the final evaluation and the final folder."""
+        args = self.args
+        if self.guard.failure:  # before a signal's stop: a diverged run is not continued by resuming it as it is
+            raise diverged(self.guard, self.output_dir, args.learning_rate, args.max_grad_norm, self.main_process)
+        if self.preemption.requested and trainer.state.global_step < trainer.state.max_steps:
+            raise stopped_in_training(self.preemption, self.output_dir, self.main_process)
+        # Training has finished (a signal during its last step included): the final folder is finished too.
+        if trainer.eval_dataset is not None and not _evaluated_at(
+            trainer.state.log_history, trainer.state.global_step
+        ):
+            trainer.evaluate()
+        save_final(trainer, self.config.data, self.output_dir, base, self.samples.history)
+
+    def _prepare_hub(self) -> None:
+        """`--push_to_hub`: check the token and the network before training, not after it; keep the token off disk."""
+        if self.config.hub_token:
+            os.environ["HF_TOKEN"] = self.config.hub_token
+            logger.warning("--hub_token is passed on as HF_TOKEN and not saved; prefer HF_TOKEN or `hf auth login`")
+        if not self.args.push_to_hub or not self.main_process:
+            return
+        from hf_sft.hub import check_hub
+
+        user = check_hub()
+        repo = self.args.hub_model_id or f"{user}/{self.output_dir.resolve().name}"
+        logger.info("will push to %s as %s", repo, user)
 
 
 def _evaluated_at(history: list[dict], step: int) -> bool:
     return any("eval_loss" in entry and entry.get("step") == step for entry in history)
-
-
-def _fill_demo_paths(data_args: DataArguments) -> None:
-    from hf_sft.demo import DEMO_DATA
-
-    data_args.data_path = data_args.data_path or str(DEMO_DATA)
-
-
-def _check_world_size(args: SFTTrainingArguments) -> None:
-    """`accelerate launch --num_processes 2` without a process group gives two separate runs: refuse that."""
-    launched = engines.launched_processes()
-    if launched != args.world_size:
-        raise UsageError(
-            f"{launched} processes were launched but this one sees world size {args.world_size}: they would train "
-            "separately and overwrite each other. On CPU pass --device cpu."
-        )
-
-
-def _finalise_training_args(args: SFTTrainingArguments, has_eval: bool) -> SFTTrainingArguments:
-    import dataclasses
-
-    kwargs = dict(args.lr_scheduler_kwargs or {})
-    if args.lr_scheduler_type == "cosine_with_min_lr" and "min_lr" not in kwargs and "min_lr_rate" not in kwargs:
-        # As a rate: the `min_lr` form reads `optimizer.defaults`, which DeepSpeed's optimizers lack.
-        kwargs["min_lr_rate"] = args.min_lr / args.learning_rate if args.min_lr is not None else 0.1
-    changes = {
-        "lr_scheduler_kwargs": kwargs,
-        "save_total_limit": None,  # rotation is StagedCheckpoints', once the new checkpoint is in place
-    }
-    if not has_eval:
-        changes["eval_strategy"] = "no"
-    return dataclasses.replace(args, **changes)
 
 
 def _wrap_lora(model, args: SFTTrainingArguments):
@@ -293,14 +299,3 @@ def _wrap_lora(model, args: SFTTrainingArguments):
 
 def _precision_name(args: SFTTrainingArguments) -> str:
     return "bf16 autocast" if args.bf16 else "fp16 autocast + grad scaler" if args.fp16 else "fp32"
-
-
-def _setup_logging(args: SFTTrainingArguments) -> None:
-    """hf_sft's messages on stderr and, on rank 0, in `<output_dir>/train.log` once the folder is claimed."""
-    hf_sft_logger = logging.getLogger("hf_sft")
-    hf_sft_logger.setLevel(logging.INFO if args.process_index == 0 else logging.ERROR)
-    if not any(isinstance(h, ConsoleHandler) for h in hf_sft_logger.handlers):
-        hf_sft_logger.addHandler(ConsoleHandler())
-    transformers.utils.logging.set_verbosity_warning()
-    if args.process_index == 0:
-        hold_run_log()

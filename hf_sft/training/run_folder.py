@@ -1,28 +1,52 @@
-"""A run owns its `--out_dir`: another run's work there is refused, and a live run holds a lock on the folder.
+"""The run folder: a run owns its `--out_dir` (claim), holds a lock on it while it lives, and logs into it.
 
-Two steps, so that a failed run leaves nothing behind: `check_run_folder` (read-only, before any work) refuses a
-folder that is a file, is locked by a live run (`hf_sft.training.run_lock`), or holds another run's checkpoints or
-final model; `claim_run_folder` (once the inputs are validated) creates the folder, takes the lock, removes what a
-killed run's writes left (staging folders), and clears the old run's work if asked to. `discard_newer` removes the
-checkpoints past the one a run resumes from, with the final model they lead to, when the user asks for it.
+**Claim.** Two steps, so that a failed run leaves nothing behind: `check_run_folder` (read-only, before any work)
+refuses a folder that is a file, is locked by a live run, or holds another run's checkpoints or final model;
+`claim_run_folder` (once the inputs are validated) creates the folder, takes the lock, removes what a killed run's
+writes left (staging folders), and clears the old run's work if asked to. `discard_newer` removes the checkpoints
+past the one a run resumes from, with the final model they lead to, when the user asks for it.
+
+**Lock.** `_run.lock` with pid and host, under an exclusive `flock` (`RunLock`). The kernel drops a `flock` when its
+process dies, however it dies (SIGKILL too), so a lock file whose `flock` can be taken is stale and is taken over. A
+lock written on another host is never taken over: a `flock` need not cross a network file system. Where the file
+system has no `flock` at all, the holder's pid decides.
+
+**Log.** `train.log` holds the whole run from its first message, though the file is only opened once the folder is
+claimed. Until then (inputs still being checked) records wait in memory (`hold_run_log`): a run refused at that
+stage leaves no file behind.
 """
 
 from __future__ import annotations
 
+import atexit
+import errno
+import fcntl
+import json
 import logging
+import os
+import socket
+import sys
+import time
+from logging.handlers import MemoryHandler
 from pathlib import Path
+
+import transformers
 
 from hf_sft import MODEL_CODE_FILES
 from hf_sft.errors import UsageError
-from hf_sft.training.checkpoint_check import folder_step
-from hf_sft.training.checkpoints import list_checkpoints
-from hf_sft.training.run_lock import RunLock, in_use_message, live_holder
-from hf_sft.training.run_log import RUN_LOG
+from hf_sft.training.checkpoints import folder_step, list_checkpoints
 from hf_sft.writer import PENDING_RECORD, incomplete, leftovers, remove, replace_files
 
 logger = logging.getLogger("hf_sft.train")
 
-# What a finished run leaves in its folder (hf_sft.training.output.save_final), besides checkpoints and the log.
+FORMATTER = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+RUN_LOG = "train.log"
+_MARK = "hf_sft_run_log"
+
+
+# Claim
+
+# What a finished run leaves in its folder (hf_sft.training.final_folder.save_final), besides checkpoints and the log.
 FINAL_FILES = (
     "config.json",
     "generation_config.json",
@@ -152,3 +176,205 @@ def _clear_previous_work(out_dir: Path) -> None:
         remove(out_dir / name)
     if removed:
         logger.warning("%s: removed the previous run's %s", OVERWRITE_FLAG, ", ".join(removed))
+
+
+# Lock
+
+# Trainer's checkpoint pushes upload the output folder except `_*`: the lock stays off the Hub.
+LOCK_FILE = "_run.lock"
+_UNKNOWN = {"pid": "?", "host": "?"}  # a lock file being written this very moment
+
+
+def in_use_message(out_dir: Path, holder: dict) -> str:
+    """The refusal naming the holder of `out_dir`'s lock."""
+    return (
+        f"--out_dir {out_dir} is in use by another run: pid {holder.get('pid')} on host {holder.get('host')} "
+        f"(lock file {out_dir / LOCK_FILE}); wait for it to finish or choose another --out_dir"
+    )
+
+
+def _read_holder(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def live_holder(folder: Path) -> dict | None:
+    """The holder of `folder`'s lock if a live process holds it; None for no lock or a stale one."""
+    path = folder / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        taken = _try_flock(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
+    holder = _read_holder(path)
+    if taken is False:
+        return holder or _UNKNOWN
+    return (
+        holder if holder and (holder.get("host") != socket.gethostname() or taken is None and _alive(holder)) else None
+    )
+
+
+def _try_flock(fd: int, mode: int) -> bool | None:
+    """True: taken; False: another process holds it; None: this file system does not support `flock`."""
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as err:
+        if err.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):  # e.g. Lustre mounted without flock
+            return None
+        raise
+    return True
+
+
+def _alive(holder: dict) -> bool:
+    """Without `flock`, whether the holder's pid runs on this host (pid reuse aside)."""
+    try:
+        os.kill(int(holder.get("pid")), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, under another user
+        return True
+    except (TypeError, ValueError):
+        return False
+    return holder.get("pid") != os.getpid()
+
+
+class RunLock:
+    """`_run.lock` in the run folder: pid and host, under an exclusive `flock` held while the run lives."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, taking over a stale one (logged).
+
+        Raises:
+            UsageError: another live run holds it, naming its pid and host.
+        """
+        attempts = 0
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            taken = _try_flock(fd, fcntl.LOCK_EX)
+            if taken is False:
+                os.close(fd)
+                attempts += 1
+                if attempts < 5:  # a concurrent `check_run_folder` holds a shared lock for a moment
+                    time.sleep(0.1)
+                    continue
+                raise UsageError(in_use_message(self.path.parent, _read_holder(self.path) or _UNKNOWN)) from None
+            try:
+                same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if same_file:  # else its holder removed it between our open and our flock: try again
+                break
+            os.close(fd)
+        stale = _read_holder(self.path)
+        if stale and stale.get("host") != socket.gethostname():
+            os.close(fd)  # a lock of another machine: its flock may not reach us through a network file system
+            raise UsageError(
+                f"{in_use_message(self.path.parent, stale)}; if that run is no longer alive, delete {self.path}"
+            )
+        if stale and taken is None and _alive(stale):
+            os.close(fd)
+            raise UsageError(in_use_message(self.path.parent, stale))
+        if stale:
+            logger.warning(
+                "taking over the stale lock of pid %s on host %s: that run is no longer alive",
+                stale.get("pid"),
+                stale.get("host"),
+            )
+        holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder + b"\n", 0)
+        self._fd = fd
+        atexit.register(self.release)
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock; safe to call twice."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+
+# Log
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is at each message.
+
+    A handler bound to the stream of the process's first run would write into a closed stream once a test harness
+    (or an application running several trainings) has swapped `sys.stderr` in between.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(FORMATTER)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def start_logging(process_index: int) -> None:
+    """hf_sft's messages on stderr and, on rank 0, held for `<output_dir>/train.log` until the folder is claimed."""
+    hf_sft_logger = logging.getLogger("hf_sft")
+    hf_sft_logger.setLevel(logging.INFO if process_index == 0 else logging.ERROR)
+    if not any(isinstance(h, ConsoleHandler) for h in hf_sft_logger.handlers):
+        hf_sft_logger.addHandler(ConsoleHandler())
+    transformers.utils.logging.set_verbosity_warning()
+    if process_index == 0:
+        hold_run_log()
+
+
+def hold_run_log() -> None:
+    """Keep the run's log records (hf_sft's and transformers' warnings) in memory until `start_run_log`."""
+    _install(MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1))  # flushes only when told
+
+
+def start_run_log(output_dir: str | Path) -> None:
+    """Open `<output_dir>/train.log` (appending), write the records held so far, and log there from now on."""
+    handler = logging.FileHandler(Path(output_dir) / RUN_LOG, encoding="utf-8")
+    handler.setFormatter(FORMATTER)
+    for held in _marked():
+        if isinstance(held, MemoryHandler):
+            held.setTarget(handler)
+            held.flush()
+            break
+    _install(handler)
+
+
+def _owners() -> tuple[logging.Logger, logging.Logger]:
+    return logging.getLogger("hf_sft"), transformers.utils.logging.get_logger()
+
+
+def _marked() -> list[logging.Handler]:
+    return [h for owner in _owners() for h in owner.handlers if getattr(h, _MARK, False)]
+
+
+def _install(handler: logging.Handler) -> None:
+    # A second run in the same process logs to its own file: drop the previous run's handlers first.
+    for owner in _owners():
+        for old in [h for h in owner.handlers if getattr(h, _MARK, False)]:
+            owner.removeHandler(old)
+            if old is not handler:
+                old.close()
+    setattr(handler, _MARK, True)
+    for owner in _owners():
+        owner.addHandler(handler)

@@ -5,8 +5,9 @@ write, an atexit handler, the release of the run lock. A handler that raises (Ke
 those it lands in, and one that logs can land inside a write to the same stream ("reentrant call"). So the handler
 only counts: which signal came first and how many came. The run reads that where stopping is safe: between its
 set-up stages (`StopRequests.check`), at optimizer-step boundaries and after each checkpoint save
-(`PreemptionCallback`), and after the final save. Each way of stopping ends with one line saying where the work
-is and how to continue (`stopped_in_training`, `stopped_before_training`, `stopped_after_training`).
+(`hf_sft.training.callbacks.PreemptionCallback`), and after the final save. Each way of stopping ends with one line
+saying where the work is and how to continue (`stopped_in_training`, `stopped_before_training`,
+`stopped_after_training`).
 
 What signals mean, in order:
 - before training (set-up, data, model): the run stops at the end of the stage under way; nothing was trained.
@@ -30,10 +31,6 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from transformers import TrainerCallback
-
 from hf_sft.errors import RunInterrupted
 from hf_sft.training.checkpoints import list_checkpoints
 from hf_sft.training.engines import launched_processes
@@ -48,7 +45,6 @@ class StopRequests:
 
     def __init__(self):
         self._previous: dict[int, object] = {}
-        self._depth = 0
         self.reset()
 
     def reset(self) -> None:
@@ -117,7 +113,7 @@ STOP = StopRequests()
 
 @contextlib.contextmanager
 def handling_signals(exiting: bool = False) -> Iterator[StopRequests]:
-    """SIGTERM and SIGINT go to `STOP` inside the block; nested blocks share the outermost one's state.
+    """SIGTERM and SIGINT go to `STOP` inside the block, entered once per command (`hf_sft.cli.main`).
 
     Args:
         exiting: the process ends after the block (the command line's entry point). Signals are then ignored from
@@ -126,75 +122,28 @@ def handling_signals(exiting: bool = False) -> Iterator[StopRequests]:
             handlers and a default SIGTERM would replace the status.
 
     Yields:
-        `STOP`, reset at the outermost entry. Off the main thread (where Python cannot set handlers) it is only read.
+        `STOP`, reset (and reset again at the block's end). Off the main thread (where Python cannot set handlers)
+        it is only read.
+
+    Raises:
+        RuntimeError: the block is entered again inside itself (one handler, one owner).
     """
-    outermost = STOP._depth == 0
+    if STOP._previous:
+        raise RuntimeError("SIGTERM/SIGINT are handled already: enter handling_signals once per command")
+    STOP.reset()
     installed = False
-    if outermost:
-        STOP.reset()
-        try:
-            STOP._install()
-            installed = True
-        except ValueError:  # not the main thread: the embedding application owns the signals
-            pass
-    STOP._depth += 1
+    try:
+        STOP._install()
+        installed = True
+    except ValueError:  # not the main thread: the embedding application owns the signals
+        pass
     try:
         yield STOP
     finally:
-        STOP._depth -= 1
         if installed:
             STOP.echo = False
             STOP._uninstall(ignore=exiting)
-
-
-class PreemptionCallback(TrainerCallback):
-    """After a signal: save a checkpoint at the end of the optimizer step, or stop right after a save under way.
-
-    Stopping only between optimizer steps keeps the checkpoint's data position exact. Under several processes the
-    stop request is shared (an all-reduce per step and per save), so every rank stops at the same step.
-    """
-
-    def __init__(self, stop: StopRequests = STOP):
-        self.stop = stop
-        self.remote = False  # another rank received the signal
-
-    @property
-    def requested(self) -> bool:
-        return self.stop.requested or self.remote
-
-    @property
-    def status(self) -> int:
-        return self.stop.status if self.stop.requested else 128 + signal.SIGTERM
-
-    @property
-    def by(self) -> str:
-        return self.stop.first.name if self.stop.requested else "a signal on another rank"
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self._shared(args):
-            control.should_save = True
-            control.should_training_stop = True
-            self._log(f"saving a checkpoint at step {state.global_step}, then stopping")
-        return control
-
-    def on_save(self, args, state, control, **kwargs):
-        if self._shared(args):  # it came while this checkpoint was written: stop here, not a step later
-            control.should_training_stop = True
-            self._log(f"checkpoint-{state.global_step} is saved: stopping")
-        return control
-
-    def _shared(self, args) -> bool:
-        stop = self.stop.requested
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([float(stop)], device=args.device)
-            dist.all_reduce(flag)
-            self.remote = self.remote or (bool(flag.item()) and not stop)
-        return stop or self.remote
-
-    def _log(self, what: str) -> None:
-        new = self.stop.unlogged()
-        if new:
-            logger.warning("%s (%s; %d signal(s) so far)", what, self.by, self.stop.count)
+        STOP.reset()  # read inside the block only: a run started outside one (in code) sees no stale signal
 
 
 def resume_command(checkpoint: str | Path, *flags: str) -> str:
@@ -209,7 +158,7 @@ def resume_command(checkpoint: str | Path, *flags: str) -> str:
     return shlex.join(command)
 
 
-def stopped_in_training(preemption: PreemptionCallback, output_dir: Path, main_process: bool) -> RunInterrupted:
+def stopped_in_training(preemption, output_dir: Path, main_process: bool) -> RunInterrupted:
     """The exit of a run stopped mid-training: the newest complete checkpoint and the command that resumes it."""
     if not main_process:
         return RunInterrupted("", preemption.status)

@@ -26,7 +26,7 @@ from hf_sft.data.sources import folder_problem
 from hf_sft.errors import UsageError
 from hf_sft.flags import not_finite
 from hf_sft.training.arguments import flag
-from hf_sft.training.setup import LEGACY_SUFFIXES
+from hf_sft.training.model_and_data import LEGACY_SUFFIXES
 
 Rule = tuple[str, Callable[[Any], bool]]
 

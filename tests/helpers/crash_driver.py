@@ -23,11 +23,10 @@ import torch
 
 torch.set_num_threads(1)
 
-import hf_sft.training.output  # noqa: E402
+import hf_sft.training.final_folder  # noqa: E402
 import hf_sft.writer  # noqa: E402
 from hf_sft.cli import main  # noqa: E402
-from hf_sft.training.checkpoint_check import problem  # noqa: E402
-from hf_sft.training.checkpoints import list_checkpoints  # noqa: E402
+from hf_sft.training.checkpoints import list_checkpoints, problem  # noqa: E402
 
 RUN = [
     "train", "--demo", "--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "128",
@@ -52,13 +51,13 @@ def count_writes(kill_at: int | None) -> dict:
 
     hf_sft.writer._fsync_path = counted(hf_sft.writer._fsync_path)
     torch.save = counted(torch.save)
-    real_replace_files = hf_sft.training.output.replace_files
+    real_replace_files = hf_sft.training.final_folder.replace_files
 
     def replace_files(*args, **kwargs):
         counter["final_save_at"] = counter["writes"] + 1
         return real_replace_files(*args, **kwargs)
 
-    hf_sft.training.output.replace_files = replace_files
+    hf_sft.training.final_folder.replace_files = replace_files
     return counter
 
 

@@ -1,46 +1,24 @@
-"""Before training: where it runs, in which precision, and from which model and tokenizer it starts."""
+"""What a run starts from: its model and tokenizer (from a legacy checkpoint, a HF folder, or new) and its datasets."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast, TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
 
 from hf_sft.configuration_hfsft_gpt import HfSftGPTConfig
+from hf_sft.data import DataArguments
 from hf_sft.errors import UsageError, bad_input
 from hf_sft.modeling_hfsft_gpt import HfSftGPTForCausalLM
 from hf_sft.tokenizer import load_tokenizer
-from hf_sft.training.arguments import DataArguments, ModelArguments
+from hf_sft.training.arguments import ModelArguments
 
 logger = logging.getLogger("hf_sft.train")
 
 LEGACY_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
-
-
-def resolve_device_and_precision(model_args: ModelArguments, args: TrainingArguments) -> TrainingArguments:
-    """CUDA: bf16 where supported, else fp16 (with a grad scaler); CPU: fp32 unless bfloat16 is asked for."""
-    use_cpu = args.use_cpu or model_args.device == "cpu"
-    if not use_cpu and not torch.cuda.is_available():
-        logger.warning("--device cuda: no CUDA device is available, training on CPU")
-        use_cpu = True
-    bf16, fp16 = args.bf16, args.fp16
-    if not (bf16 or fp16):
-        if use_cpu:
-            if model_args.dtype == "bfloat16":
-                bf16 = True
-            elif model_args.dtype == "float16":
-                logger.warning("--dtype float16 is ignored on CPU (fp32); bfloat16 autocast is available on CPU")
-        elif model_args.dtype != "float32":
-            bf16_ok = torch.cuda.is_bf16_supported()
-            bf16 = model_args.dtype == "bfloat16" and bf16_ok or (model_args.dtype is None and bf16_ok)
-            fp16 = not bf16
-            if model_args.dtype == "bfloat16" and not bf16_ok:
-                logger.warning("--dtype bfloat16: this GPU does not support it, using float16 with a grad scaler")
-    return dataclasses.replace(args, use_cpu=use_cpu, bf16=bf16, fp16=fp16)
 
 
 def load_model_and_tokenizer(

@@ -1,4 +1,4 @@
-"""Token-budget micro-batches: same examples and per-step losses as Trainer's micro-batches, in fewer rows."""
+"""The run's Trainer: token-budget micro-batches (same examples and per-step losses in fewer rows), its overrides."""
 
 import doctest
 import random
@@ -6,13 +6,13 @@ import random
 import pytest
 import torch
 from datasets import Dataset
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
-import hf_sft.training.token_budget as token_budget
+import hf_sft.training.trainer as trainer_module
 from hf_sft.configuration_hfsft_gpt import HfSftGPTConfig
 from hf_sft.data.collator import make_collator
 from hf_sft.modeling_hfsft_gpt import HfSftGPTForCausalLM
-from hf_sft.training.token_budget import TokenBudgetTrainer, first_fit_rows, repack_micro_batches
+from hf_sft.training.trainer import RunTrainer, first_fit_rows, repack_micro_batches
 
 BATCH, ACCUM, MAX_LEN = 2, 4, 32
 
@@ -29,7 +29,7 @@ def examples(count: int = 24) -> list[dict]:
 
 
 def test_doctests():
-    assert doctest.testmod(token_budget).failed == 0
+    assert doctest.testmod(trainer_module).failed == 0
 
 
 def test_first_fit_never_needs_more_rows_than_micro_batches():
@@ -88,7 +88,7 @@ def train_losses(tmp_path, budget: int | None) -> tuple[list[float], int]:
         remove_unused_columns=False,
         disable_tqdm=True,
     )
-    trainer = TokenBudgetTrainer(
+    trainer = RunTrainer(
         token_budget=budget,
         model=model,
         args=args,
@@ -106,3 +106,15 @@ def test_token_budget_steps_give_the_same_losses_in_fewer_forwards(tmp_path):
     assert len(losses) == 3 and forwards == 3 * ACCUM
     assert budget_forwards < forwards
     torch.testing.assert_close(torch.tensor(budget_losses), torch.tensor(losses), atol=1e-5, rtol=1e-5)
+
+
+def test_the_guard_sees_trainers_own_gradient_norm():
+    # A private Trainer method carries the norm; if transformers renames it, the override would silently stop.
+    assert hasattr(Trainer, "_get_grad_norm") and "_get_grad_norm" in RunTrainer.__dict__
+
+
+def test_every_private_trainer_method_it_overrides_still_exists():
+    # Trainer calls these by name; renamed upstream, an override would become dead code and the run would go on
+    # without staged checkpoints, deferred pushes or the guard's gradient norm.
+    for name in ("_save_checkpoint", "_get_output_dir", "_push_from_checkpoint", "_get_grad_norm"):
+        assert hasattr(Trainer, name) and name in RunTrainer.__dict__, name

@@ -4,8 +4,8 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers.runs import snapshot, train
 from test_resume import last_error, same_weights
-from test_training import train
 
 from hf_sft.cli import main
 from hf_sft.writer import PENDING_RECORD, incomplete, leftovers
@@ -20,10 +20,6 @@ def full_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("output") / "full"
     assert train(out, "--max_iters", "4", "--save_interval", "2") == 0
     return out
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def killed_at_rename(monkeypatch, out: Path, n: int) -> None:
@@ -82,7 +78,7 @@ def test_a_final_save_that_fails_before_the_swap_leaves_the_old_final_folder(ful
     def no_plot(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("hf_sft.training.output.plot_losses", no_plot)
+    monkeypatch.setattr("hf_sft.training.final_folder.plot_losses", no_plot)
     assert main(["train", "--resume_from_ckpt_path", "latest", "--out_dir", str(out)]) == 1
     after = snapshot(out)
     assert {k: v for k, v in after.items() if k != "train.log"} == {

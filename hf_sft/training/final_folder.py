@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 from pathlib import Path
 
 from transformers import Trainer
 
-from hf_sft.data.template import get_format
-from hf_sft.errors import UsageError
-from hf_sft.training.arguments import DataArguments, SFTTrainingArguments
-from hf_sft.training.report import LOSS_PLOT, model_card, plot_losses
+from hf_sft.data import get_format
+from hf_sft.training.arguments import DataArguments
+from hf_sft.training.checkpoints import consolidated_model
+from hf_sft.training.model_card import LOSS_PLOT, model_card, plot_losses
 from hf_sft.training.run_folder import final_files
-from hf_sft.training.sharded_save import consolidated_model
 from hf_sft.writer import replace_files
 
 logger = logging.getLogger("hf_sft.train")
@@ -103,22 +100,3 @@ def push_final(trainer: Trainer, output_dir: Path, repo_id: str) -> None:
         retry = f"hf-sft push {output_dir} --repo_id {repo_id}"
         raise HubError(f"{err}. The model is saved: retry with `{retry}`") from None
     logger.info("pushed %d files to %s: %s", len(result.files), result.repo_id, result.commit_url)
-
-
-def check_hub_args(args: SFTTrainingArguments, output_dir: Path) -> SFTTrainingArguments:
-    """`--push_to_hub`: check the token and the network before training, not after it; keep the token off disk."""
-    if args.hub_token:
-        # TrainingArguments is pickled whole into training_args.bin (each checkpoint): the token must not be in it.
-        os.environ["HF_TOKEN"] = args.hub_token
-        args = dataclasses.replace(args, hub_token=None)
-        logger.warning("--hub_token is passed on as HF_TOKEN and not saved; prefer HF_TOKEN or `hf auth login`")
-    if not args.push_to_hub:
-        return args
-    if args.use_lora and args.lora_save == "adapter":
-        raise UsageError("--push_to_hub uploads a full model: use --lora_save merged with it")
-    if args.process_index == 0:
-        from hf_sft.hub import check_hub
-
-        user = check_hub()
-        logger.info("will push to %s as %s", args.hub_model_id or f"{user}/{output_dir.resolve().name}", user)
-    return args

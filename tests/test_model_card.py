@@ -2,7 +2,7 @@
 
 from huggingface_hub import ModelCard
 
-from hf_sft.training.report import model_card
+from hf_sft.training.model_card import model_card
 
 HISTORY = [{"step": 5, "loss": 2.5}, {"step": 10, "loss": 1.25}, {"step": 10, "eval_loss": 1.5}]
 
