@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hf_sft.errors import UsageError, bad_input
+from hf_sft.evaluation import REPORT_FILE, RESULTS_FILE
 from hf_sft.tokenizer import TOKENIZER_FILES
 from hf_sft.writer import check_complete
 
 logger = logging.getLogger(__name__)
 
-OTHER_FILES = ("config.json", "generation_config.json", "README.md", "loss.png")
+OTHER_FILES = ("config.json", "generation_config.json", "README.md", "loss.png", RESULTS_FILE, REPORT_FILE)
 PREFLIGHT_TIMEOUT_S = 10.0
 
 

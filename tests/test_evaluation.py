@@ -482,3 +482,35 @@ def test_compare_against_a_hub_id_evaluates_the_downloaded_base(folders, tmp_pat
     assert results["base"]["revision"] == commit["oid"]
     assert results["overall"]["difference"] == {"loss": 0.0, "perplexity": 0.0, "accuracy": 0.0}
     assert results["answers"][0]["base"] == results["answers"][0]["model"]
+
+
+def test_a_training_run_with_an_eval_split_ends_with_its_evaluation_in_the_final_folder(folders, tmp_path, capsys):
+    """The run's own final evaluation equals `hf-sft eval` of the final folder on the held-out part, against the base
+    the run started from; the card carries the model-index."""
+    from huggingface_hub import ModelCard
+
+    base = folders["nanogpt"]
+    data = write_records(tmp_path / "records.jsonl", seed=22, n=40)
+    out = tmp_path / "run"
+    held_out = ["--val_split", "0.25", "--seed", "3", "--max_seq_len", str(MAX_SEQ_LEN)]
+    argv = ["train", "--pretrained_ckpt_path", str(base), "--data_path", str(data), *held_out, "--device", "cpu"]
+    argv += ["--max_iters", "3", "--batch_size", "2", "--learning_rate", "1e-3", "--out_dir", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+    capsys.readouterr()
+    during = results_of(out)
+    assert {RESULTS_FILE, REPORT_FILE} <= {p.name for p in out.iterdir()}
+    assert during["base"]["path"] == str(base)
+
+    cli = tmp_path / "cli"
+    code, _, err = run_eval(capsys, out, "--data_path", data, *held_out, "--compare", base, "--out", cli)
+    assert code == 0, err
+    after = results_of(cli)
+    assert during["overall"]["model"]["examples"] == after["overall"]["model"]["examples"] > 0
+    for kind in ("model", "base", "difference"):
+        for metric in ("loss", "accuracy"):
+            assert during["overall"][kind][metric] == pytest.approx(after["overall"][kind][metric], abs=1e-5)
+    assert set(during["groups"]) == set(after["groups"])
+    for name, entry in during["groups"].items():
+        assert_figures_equal(entry["model"], after["groups"][name]["model"])
+    index = ModelCard.load(out / CARD_FILE).data.to_dict()["model-index"]
+    assert index and index[0]["results"]

@@ -35,8 +35,14 @@ _CARD_ARGS = (
 )
 
 
-def save_final(trainer: Trainer, data_args: DataArguments, output_dir: Path, base: str, samples: list[dict]) -> None:
-    """Model (LoRA merged unless `--lora_save adapter`), tokenizer, loss plot, model card; then the push, if asked.
+def save_final(
+    trainer: Trainer, data_args: DataArguments, output_dir: Path, base: str, samples: list[dict]
+) -> str | None:
+    """Model (LoRA merged unless `--lora_save adapter`), tokenizer, loss plot, model card.
+
+    Returns:
+        The Hub repository the run pushes the folder to (`push_final`, once the run has added its evaluation), or
+        None: no push, or not the main process.
 
     The files are staged and swapped into `output_dir` as one change (`hf_sft.writer.replace_files`): a save cut
     short leaves the folder marked incomplete, and `--resume_from_ckpt_path latest` writes it again.
@@ -46,7 +52,7 @@ def save_final(trainer: Trainer, data_args: DataArguments, output_dir: Path, bas
         model = model.merge_and_unload()
     model = consolidated_model(trainer, model)  # a collective under FSDP/ZeRO: every rank takes part
     if not trainer.is_world_process_zero():
-        return
+        return None
     model.config.use_cache = True  # the folder is for inference, whatever the training run set
     repo_id = trainer.hub_model_id if trainer.args.push_to_hub else None
     with replace_files(output_dir, replaces=final_files(output_dir), note=repair_note(output_dir)) as staging:
@@ -69,8 +75,7 @@ def save_final(trainer: Trainer, data_args: DataArguments, output_dir: Path, bas
         )
         card.save(staging / "README.md")
     logger.info("final model written to %s", output_dir)
-    if repo_id:
-        push_final(trainer, output_dir, repo_id)
+    return repo_id
 
 
 def repair_note(output_dir: Path) -> str:

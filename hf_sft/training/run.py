@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback, set_seed
 
-from hf_sft.data import build_run_datasets
+from hf_sft.data import build_run_datasets, get_format
 from hf_sft.errors import UsageError, bad_input
 from hf_sft.training import engines
 from hf_sft.training.arguments import DataArguments, ModelArguments, SFTTrainingArguments
@@ -42,7 +45,7 @@ from hf_sft.training.callbacks import (
 )
 from hf_sft.training.checkpoints import CheckpointFiles
 from hf_sft.training.config import RunConfig, examples_per_step, fit_to_data, resolve_run
-from hf_sft.training.final_folder import save_final
+from hf_sft.training.final_folder import push_final, save_final
 from hf_sft.training.model_and_data import (
     load_model_and_tokenizer,
     sync_special_token_ids,
@@ -148,7 +151,7 @@ class TrainingRecipe:
     def setup_model(self) -> tuple[Any, Any, Any, str]:
         """The model (its weights restored later by Trainer when resuming), tokenizer, prompt format and the
         description of the base model."""
-        from hf_sft.data import get_format, install_chat_template, resolve_max_seq_len
+        from hf_sft.data import install_chat_template, resolve_max_seq_len
 
         config, args = self.config, self.args
         template = get_format(config.data.template)
@@ -172,6 +175,7 @@ class TrainingRecipe:
         self.check_stop()
         for line in data.describe():
             logger.info("%s", line)
+        self.template, self.eval_split = template, data.eval
         train_dataset = data.train.dataset
         eval_dataset = data.eval.dataset if data.eval is not None else None
         stream = data.train if data_args.streaming else None
@@ -258,7 +262,54 @@ class TrainingRecipe:
             trainer.state.log_history, trainer.state.global_step
         ):
             trainer.evaluate()
-        save_final(trainer, self.config.data, self.output_dir, base, self.samples.history)
+        repo_id = save_final(trainer, self.config.data, self.output_dir, base, self.samples.history)
+        if not trainer.is_world_process_zero():
+            return
+        self._evaluate_final_folder()
+        if repo_id:  # last, so that the upload carries the evaluation
+            push_final(trainer, self.output_dir, repo_id)
+
+    def _evaluate_final_folder(self) -> None:
+        """The final folder against the model the run started from, on the run's evaluation split, as `hf-sft eval`
+        writes it (`eval_results.json`, `eval_report.html`, the card's model-index)."""
+        args, model_args, data_args = self.args, self.config.model, self.config.data
+        split = self.eval_split
+        if split is None:
+            return
+        if split.streamed or (args.use_lora and args.lora_save == "adapter"):
+            why = "a streamed split" if split.streamed else "an adapter folder"
+            logger.info("no final evaluation for %s: run hf-sft eval %s --data_path ...", why, self.output_dir)
+            return
+        from hf_sft.data import parse_field_map
+        from hf_sft.evaluation import evaluate_after_training
+
+        evaluate_after_training(
+            self.output_dir,
+            split,
+            records_source=data_args.eval_data_path or data_args.data_path,
+            base=model_args.pretrained_ckpt_path,  # None for a model trained from scratch: nothing to compare
+            base_tokenizer_path=model_args.tokenizer_path,
+            special_tokens=model_args.special_tokens(),
+            field_map=parse_field_map(data_args.field_map),
+            command=shlex.join(sys.argv),
+            batch_size=args.per_device_eval_batch_size,
+            packing=args.packing,
+            device=str(args.device),
+            dtype=torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None,
+            hub_options={
+                "dataset_config": data_args.dataset_config,
+                "dataset_split": data_args.dataset_split,
+                "dataset_revision": data_args.dataset_revision,
+            },
+            data_settings={
+                "template": self.template.name,
+                "max_seq_len": self.max_seq_len,
+                "length_policy": data_args.length_policy,
+                "val_split": data_args.val_split,
+                "seed": args.seed,
+            },
+        )
+        logger.info("final evaluation written to %s", self.output_dir)
 
     def _prepare_hub(self) -> None:
         """`--push_to_hub`: check the token and the network before training, not after it; keep the token off disk."""

@@ -34,6 +34,7 @@ import transformers
 
 from hf_sft import MODEL_CODE_FILES
 from hf_sft.errors import UsageError
+from hf_sft.evaluation import REPORT_FILE, RESULTS_FILE
 from hf_sft.training.checkpoints import folder_step, list_checkpoints
 from hf_sft.writer import PENDING_RECORD, incomplete, leftovers, remove, replace_files
 
@@ -61,6 +62,8 @@ FINAL_FILES = (
     *MODEL_CODE_FILES,
     "README.md",
     "loss.png",
+    RESULTS_FILE,
+    REPORT_FILE,
 )
 _FINAL_MODELS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 OVERWRITE_FLAG = "--overwrite_output_dir"
