@@ -366,12 +366,21 @@ def test_a_signal_midway_leaves_no_partial_output(folders, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     rng = random.Random(14)
     outcomes = set()
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
+
+    def started() -> tuple[subprocess.Popen, bytes]:
         for name in (*OUTPUTS, CARD_FILE):
             (folder / name).unlink(missing_ok=True)
         process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
-        err = wait_for(process, b"eval model")  # scoring has begun
-        time.sleep(rng.uniform(0.0, 1.5))
+        return process, wait_for(process, b"eval model")  # scoring has begun
+
+    # The signals land at seeded fractions of how long the rest of an uninterrupted evaluation takes on this machine.
+    process, _ = started()
+    begun = time.monotonic()
+    assert process.wait(timeout=120) == 0
+    span = time.monotonic() - begun
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
+        process, err = started()
+        time.sleep(rng.uniform(0.0, 0.8) * span)
         process.send_signal(signum)
         err += process.communicate(timeout=120)[1]
         present = [(folder / name).exists() for name in (*OUTPUTS, CARD_FILE)]

@@ -101,6 +101,19 @@ def enable_on_cpu(args: TrainingArguments) -> None:
     AcceleratorState.__init__ = init
 
 
+def leave_process_group() -> None:
+    """Tear this process's process group down once the run has made its last collective call.
+
+    Left to interpreter exit, a gloo group's worker threads can be destroyed while still joinable when this process
+    ends before the others (a non-main process done while the main one saves and evaluates): C++ then aborts it
+    ("terminate called without an active exception", SIGABRT) and the launcher reports the run as failed.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def describe(accelerator) -> str:
     """The engine as the live accelerator runs it, e.g. `FSDP2 | world size 2 | sharding FULL_SHARD | ...`."""
     from accelerate.utils import DistributedType

@@ -101,6 +101,7 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None, sto
         status = TrainingRecipe(config, list(callbacks or []), stop).run()
     finally:
         release_run_folders()
+        engines.leave_process_group()
         stop.echo = False  # the run's last line follows: nothing may print after it
     if stop.requested:  # it came once training had finished: the final folder was finished first
         raise stopped_after_training(stop, Path(config.training.output_dir), config.main_process)
