@@ -399,7 +399,7 @@ def test_past_key_values_keyword_is_deprecated_as_in_stock_models(config):
 
 
 def test_each_returned_layer_output_is_that_layers_output(config):
-    """Outputs are collected by hand (see README): entry i is what layer i computed, attentions included."""
+    """Outputs are collected by hand (see docs/model.md): entry i is what layer i computed, attentions included."""
     model = make_model(config, attn="eager")
     seen = {}
     hooks = [

@@ -1,4 +1,4 @@
-"""The README's several-machines launch, as two machines on one host (gloo), equals one process: DDP and FSDP2."""
+"""docs/scaling-out.md's several-machines launch, two machines on one host (gloo), equals one process: DDP, FSDP2."""
 
 import subprocess
 import sys

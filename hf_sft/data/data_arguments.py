@@ -54,7 +54,7 @@ class DataArguments:
         default=False,
         metadata={
             "help": "Train from the .jsonl file read and tokenised as consumed (constant memory; the map-style "
-            "order and losses; exact resume). See README 'Streaming'."
+            "order and losses; exact resume). See docs/data.md, 'Streaming'."
         },
     )
     template: str = field(

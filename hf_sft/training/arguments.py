@@ -121,7 +121,7 @@ class SFTTrainingArguments(TrainingArguments):
     )
     min_lr: float | None = field(default=None, metadata={"help": "Floor of the cosine schedule (default lr / 10)."})
     # Padding-free packing (attention per example, exact losses): no compute spent on pad tokens; on Dolly it
-    # trains faster than dynamic padding on CPU (scripts/benchmark_throughput.py, README "Benchmarks").
+    # trains faster than dynamic padding on CPU (scripts/benchmark_throughput.py, docs/benchmarks.md).
     packing: bool = field(
         default=True,
         metadata={"help": "Padding-free packing of each batch into one row; `--packing false` pads instead."},
