@@ -93,7 +93,7 @@ def load_model(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     path = Path(spec)
     if path.suffix in LEGACY_SUFFIXES:
-        from hf_sft.convert import convert_checkpoint
+        from hf_sft.legacy import convert_checkpoint
 
         if not path.is_file():
             raise UsageError(f"{spec}: file not found")

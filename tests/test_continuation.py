@@ -11,11 +11,10 @@ from transformers import Trainer
 
 from hf_sft import HfSftGPTConfig, HfSftGPTForCausalLM
 from hf_sft.cli import main
-from hf_sft.legacy_checkpoint import load_legacy_checkpoint
+from hf_sft.legacy import convert_parameter_tensors, convert_state_dict, load_legacy_checkpoint
 from hf_sft.safe_pickle import load_checkpoint
 from hf_sft.training.arguments import parse_args
 from hf_sft.training.resume import RUN_ARGS_FILE, read_seed_run, write_continuation
-from hf_sft.weight_plans import convert_parameter_tensors, convert_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = str(REPO / "tests" / "fixtures" / "tiny_bpe.json")

@@ -38,7 +38,7 @@ LOADERS = {
 LOADERS_OF = {("json", "loads"), ("json", "load"), ("torch", "load"), ("torch", "device")}
 # Call sites outside a guard, each with why no library exception can escape from it on a user's input.
 PROVEN_SAFE = {
-    ("hf_sft/weight_plans.py", "convert_state_dict", "torch.device"): "torch.device('meta'): a constant",
+    ("hf_sft/legacy.py", "convert_state_dict", "torch.device"): "torch.device('meta'): a constant",
     ("hf_sft/export/gguf_tokenize.py", "lost_symbols_break", "json.loads"): (
         "the tokenizers library's own serialisation of a tokenizer already loaded"
     ),

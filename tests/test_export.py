@@ -11,12 +11,11 @@ from helpers.legacy_checkpoints import NANOGPT, PAIRS, SIMPLE_LLAMA, shared_chec
 
 from hf_sft import HfSftGPTConfig, HfSftGPTForCausalLM
 from hf_sft.cli import main
-from hf_sft.convert import convert_to_folder, load_legacy_checkpoint
 from hf_sft.export import blockers
 from hf_sft.export.legacy import fuse_interleaved_qkv
+from hf_sft.legacy import convert_to_folder, load_legacy_checkpoint, split_interleaved_qkv
 from hf_sft.safe_pickle import load_checkpoint
 from hf_sft.tokenizer import load_tokenizer
-from hf_sft.weight_plans import split_interleaved_qkv
 
 TOKENIZER = Path(__file__).parent / "fixtures" / "tiny_bpe.json"
 ATOL = 1e-4
@@ -234,7 +233,7 @@ def test_legacy_nanogpt_with_mask_buffers(shared_dir, tmp_path):
 
 @pytest.mark.parametrize("name", ["nanogpt_untied", "nanogpt_nobias", "llama"])
 def test_legacy_export_converts_back_to_the_same_logits(tmp_path, name):
-    from hf_sft.convert import convert_checkpoint
+    from hf_sft.legacy import convert_checkpoint
 
     fields = MODELS[name][0]
     model = make_model_folder(tmp_path / "m", **fields)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers.legacy_checkpoints import NANOGPT, PAIRS, SIMPLE_LLAMA, shared_checkpoint, shared_tokenizer
 
-from hf_sft.convert import convert_to_folder
+from hf_sft.legacy import convert_to_folder
 
 LOADER = Path(__file__).resolve().parent / "helpers" / "standalone_load.py"
 

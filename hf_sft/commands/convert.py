@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     """Convert, save and print a short summary."""
     from transformers.utils import logging as hf_logging
 
-    from hf_sft.convert import SOURCES, convert_to_folder
+    from hf_sft.legacy import SOURCES, convert_to_folder
 
     hf_logging.disable_progress_bar()  # stderr carries errors only
 

@@ -6,7 +6,7 @@
   (fused `qkv_linear` interleaved per head, q/k rows in the adjacent-pairs rotary order); `config` carries the
   `TrainingConfig` fields the model is built from, readable as attributes.
 
-This is the exact inverse of `hf_sft.convert`: converting the written file gives back the same model.
+This is the exact inverse of `hf_sft.legacy`: converting the written file gives back the same model.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def simple_llama_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def fuse_interleaved_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Inverse of `hf_sft.weight_plans.split_interleaved_qkv`: q, k, v (D, D) -> simple_llama's fused (3 * D, D).
+    """Inverse of `hf_sft.legacy.split_interleaved_qkv`: q, k, v (D, D) -> simple_llama's fused (3 * D, D).
 
     Each head's q/k rows go from rotate-half order ([evens; odds]) back to adjacent pairs, then the rows are
     interleaved per head as [q_h; k_h; v_h].

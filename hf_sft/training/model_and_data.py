@@ -27,7 +27,7 @@ def load_model_and_tokenizer(
     """The base model and its tokenizer, plus a one-line description of where the model came from."""
     source = model_args.pretrained_ckpt_path
     if _is_legacy(source):
-        from hf_sft.convert import convert_checkpoint
+        from hf_sft.legacy import convert_checkpoint
 
         if not model_args.tokenizer_path:
             raise UsageError("--pretrained_ckpt_path is a legacy checkpoint: pass --tokenizer_path too")
@@ -68,7 +68,7 @@ def base_config(model_args: ModelArguments, tokenizer: PreTrainedTokenizerFast) 
     """
     source = model_args.pretrained_ckpt_path
     if _is_legacy(source):
-        from hf_sft.legacy_checkpoint import load_legacy_checkpoint
+        from hf_sft.legacy import load_legacy_checkpoint
 
         return load_legacy_checkpoint(source).config
     if source:

@@ -28,7 +28,7 @@ the restored step on: its warmup, length and floor (`--min_lr`) come from the ne
 other. The seed script saves `{"model_state_dict", "optimizer_state_dict", "scaler", "iter_num", "model_args",
 "config"}` (`config`: its own arguments). What is kept, and how:
 
-- the weights, converted as `hf_sft.convert` converts them (fused `c_attn` split into q/k/v);
+- the weights, converted as `hf_sft.legacy` converts them (fused `c_attn` split into q/k/v);
 - AdamW's moments (`exp_avg`, `exp_avg_sq`) and step count, per parameter: the seed optimizer's indices are named
   after its model's parameters (one group, or nanoGPT's `configure_optimizers` groups; every moment's shape is
   checked against its weight's), then split and permuted by the very plan that converts the weights, and laid out
@@ -62,7 +62,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from hf_sft.errors import UsageError, bad_input
-from hf_sft.legacy_checkpoint import LegacyCheckpoint, fields_of, legacy_checkpoint_of
+from hf_sft.legacy import LegacyCheckpoint, fields_of, legacy_checkpoint_of
 from hf_sft.safe_pickle import load_checkpoint
 from hf_sft.training.arguments import LEGACY_NAMES, flag, given_fields, parse_args
 from hf_sft.training.checkpoints import RUN_ARGS_FILE, resolve_resume_path, seal
@@ -565,7 +565,7 @@ def seed_parameter_names(checkpoint: LegacyCheckpoint, optimizer_state: dict) ->
     Raises:
         UsageError: neither grouping fits the saved groups and every moment's shape.
     """
-    from hf_sft.weight_plans import is_ignored_buffer
+    from hf_sft.legacy import is_ignored_buffer
 
     weights = checkpoint.state_dict
     names = [name for name, tensor in weights.items() if not is_ignored_buffer(name, tensor)]
@@ -594,7 +594,7 @@ def seed_parameter_names(checkpoint: LegacyCheckpoint, optimizer_state: dict) ->
 
 def converted_moments(run: SeedRun) -> dict[str, dict[str, torch.Tensor]]:
     """AdamW's state per parameter of our model: moments split and permuted exactly as the weights are."""
-    from hf_sft.weight_plans import convert_parameter_tensors
+    from hf_sft.legacy import convert_parameter_tensors
 
     names = seed_parameter_names(run.checkpoint, run.optimizer_state)
     states = {names[index]: state for index, state in run.optimizer_state["state"].items() if index in names}
@@ -625,7 +625,7 @@ def write_continuation(run: SeedRun, parsed: tuple, parse) -> Path:
     from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 
     import hf_sft  # noqa: F401 - registers the model, so save_pretrained writes auto_map and the code files
-    from hf_sft.convert import convert_checkpoint
+    from hf_sft.legacy import convert_checkpoint
     from hf_sft.writer import new_folder, write_json
 
     model_args, _, args = parsed

@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM
 
 from hf_sft import MODEL_CODE_FILES
 from hf_sft.cli import main
-from hf_sft.convert import convert_checkpoint, load_legacy_checkpoint
 from hf_sft.errors import UsageError
+from hf_sft.legacy import convert_checkpoint, load_legacy_checkpoint
 
 ATOL = 1e-4
 
