@@ -11,14 +11,14 @@ The stock folders hold config.json (no `auto_map`), model.safetensors, generatio
 no Python file: serving engines that know only stock architectures load them. A model whose architecture the target
 cannot express is refused with the features that prevent it.
 
-Every target writes through `hf_sft.writer`: `check_export_destination` (`hf_sft.export.destination`) refuses,
+Every target writes through `hf_sft.writer`: `check_export_destination` (`hf_sft.export.targets`) refuses,
 before anything is read, an `--out` that is the model folder, lies inside it or holds it, or that holds something
 else (unless `--overwrite`); the output is then written into a temporary sibling and renamed into place, so `--out`
 is always either what it was or the complete export.
 
-The package's modules, lowest first: `architectures` (what GPT-2 and LLaMA can express), `model_folder` (reading
-the hf_sft folder), `destination` (the targets and where they may write); then one module per target: `stock`,
-`legacy`, `gguf_file` (with `gguf_model`, `gguf_vocab`, `gguf_tokenize`, `gguf_check`, `ollama`). This file only
+The package's modules, lowest first: `targets` (what GPT-2 and LLaMA can express, reading the hf_sft folder, the
+targets and where they may write); then one module per target: `stock`, `legacy`, `gguf_file` (with `gguf_model`,
+`gguf_vocab`, `gguf_tokenize`, `gguf_check`, `ollama`, and `llama_server` for llama.cpp itself). This file only
 dispatches `export_model` to them.
 """
 
@@ -27,9 +27,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from hf_sft.errors import UsageError
-from hf_sft.export.architectures import blockers, check_exportable
-from hf_sft.export.destination import TARGETS, check_export_destination, export_command
-from hf_sft.export.model_folder import check_tokenizer, load_hfsft_config, load_hfsft_model
+from hf_sft.export.targets import (
+    TARGETS,
+    blockers,
+    check_export_destination,
+    check_exportable,
+    check_tokenizer,
+    export_command,
+    load_hfsft_config,
+    load_hfsft_model,
+)
 from hf_sft.generate import resolve_model_dir
 from hf_sft.writer import new_file, new_folder
 

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hf_sft.errors import UsageError
-from hf_sft.export.destination import check_export_destination
-from hf_sft.export.model_folder import load_hfsft_config, load_hfsft_model
+from hf_sft.export.targets import check_export_destination, load_hfsft_config, load_hfsft_model
 from hf_sft.generate import resolve_model_dir, tokenizer_dir
 
 # Token texts that llama.cpp always treats as end-of-generation, whatever the metadata says (`special_eog_ids` in

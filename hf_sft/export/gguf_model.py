@@ -22,7 +22,7 @@ import gguf
 import torch
 
 from hf_sft.errors import UsageError
-from hf_sft.export.architectures import blockers
+from hf_sft.export.targets import blockers
 
 OUTTYPES = {
     "f32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),

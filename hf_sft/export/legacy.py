@@ -18,7 +18,7 @@ import torch
 
 from hf_sft.configuration_hfsft_gpt import swiglu_hidden_size
 from hf_sft.errors import UsageError
-from hf_sft.export.architectures import blockers
+from hf_sft.export.targets import blockers
 
 NANOGPT_NORM_EPS = 1e-5  # nanoGPT's LayerNorm hard-codes it
 

@@ -107,7 +107,7 @@ def llama_config(config) -> LlamaConfig:
 def to_stock(model, target: str) -> PreTrainedModel:
     """The stock model (`"gpt2"` or `"llama"`) holding `model`'s weights, in `model`'s dtype, in eval mode.
 
-    The caller has checked that `target` can express the model (`hf_sft.export.architectures.blockers`).
+    The caller has checked that `target` can express the model (`hf_sft.export.targets.blockers`).
     """
     if target == "gpt2":
         config, cls, weights = gpt2_config(model.config), GPT2LMHeadModel, gpt2_state_dict(model)
