@@ -13,10 +13,7 @@ MODULES = sorted(
     {
         *REPO.glob("hf_sft/commands/*.py"),
         *REPO.glob("hf_sft/export/*.py"),
-        *(
-            REPO / "hf_sft" / f"{m}.py"
-            for m in ("cli", "flags", "convert", "weight_plans", "legacy_checkpoint", "safe_pickle")
-        ),
+        *(REPO / "hf_sft" / f"{m}.py" for m in ("cli", "flags", "legacy", "safe_pickle")),
         *(REPO / "hf_sft" / f"{m}.py" for m in ("tokenizer", "generate", "hub")),
         *(REPO / "hf_sft" / "training" / f"{m}.py" for m in ("model_and_data", "resume", "callbacks", "config")),
         *(REPO / "hf_sft" / "training" / f"{m}.py" for m in ("validation", "arguments", "run")),
