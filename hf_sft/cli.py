@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             from hf_sft.commands.train import run_argv
 
             rest = [arg for arg in argv[1:] if arg != "--debug"]
-            return _guarded(lambda: run_argv(rest), debug="--debug" in argv)
+            status = _guarded(lambda: run_argv(rest), debug="--debug" in argv)
+        if entry_point:
+            _end_launched_process(status)
+        return status
 
     def parse_and_run() -> int:
         args = build_parser().parse_args(argv)
@@ -90,6 +93,27 @@ def _guarded(action, debug: bool) -> int:
             raise
         print(f"error: {type(err).__name__}: {_one_line(err)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _end_launched_process(status: int) -> None:
+    """End one process of a multi-process launch now that its status is decided and its last line printed.
+
+    At interpreter exit, C++ objects that the distributed stack left behind are destroyed with their threads still
+    joinable, and the process aborts ("terminate called without an active exception", SIGABRT) in a fraction of
+    launches even after the process group was destroyed: the launcher then reports a finished run as failed. Once
+    the streams and the log are flushed, nothing is left to do but leave with the status.
+    """
+    from hf_sft.training.engines import launched_processes
+
+    if launched_processes() <= 1:
+        return
+    import logging
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(status)
 
 
 def _one_line(err: BaseException) -> str:

@@ -4,6 +4,7 @@ Loads FOLDER with `tp_plan="auto"` (gloo on CPU), runs the saved input ids and, 
 local shapes of a few sharded weights.
 """
 
+import os
 import sys
 
 import torch
@@ -29,7 +30,12 @@ def main(folder: str, input_path: str, out: str) -> None:
     }
     if dist.get_rank() == 0:
         torch.save({"logits": logits, "shapes": shapes, "world_size": dist.get_world_size()}, out)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    # As `hf-sft train` ends a launched process (hf_sft.cli): skip the C++ teardown that can abort a finished rank.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
