@@ -277,13 +277,19 @@ class TrainingRecipe:
         split = self.eval_split
         if split is None:
             return
-        if split.streamed or (args.use_lora and args.lora_save == "adapter"):
-            why = "a streamed split" if split.streamed else "an adapter folder"
-            logger.info("no final evaluation for %s: run hf-sft eval %s --data_path ...", why, self.output_dir)
-            return
-        from hf_sft.data import parse_field_map
+        from hf_sft.data import is_saved_dataset, parse_field_map
         from hf_sft.evaluation import evaluate_after_training
 
+        # What `hf-sft eval` cannot read back: a stream, an adapter folder, tokens saved without their records.
+        why = (
+            "a streamed split" if split.streamed
+            else "an adapter folder" if args.use_lora and args.lora_save == "adapter"
+            else "a tokenised --save_to folder" if any(map(is_saved_dataset, data_args.data_paths()))
+            else None
+        )  # fmt: skip
+        if why:
+            logger.info("no final evaluation for %s: run hf-sft eval %s on the records", why, self.output_dir)
+            return
         evaluate_after_training(
             self.output_dir,
             split,

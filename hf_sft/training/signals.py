@@ -45,6 +45,7 @@ class StopRequests:
 
     def __init__(self):
         self._previous: dict[int, object] = {}
+        self._ignoring = False  # past an entry point's block: signals change nothing any more
         self.reset()
 
     def reset(self) -> None:
@@ -83,6 +84,8 @@ class StopRequests:
 
     def _handle(self, signum, frame) -> None:
         # Another signal can run this handler again inside itself, at any call: no call between test and store.
+        if self._ignoring:
+            return
         self.count += 1
         if self._first is not None:
             return
@@ -96,15 +99,21 @@ class StopRequests:
                 pass
 
     def _install(self) -> None:
+        self._ignoring = False
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
             # Restart system calls the signal interrupts (SA_RESTART): C code writing a checkpoint must not see EINTR.
             signal.siginterrupt(sig, False)
 
     def _uninstall(self, ignore: bool) -> None:
-        for sig in STOP_SIGNALS:
-            previous = self._previous.get(sig)
-            signal.signal(sig, signal.SIG_IGN if ignore else signal.SIG_DFL if previous is None else previous)
+        if ignore:
+            # The handler stays and ignores: swapping in SIG_IGN instead races with a signal caught but not yet run,
+            # which CPython then reports as a traceback ("ignored due to race condition") after the last line.
+            self._ignoring = True
+        else:
+            for sig in STOP_SIGNALS:
+                previous = self._previous.get(sig)
+                signal.signal(sig, signal.SIG_DFL if previous is None else previous)
         self._previous.clear()
 
 
