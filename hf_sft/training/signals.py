@@ -45,7 +45,6 @@ class StopRequests:
 
     def __init__(self):
         self._previous: dict[int, object] = {}
-        self._ignoring = False  # past an entry point's block: signals change nothing any more
         self.reset()
 
     def reset(self) -> None:
@@ -84,8 +83,6 @@ class StopRequests:
 
     def _handle(self, signum, frame) -> None:
         # Another signal can run this handler again inside itself, at any call: no call between test and store.
-        if self._ignoring:
-            return
         self.count += 1
         if self._first is not None:
             return
@@ -99,22 +96,35 @@ class StopRequests:
                 pass
 
     def _install(self) -> None:
-        self._ignoring = False
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
             # Restart system calls the signal interrupts (SA_RESTART): C code writing a checkpoint must not see EINTR.
             signal.siginterrupt(sig, False)
 
     def _uninstall(self, ignore: bool) -> None:
-        if ignore:
-            # The handler stays and ignores: swapping in SIG_IGN instead races with a signal caught but not yet run,
-            # which CPython then reports as a traceback ("ignored due to race condition") after the last line.
-            self._ignoring = True
-        else:
-            for sig in STOP_SIGNALS:
-                previous = self._previous.get(sig)
-                signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        if ignore:  # first: CPython reports the race when it next checks for signals, inside the next swap too
+            sys.unraisablehook = _quiet_about_ignored_signals(sys.unraisablehook)
+        for sig in STOP_SIGNALS:
+            previous = self._previous.get(sig)
+            signal.signal(sig, signal.SIG_IGN if ignore else signal.SIG_DFL if previous is None else previous)
         self._previous.clear()
+
+
+def _quiet_about_ignored_signals(previous: Callable) -> Callable:
+    """`sys.unraisablehook` without CPython's report of a signal caught just before SIG_IGN replaced our handler.
+
+    A signal that arrives while the handlers change is caught by the old one and run under the new one, SIG_IGN,
+    which CPython reports as an unraisable `OSError` ("Signal 15 ignored due to race condition"), a traceback after
+    the run's last line. Ignoring it was the decision already taken; every other report goes on as before.
+    """
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, OSError) and str(error).endswith("ignored due to race condition"):
+            return
+        previous(unraisable)
+
+    return hook
 
 
 STOP = StopRequests()
