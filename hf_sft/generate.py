@@ -12,10 +12,8 @@ from pathlib import Path
 
 import torch
 
-from hf_sft.errors import UsageError, bad_input
-from hf_sft.writer import check_complete
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+from hf_sft.errors import UsageError
+from hf_sft.model_folder import read_model_folder
 
 
 @dataclass(frozen=True)
@@ -51,39 +49,6 @@ class Sampling:
         return {"do_sample": True, "temperature": self.temperature or 1.0, "top_p": self.top_p, "top_k": self.top_k}
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """Check that `path` is a model folder (it has a config.json).
-
-    Raises:
-        UsageError: the path is missing, not a folder, holds no model (a LoRA adapter alone is named as such), or
-            holds a final model whose save was cut short.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"model folder {path} does not exist")
-    if not path.is_dir():
-        raise UsageError(f"{path} is not a folder: pass the folder written by hf-sft convert or hf-sft train")
-    check_complete(path)
-    if not (path / "config.json").is_file():
-        if (path / "adapter_config.json").is_file():
-            raise UsageError(
-                f"{path} holds a LoRA adapter without its base model: train with --lora_save merged "
-                "(or merge the adapter with peft) to get a complete model folder"
-            )
-        raise UsageError(f"{path} has no config.json: it is not a model folder (or a checkpoint-STEP folder)")
-    return path
-
-
-def tokenizer_dir(model_dir: Path) -> Path | None:
-    """Where the model's tokenizer lives: the folder itself, or the run folder above a `checkpoint-STEP` folder."""
-    for folder in (model_dir, model_dir.parent):
-        if any((folder / name).is_file() for name in _TOKENIZER_FILES):
-            return folder
-        if not model_dir.name.startswith("checkpoint-"):
-            break
-    return None
-
-
 def load_for_generation(model_dir: str | Path, device: str | None = None):
     """Load a model folder (or a `checkpoint-STEP` folder) and its tokenizer for inference.
 
@@ -95,22 +60,13 @@ def load_for_generation(model_dir: str | Path, device: str | None = None):
         `(model, tokenizer)`, the model in eval mode on `device`.
 
     Raises:
-        UsageError: not a model folder, no tokenizer found, or a tokenizer without an EOS token.
+        UsageError: a folder `hf_sft.model_folder.read_model_folder` refuses, or a tokenizer without an EOS token.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import hf_sft  # noqa: F401 - registers the hf_sft model with the Auto classes
-
-    model_dir = resolve_model_dir(model_dir)
-    tok_dir = tokenizer_dir(model_dir)
-    if tok_dir is None:
-        raise UsageError(f"no tokenizer in {model_dir} (looked for {', '.join(_TOKENIZER_FILES)})")
-    with bad_input(f"cannot load the tokenizer in {tok_dir}"):
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    folder = read_model_folder(model_dir)
+    tokenizer = folder.tokenizer
     if tokenizer.eos_token_id is None:
-        raise UsageError(f"the tokenizer in {tok_dir} has no EOS token: generation could not stop")
-    with bad_input(f"cannot load the model in {model_dir}"):
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        raise UsageError(f"the tokenizer in {folder.tokenizer_path} has no EOS token: generation could not stop")
+    model = folder.load_model()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from hf_sft.errors import UsageError, bad_input
 from hf_sft.evaluation import REPORT_FILE, RESULTS_FILE
+from hf_sft.model_folder import read_model_folder
 from hf_sft.tokenizer import TOKENIZER_FILES
-from hf_sft.writer import check_complete
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +50,17 @@ def files_to_upload(folder: str | Path) -> list[str]:
         Relative file names, sorted.
 
     Raises:
-        UsageError: the folder lacks what Hub users need (config with `auto_map`, code files, safetensors
-            weights, tokenizer).
+        UsageError: a folder the one reader refuses (`hf_sft.model_folder.read_model_folder`: incomplete, weights
+            cut short or not what config.json describes, a tokenizer that does not load or fit), or one that lacks
+            what Hub users need (config with `auto_map`, code files, safetensors weights, tokenizer).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a folder")
-    check_complete(folder)
+    if not any(folder.glob("*.safetensors")):
+        raise UsageError(f"{folder} has no *.safetensors weights (pickled .bin weights are not pushed)")
+    read_model_folder(folder)
     config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise UsageError(f"{folder} has no config.json: not a model folder")
     with bad_input(f"cannot read {config_path}"):
         auto_map = json.loads(config_path.read_text(encoding="utf-8")).get("auto_map") or {}
     if "AutoModelForCausalLM" not in auto_map:
@@ -82,8 +83,6 @@ def files_to_upload(folder: str | Path) -> list[str]:
     weights = sorted(p.name for p in folder.glob("*.safetensors")) + sorted(
         p.name for p in folder.glob("*.safetensors.index.json")
     )
-    if not any(name.endswith(".safetensors") for name in weights):
-        raise UsageError(f"{folder} has no *.safetensors weights (pickled .bin weights are not pushed)")
     tokenizer = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
     if "tokenizer_config.json" not in tokenizer:
         raise UsageError(f"{folder} has no tokenizer (tokenizer_config.json)")

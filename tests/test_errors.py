@@ -14,7 +14,7 @@ MODULES = sorted(
         *REPO.glob("hf_sft/commands/*.py"),
         *REPO.glob("hf_sft/export/*.py"),
         *(REPO / "hf_sft" / f"{m}.py" for m in ("cli", "flags", "legacy", "safe_pickle")),
-        *(REPO / "hf_sft" / f"{m}.py" for m in ("tokenizer", "generate", "hub")),
+        *(REPO / "hf_sft" / f"{m}.py" for m in ("tokenizer", "model_folder", "generate", "hub")),
         *(REPO / "hf_sft" / "training" / f"{m}.py" for m in ("model_and_data", "resume", "callbacks", "config")),
         *(REPO / "hf_sft" / "training" / f"{m}.py" for m in ("validation", "arguments", "run")),
     }
@@ -44,7 +44,10 @@ PROVEN_SAFE = {
     ),
     ("hf_sft/export/llama_server.py", "post", "json.load"): "the JSON answer of llama-server, not a user's file",
     ("hf_sft/export/stock.py", "copy_tokenizer_files", "json.loads"): (
-        "tokenizer_config.json, parsed by model_folder.check_tokenizer under bad_input before anything is written"
+        "tokenizer_config.json, parsed by model_folder.read_tokenizer under bad_input before anything is written"
+    ),
+    ("hf_sft/model_folder.py", "_read_header", "json.loads"): (
+        "inside try/except: an unreadable header is the problem returned, which the callers raise as a UsageError"
     ),
     ("hf_sft/tokenizer.py", "_uses_byte_level", "json.loads"): "the tokenizers library's own serialisation",
     ("hf_sft/training/arguments.py", "_json_flag", "json.loads"): "a probe inside try/except ValueError",

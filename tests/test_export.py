@@ -270,7 +270,7 @@ def test_legacy_pt_inside_the_model_is_refused_before_anything_is_read(tmp_path,
     def must_not_read(*args, **kwargs):
         raise AssertionError("the model was read before the destination was checked")
 
-    monkeypatch.setattr("hf_sft.export.load_hfsft_config", must_not_read)
+    monkeypatch.setattr("hf_sft.export.read_hfsft_folder", must_not_read)
     for flags in ([], ["--overwrite"]):
         out = model_dir / "model.safetensors"
         assert export(model_dir, "--to", "legacy-pt", "--out", out, *flags) == 2

@@ -12,7 +12,8 @@ from hf_sft import HfSftGPTConfig, HfSftGPTForCausalLM
 from hf_sft.cli import main
 from hf_sft.data import FORMATS, encode_prompt, get_format, install_chat_template
 from hf_sft.errors import UsageError
-from hf_sft.generate import Sampling, generate_response, load_for_generation, prompt_ids, tokenizer_dir
+from hf_sft.generate import Sampling, generate_response, load_for_generation, prompt_ids
+from hf_sft.model_folder import tokenizer_dir
 from hf_sft.tokenizer import load_tokenizer
 
 TOKENIZER = Path(__file__).parent / "fixtures" / "tiny_bpe.json"

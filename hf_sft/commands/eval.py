@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         recover_interrupted_write,
         write_outputs,
     )
-    from hf_sft.generate import resolve_model_dir
+    from hf_sft.model_folder import resolve_model_dir
 
     for name in ("batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:

@@ -32,15 +32,13 @@ from hf_sft.export.targets import (
     blockers,
     check_export_destination,
     check_exportable,
-    check_tokenizer,
     export_command,
-    load_hfsft_config,
     load_hfsft_model,
+    read_hfsft_folder,
 )
-from hf_sft.generate import resolve_model_dir
 from hf_sft.writer import new_file, new_folder
 
-__all__ = ["TARGETS", "blockers", "check_export_destination", "export_model", "load_hfsft_config", "load_hfsft_model"]
+__all__ = ["TARGETS", "blockers", "check_export_destination", "export_model", "load_hfsft_model", "read_hfsft_folder"]
 
 
 def export_model(
@@ -70,15 +68,16 @@ def export_model(
 
         return export_gguf(model_dir, out, overwrite=overwrite).path
     out = check_export_destination(model_dir, target, out, overwrite)
-    model_dir = resolve_model_dir(model_dir)
-    config = load_hfsft_config(model_dir)
+    # A legacy .pt carries no tokenizer; a stock folder does.
+    folder = read_hfsft_folder(model_dir, tokenizer="if present" if target == "legacy-pt" else "required")
+    model_dir, config = folder.path, folder.config
     if target == "legacy-pt":
         from hf_sft.export.legacy import export_legacy, legacy_layout
 
         layout = legacy_layout(config, model_dir)
         if mask_buffers and layout != "nanogpt":
             raise UsageError("--mask_buffers applies to nanoGPT-style models only (simple_llama saves no mask)")
-        model = load_hfsft_model(model_dir)
+        model = load_hfsft_model(folder)
         with new_file(out) as staging:
             export_legacy(model, layout, staging, mask_buffers=mask_buffers)
         return out
@@ -86,8 +85,7 @@ def export_model(
     from hf_sft.export.stock import export_stock
 
     check_exportable(config, target, model_dir)
-    check_tokenizer(model_dir)
-    model = load_hfsft_model(model_dir)
+    model = load_hfsft_model(folder)
     with new_folder(out, command=export_command(target)) as staging:
         export_stock(model, target, model_dir, staging)
     return out

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hf_sft.errors import UsageError
-from hf_sft.export.targets import check_export_destination, load_hfsft_config, load_hfsft_model
-from hf_sft.generate import resolve_model_dir, tokenizer_dir
+from hf_sft.export.targets import check_export_destination, load_hfsft_model, read_hfsft_folder
 
 # Token texts that llama.cpp always treats as end-of-generation, whatever the metadata says (`special_eog_ids` in
 # `src/llama-vocab.cpp`): its end-of-turn texts, and the fill-in-the-middle pad, repo and file-separator texts, which
@@ -94,15 +93,13 @@ def export_gguf(
 
     if outtype not in OUTTYPES:
         raise UsageError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
-    model_dir, out = resolve_model_dir(model_dir), Path(out)
+    out = Path(out)
     if out.suffix != ".gguf":
         raise UsageError(f"--out {out}: --to gguf writes a .gguf file (e.g. {out.with_suffix('.gguf').name})")
-    config = load_hfsft_config(model_dir)
+    folder = read_hfsft_folder(model_dir)  # a GGUF carries its tokenizer
+    model_dir, config = folder.path, folder.config
     arch = gguf_architecture(config, str(model_dir))
-    tok_dir = tokenizer_dir(model_dir)
-    if tok_dir is None:
-        raise UsageError(f"no tokenizer in {model_dir}: a GGUF carries its tokenizer")
-    tokenizer = load_tokenizer(tok_dir)
+    tokenizer = load_tokenizer(folder.tokenizer_path)
     template = format_of(tokenizer)
     vocab = build_vocab(tokenizer, config.vocab_size, template.chat_template())
     check_prefix_space(vocab, format_texts(tokenizer, template), _added_tokens(tokenizer), template.name)
@@ -111,7 +108,7 @@ def export_gguf(
     for dest in (out, sidecar):
         check_export_destination(model_dir, "gguf", dest, overwrite)
 
-    model = load_hfsft_model(model_dir)
+    model = load_hfsft_model(folder)
     with new_file(out) as staging:
         writer = gguf.GGUFWriter(staging, arch)
         writer.add_name(model_dir.resolve().name)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from hf_sft.generate import tokenizer_dir
+from hf_sft.model_folder import tokenizer_dir
 from hf_sft.tokenizer import TOKENIZER_FILES
 
 

@@ -3,8 +3,8 @@
 - What the stock architectures (GPT-2, LLaMA) can express: `blockers` names the features of an hf_sft config that a
   target lacks; the stock folders (`hf_sft.export.stock`), llama.cpp's architectures (`hf_sft.export.gguf_model`)
   and the legacy layouts (`hf_sft.export.legacy`) all start from it.
-- What every export reads: an hf_sft model folder (or `checkpoint-STEP` folder), its config, weights and tokenizer;
-  each reader turns a folder that is not what export expects into one `UsageError` naming the folder.
+- What every export reads: an hf_sft model folder (or `checkpoint-STEP` folder), checked by the one reader
+  (`hf_sft.model_folder`) before anything of it is used, and refused unless it holds an hf_sft model.
 - Where an export may write: the targets, what each one's `--out` names, and the check made before any work,
   through `hf_sft.writer`: an `--out` that is the model folder, lies inside it or holds it is refused even with
   `--overwrite`; one that holds something other than an earlier export to the same target is refused without it.
@@ -12,11 +12,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from hf_sft.errors import UsageError, bad_input
-from hf_sft.generate import resolve_model_dir, tokenizer_dir
+from hf_sft.errors import UsageError
+from hf_sft.model_folder import ModelFolder, Tokenizer, read_model_folder, tokenizer_dir
 from hf_sft.writer import check_destination
 
 # --- what each target can express -----------------------------------------------------------------------------------
@@ -58,53 +57,40 @@ def check_exportable(config, target: str, where: str | Path) -> None:
 # --- what every export reads ----------------------------------------------------------------------------------------
 
 
-def load_hfsft_config(model_dir: str | Path):
-    """The `HfSftGPTConfig` of an hf_sft model folder (or `checkpoint-STEP` folder), read without the weights.
+def read_hfsft_folder(model_dir: str | Path, tokenizer: Tokenizer = "required") -> ModelFolder:
+    """An hf_sft model folder (or `checkpoint-STEP` folder) checked by the one reader, and of an hf_sft model.
+
+    Args:
+        model_dir: the folder.
+        tokenizer: as `hf_sft.model_folder.read_model_folder`: a stock folder and a GGUF carry the tokenizer
+            ("required"), a legacy `.pt` does not ("if present").
 
     Raises:
-        UsageError: not a model folder, or a model that is not an hf_sft model.
+        UsageError: a folder the reader refuses, or a model that is not an hf_sft model.
     """
-    model_dir = resolve_model_dir(model_dir)
     from hf_sft import HfSftGPTConfig
 
-    try:
-        model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError) as err:
-        raise UsageError(f"cannot read {model_dir / 'config.json'}: {err}") from None
+    folder = read_model_folder(model_dir, tokenizer=tokenizer)
+    model_type = getattr(folder.config, "model_type", None)
     if model_type != HfSftGPTConfig.model_type:
         raise UsageError(
-            f"{model_dir} holds a {model_type!r} model, not an hf_sft one ({HfSftGPTConfig.model_type!r}): "
+            f"{folder.path} holds a {model_type!r} model, not an hf_sft one ({HfSftGPTConfig.model_type!r}): "
             "export reads the folders written by hf-sft convert and hf-sft train"
         )
-    with bad_input(f"cannot read the model configuration in {model_dir}"):
-        return HfSftGPTConfig.from_pretrained(model_dir)
+    return folder
 
 
-def load_hfsft_model(model_dir: str | Path):
-    """Load an hf_sft model folder (or `checkpoint-STEP` folder) in the dtype it was saved in, in eval mode.
+def load_hfsft_model(model_dir: str | Path | ModelFolder):
+    """The model of an hf_sft model folder (read by `read_hfsft_folder` unless given read), in the dtype it was saved
+    in, in eval mode.
 
     Raises:
-        UsageError: as `load_hfsft_config`.
+        UsageError: as `read_hfsft_folder`.
     """
     from hf_sft import HfSftGPTForCausalLM
 
-    config = load_hfsft_config(model_dir)
-    with bad_input(f"cannot load the model in {model_dir}"):
-        return HfSftGPTForCausalLM.from_pretrained(model_dir, config=config, dtype="auto").eval()
-
-
-def check_tokenizer(model_dir: Path) -> None:
-    """The model's tokenizer (copied into stock folders) loads; reads it, writes nothing.
-
-    Raises:
-        UsageError: naming the folder and what is wrong with its tokenizer files.
-    """
-    from transformers import PreTrainedTokenizerFast
-
-    folder = tokenizer_dir(model_dir)
-    if folder is not None:
-        with bad_input(f"cannot load the tokenizer in {folder}"):
-            PreTrainedTokenizerFast.from_pretrained(folder)
+    folder = model_dir if isinstance(model_dir, ModelFolder) else read_hfsft_folder(model_dir, "if present")
+    return folder.load_model(HfSftGPTForCausalLM, dtype="auto").eval()
 
 
 # --- where each target may write ------------------------------------------------------------------------------------

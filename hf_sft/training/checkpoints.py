@@ -52,6 +52,7 @@ from transformers.dynamic_module_utils import custom_object_save, get_relative_i
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_sft.errors import UsageError, WriteFailed
+from hf_sft.model_folder import safetensors_problem
 from hf_sft.safe_pickle import unsafe_globals
 from hf_sft.writer import new_folder, remove, shared_temp, user_error, write_json, write_text
 
@@ -265,7 +266,7 @@ def _exists(folder: Path, name: str) -> bool:
 
 def _file_problem(path: Path) -> str | None:
     if path.suffix == ".safetensors":
-        return _safetensors_problem(path)
+        return safetensors_problem(path)
     if path.suffix in _TORCH_SUFFIXES:
         # torch.save writes a zip archive whose directory comes last: a file cut short has none.
         if not zipfile.is_zipfile(path):
@@ -277,24 +278,6 @@ def _file_problem(path: Path) -> str | None:
                 return f"{path} is not a readable torch file ({type(err).__name__}: {err})"
             if unsafe:
                 return f"{path} names {', '.join(unsafe)}, which no checkpoint holds: refusing to load it"
-    return None
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    """The header parses and its tensors end exactly where the file does (a file cut short ends before)."""
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        head = handle.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if length < 0 or 8 + length > size:
-            return f"{path} is cut short: its safetensors header is incomplete ({size} bytes)"
-        try:
-            header = json.loads(handle.read(length))
-            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-            return f"{path} has an unreadable safetensors header"
-    if 8 + length + end != size:
-        return f"{path} is cut short: {size} bytes, its safetensors header describes {8 + length + end}"
     return None
 
 

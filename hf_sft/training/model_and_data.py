@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from hf_sft.configuration_hfsft_gpt import HfSftGPTConfig
 from hf_sft.data import DataArguments
 from hf_sft.errors import UsageError, bad_input
+from hf_sft.model_folder import ModelFolder, read_model_folder
 from hf_sft.modeling_hfsft_gpt import HfSftGPTForCausalLM
 from hf_sft.tokenizer import load_tokenizer
 from hf_sft.training.arguments import ModelArguments
@@ -34,8 +35,11 @@ def load_model_and_tokenizer(
         model, tokenizer = convert_checkpoint(source, model_args.tokenizer_path, **model_args.special_tokens())
         logger.info("converted legacy checkpoint %s", source)
         return model, tokenizer, f"legacy checkpoint {Path(source).name}"
+    folder = read_pretrained_folder(model_args)
     tokenizer = load_run_tokenizer(model_args, data_args)
-    if source:
+    if folder is not None:
+        return folder.load_model(dtype=torch.float32), tokenizer, source
+    if source:  # a Hub model id
         with bad_input(f"--pretrained_ckpt_path {source}: cannot load the model"):
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         return model, tokenizer, source
@@ -47,6 +51,22 @@ def load_model_and_tokenizer(
         model_args.n_embd,
     )
     return HfSftGPTForCausalLM(base_config(model_args, tokenizer)), tokenizer, "a new model initialised from scratch"
+
+
+def read_pretrained_folder(model_args: ModelArguments) -> ModelFolder | None:
+    """The `--pretrained_ckpt_path` folder, checked by the one reader before anything of it is used (its tokenizer
+    too, unless `--tokenizer_path` replaces it); None when the flag names no local folder.
+
+    Raises:
+        UsageError: "--pretrained_ckpt_path: " and the reader's refusal.
+    """
+    source = model_args.pretrained_ckpt_path
+    if not source or not Path(source).is_dir():
+        return None
+    try:
+        return read_model_folder(source, tokenizer="ignored" if model_args.tokenizer_path else "required")
+    except UsageError as err:
+        raise UsageError(f"--pretrained_ckpt_path: {err}") from None
 
 
 def load_run_tokenizer(model_args: ModelArguments, data_args: DataArguments) -> PreTrainedTokenizerFast:

@@ -161,7 +161,7 @@ def _check_pretrained(pretrained: str, tokenizer: str | None) -> None:
     """A legacy file, a model folder, or (with `--tokenizer_path`) a Hub model id."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    from hf_sft.generate import resolve_model_dir
+    from hf_sft.model_folder import resolve_model_dir
 
     path, name = Path(pretrained), flag("pretrained_ckpt_path")
     if path.suffix in LEGACY_SUFFIXES:
