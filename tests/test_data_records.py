@@ -210,3 +210,41 @@ def test_a_file_mixing_shapes_is_refused_at_the_line(tmp_path, capsys):
     path.write_text("\n".join([GOOD.decode(), GOOD.decode(), chat]) + "\n")
     status, _, err = run_data(capsys, path, "--skip_bad_records")  # not a bad record to skip: the file is wrong
     assert status == 2 and f"{path}:3: a messages record in a file of instruction records" in err
+
+
+def _damage_cut_at_a_line(copy: Path) -> None:
+    lines = copy.read_bytes().splitlines(keepends=True)
+    copy.write_bytes(b"".join(lines[: len(lines) // 4]))
+
+
+def _damage_mid_line(copy: Path) -> None:
+    data = bytearray(copy.read_bytes())
+    middle = data.index(b'"output"', len(data) // 2)
+    data[middle : middle + 8] = b"\x00{]}\xff:,x"  # the same size: only the content tells
+    copy.write_bytes(bytes(data))
+
+
+def _damage_summary(copy: Path) -> None:
+    copy.with_suffix(".summary.json").write_text('{"shape": "instruction", "good": ')
+
+
+@pytest.mark.parametrize(
+    "damage", [_damage_cut_at_a_line, _damage_mid_line, _damage_summary], ids=["cut_at_a_line", "mid_line", "summary"]
+)
+def test_a_records_cache_that_does_not_verify_is_rebuilt_from_the_source(tmp_path, capsys, caplog, damage):
+    """A normalised copy cut at a line boundary was used as it was ("50 read" of 198), one damaged mid-line failed
+    with a raw JSONDecodeError: the copy carries its size and sha256 and is rebuilt when it does not verify."""
+    path = tmp_path / "data.csv"
+    rows = [f'"Name fish number {i}.","","Fish {i}, a ""tope""."' for i in range(40)]
+    path.write_text("instruction,input,output\n" + "\n".join(rows) + "\n")
+    status, first, err = run_data(capsys, path)
+    assert status == 0, err
+    assert "records: 40 read" in first
+    (copy,) = (tmp_path / "c" / "hf_sft_records").glob("*.jsonl")
+    whole = copy.read_bytes()
+    damage(copy)
+    status, again, err = run_data(capsys, path)
+    assert status == 0 and "Traceback" not in err, err
+    assert again == first
+    assert copy.read_bytes() == whole
+    assert f"the records cache {copy} does not verify" in caplog.text
