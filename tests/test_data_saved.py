@@ -120,3 +120,55 @@ def test_save_to_is_checked_before_any_work(saved, tmp_path, capsys):
     assert main(["data", "--data_path", DATA, *DATA_FLAGS, "--max_seq_len", "60", "--save_to", str(saved)]) == 0
     assert json.loads((saved / MANIFEST).read_text())["settings"]["max_seq_len"] == 60
     assert main(["data", "--data_path", DATA, *DATA_FLAGS, "--save_to", str(saved)]) == 0  # back as the fixture was
+
+
+def test_a_token_id_beyond_the_vocabulary_is_refused_before_step_1(saved, tmp_path, capsys):
+    """A saved folder holding an id the model has no embedding for failed with an IndexError at step 1."""
+    import datasets
+
+    from hf_sft.tokenizer import load_tokenizer
+
+    folder = tmp_path / "beyond"
+    loaded = datasets.load_from_disk(str(saved))
+    big = 99_999
+    loaded["train"] = loaded["train"].map(
+        lambda row, i: {"input_ids": [big, *row["input_ids"][1:]]} if i == 3 else {}, with_indices=True
+    )
+    loaded.save_to_disk(str(folder))
+    manifest = json.loads((saved / MANIFEST).read_text())
+    manifest["files"] = {  # a folder that verifies: only its ids are wrong
+        p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    out = tmp_path / "run"
+    assert main(["train", *TRAIN, *DATA_FLAGS, "--data_path", str(folder), "--out_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    size = len(load_tokenizer(TOKENIZER))
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"error: --data_path {folder}: its train split holds token id {big} in input_ids; the tokenizer has {size} "
+        f"tokens (ids 0 to {size - 1}): the model has no embedding for it"
+    )
+    assert not out.exists()  # refused before the run folder is claimed, so before step 1
+
+
+@pytest.mark.parametrize("damage", ["cut", "removed"])
+def test_a_saved_folder_changed_after_it_was_saved_is_refused(saved, tmp_path, capsys, damage):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(saved, folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    name = next(n for n in manifest["files"] if n.startswith("train/") and n.endswith(".arrow"))
+    if damage == "cut":
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: len(data) // 2])
+        what = f"{name} is {len(data) // 2} bytes, {MANIFEST} records {len(data)}"
+    else:
+        (folder / name).unlink()
+        what = f"{name} is missing"
+    assert main(["data", "--data_path", str(folder), *DATA_FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"error: --data_path {folder}: {what}: it was changed or cut short after it was saved; write it again "
+        f"(hf-sft data ... --save_to {folder} --overwrite)"
+    )

@@ -6,8 +6,14 @@ columns plus `index` (the record's position in the source) and `length`, and a m
 decided the tokens: a fingerprint of the tokenizer (its serialisation without padding/truncation settings and
 post-processor, its BOS string and EOS id: what `Encoder` uses), the prompt format (name and a hash of its
 chat-template text), `max_seq_len`, the length policy, the field mapping and the split; the sources (path, size,
-sha256); and each split's counts (kept, dropped and why, bad records skipped) so that the report of a saved folder
-needs nothing else. A run whose settings differ in any of these is refused, naming each difference.
+sha256); each split's counts (kept, dropped and why, bad records skipped) so that the report of a saved folder
+needs nothing else; and the size of every file `save_to_disk` wrote. A run whose settings differ in any of these is
+refused, naming each difference.
+
+Loading verifies the folder before any step: every file the manifest lists has its size (a folder cut short or
+changed after it was saved is refused, naming the file), each split has the number of examples the manifest records,
+and no token id reaches the tokenizer's vocabulary (the model's embedding has no row for it: training would fail at
+step 1). Each refusal is one line naming the folder; the remedy is to write it again with `--overwrite`.
 """
 
 from __future__ import annotations
@@ -110,6 +116,13 @@ def save_tokenized(data: SFTData, dest: str | Path, settings: dict, sources: lis
     }
     with new_folder(dest, command=SAVE_COMMAND) as staging:
         datasets.DatasetDict(parts).save_to_disk(str(staging))
+        # What save_to_disk wrote; the writer's own records (hidden files) are not the dataset's.
+        written = (path.relative_to(staging) for path in sorted(staging.rglob("*")) if path.is_file())
+        manifest["files"] = {
+            name.as_posix(): (staging / name).stat().st_size
+            for name in written
+            if not any(part.startswith(".") for part in name.parts)
+        }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return sum(len(split.index) for split in splits.values())
 
@@ -118,7 +131,8 @@ def load_saved(data_args, tokenizer, template, *, max_seq_len: int | None, val_s
     """The splits saved in `data_args.data_path`, if they were tokenised as this run would tokenise.
 
     Raises:
-        UsageError: the folder was tokenised with other settings (each difference named), or cannot be read.
+        UsageError: the folder was tokenised with other settings (each difference named), does not verify (a file's
+            size, a split's count) or cannot be read, or holds a token id beyond the tokenizer's vocabulary.
     """
     import datasets
 
@@ -139,10 +153,64 @@ def load_saved(data_args, tokenizer, template, *, max_seq_len: int | None, val_s
             f"--data_path {folder} was tokenised for another run: {'; '.join(differences)}. Tokenise it again with "
             f"this run's flags (hf-sft data ... --save_to {folder} --overwrite) or train with the same ones"
         )
+    _check_files(folder, manifest)
     with bad_input(f"--data_path {folder}: cannot read the tokenised dataset"):
         loaded = datasets.load_from_disk(str(folder))
-    splits = {name: _split(loaded[name], manifest["splits"][name]) for name in loaded}
+    recorded = manifest.get("splits", {})
+    if set(loaded) != set(recorded):
+        raise UsageError(
+            f"--data_path {folder}: holds the splits {', '.join(sorted(loaded))}, its {MANIFEST} records "
+            f"{', '.join(sorted(recorded))}: {_REMEDY.format(folder=folder)}"
+        )
+    for name in loaded:
+        if len(loaded[name]) != recorded[name]["examples"]:
+            raise UsageError(
+                f"--data_path {folder}: its {name} split holds {len(loaded[name])} examples, its {MANIFEST} records "
+                f"{recorded[name]['examples']}: {_REMEDY.format(folder=folder)}"
+            )
+        check_token_ids(loaded[name], len(tokenizer), f"--data_path {folder}: its {name} split")
+    splits = {name: _split(loaded[name], recorded[name]) for name in loaded}
     return SFTData(splits["train"], splits.get("eval"))
+
+
+def check_token_ids(dataset, vocab_size: int, what: str) -> None:
+    """Refuse tokenised examples holding a token id that the vocabulary lacks (`input_ids` and supervised `labels`).
+
+    Raises:
+        UsageError: "{what} holds token id N; the tokenizer has V tokens (ids 0 to V-1)".
+    """
+    import pyarrow.compute as pc
+
+    for column in ("input_ids", "labels"):
+        values = pc.list_flatten(dataset.data.column(column))
+        largest = pc.max(values).as_py()
+        if largest is not None and largest >= vocab_size:
+            raise UsageError(
+                f"{what} holds token id {largest} in {column}; the tokenizer has {vocab_size} tokens "
+                f"(ids 0 to {vocab_size - 1}): the model has no embedding for it"
+            )
+
+
+# The end of every refusal of a folder that does not verify.
+_REMEDY = (
+    "it was changed or cut short after it was saved; write it again (hf-sft data ... --save_to {folder} --overwrite)"
+)
+
+
+def _check_files(folder: Path, manifest: dict) -> None:
+    """Every file the manifest lists is there with its size (a manifest from before sizes were recorded: none)."""
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise UsageError(f"--data_path {folder}: {MANIFEST} is not a version {MANIFEST_VERSION} manifest")
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise UsageError(f"--data_path {folder}: {name} is missing: {_REMEDY.format(folder=folder)}")
+        if path.stat().st_size != size:
+            raise UsageError(
+                f"--data_path {folder}: {name} is {path.stat().st_size} bytes, {MANIFEST} records {size}: "
+                f"{_REMEDY.format(folder=folder)}"
+            )
 
 
 def _shown(key: str, value: Any) -> str:
