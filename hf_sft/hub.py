@@ -57,9 +57,9 @@ def files_to_upload(folder: str | Path) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a folder")
+    read_model_folder(folder)
     if not any(folder.glob("*.safetensors")):
         raise UsageError(f"{folder} has no *.safetensors weights (pickled .bin weights are not pushed)")
-    read_model_folder(folder)
     config_path = folder / "config.json"
     with bad_input(f"cannot read {config_path}"):
         auto_map = json.loads(config_path.read_text(encoding="utf-8")).get("auto_map") or {}

@@ -278,10 +278,14 @@ def test_files_to_upload_checks_the_folder(trained, tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="lacks a model code file that the others import: packing_hfsft_gpt.py"):
         files_to_upload(folder)
     shutil.copy(trained.out / "packing_hfsft_gpt.py", folder)
-    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    from safetensors.torch import load_file
+
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")  # the same weights, pickled
+    (folder / "model.safetensors").rename(tmp_path / "model.safetensors")
     with pytest.raises(UsageError, match=r"no \*\.safetensors weights"):
         files_to_upload(folder)
-    (folder / "pytorch_model.bin").rename(folder / "model.safetensors")
+    (folder / "pytorch_model.bin").unlink()
+    (tmp_path / "model.safetensors").rename(folder / "model.safetensors")
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     (folder / "README.md").write_text(f"token: {TOKEN}\n")
