@@ -37,7 +37,7 @@ def load_text_records(
     """
     import datasets
 
-    root = Path(cache_dir) if cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
+    root = cache_root(cache_dir)
     target = root / COPY_FOLDER / f"records-{_key(source, fields)}.jsonl"
     summary_path = target.with_suffix(".summary.json")
     if target.is_file() and summary_path.is_file():
@@ -55,6 +55,13 @@ def load_text_records(
         cache_dir=str(root),
     )
     return found
+
+
+def cache_root(cache_dir: str | Path | None) -> Path:
+    """The folder the records' copies (and `datasets`' own cache files) go to: `cache_dir`, else `datasets`' cache."""
+    import datasets
+
+    return Path(cache_dir) if cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
 
 
 def located_rows(source: Source) -> Iterator[tuple[Path, int, Any]]:

@@ -98,6 +98,12 @@ class ModelArguments:
         """The special-token overrides, as keyword arguments of `hf_sft.tokenizer.load_tokenizer`."""
         return {name: getattr(self, name) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
 
+    def input_paths(self) -> list[Path]:
+        """The local files and folders these arguments read (the base model, the tokenizer): a command's sources for
+        `hf_sft.writer.check_destination`. Hub ids are left out."""
+        given = (self.pretrained_ckpt_path, self.tokenizer_path)
+        return [Path(path) for path in given if path and Path(path).exists()]
+
 
 @dataclass
 class SFTTrainingArguments(TrainingArguments):
