@@ -78,9 +78,9 @@ def check_destination(
     """Refuse, before any work, a destination that this command may not write; reads only.
 
     The one rule every command's destinations go through (the module docstring says it in words), in this order: a
-    destination that cannot exist (under a regular file, on a read-only file system, in a folder this user cannot
-    write) is named with the system's own words; one that is a source, lies inside one or holds one is refused even
-    with `overwrite`; a run is never written into a saved dataset nor the reverse (`_NEVER_INTO`), even with
+    destination that is a source, lies inside one or holds one is refused even with `overwrite`; one that cannot
+    exist (under a regular file, on a read-only file system, in a folder this user cannot write) is named with the
+    system's own words; a run is never written into a saved dataset nor the reverse (`_NEVER_INTO`), even with
     `overwrite`; anything else that is not this command's own earlier output is refused without `overwrite`.
 
     Args:
@@ -108,12 +108,12 @@ def check_destination(
         raise ValueError(f"kind must be 'file', 'folder' or 'files', got {kind!r}")
     dest = Path(dest)
     target = Path(os.path.abspath(dest))
+    _check_overlap(dest, sources, flag)
     blocked = cannot_write(target, inside=kind != "file")
     if blocked is not None:
         where, code = blocked
         verb = "cannot create it under" if code == errno.ENOTDIR else "cannot write in"
         raise UsageError(f"{flag} {dest}: {verb} {where}: {os.strerror(code).lower()}")
-    _check_overlap(dest, sources, flag)
     hint = "choose another path" + (f", or pass {overwrite_flag} to replace it" if overwrite_flag else "")
     if kind == "file":
         if dest.is_dir():
