@@ -610,7 +610,7 @@ figure minus the base's. Hover a figure for its exact value.</p>
 # How the two files an evaluation writes begin: an existing file of that name that begins otherwise is not ours,
 # and `hf-sft eval` refuses to replace it (`hf_sft.writer.check_destination`).
 OUTPUT_MARKERS = {
-    RESULTS_FILE: b'{\n  "command": "hf-sft eval',
+    RESULTS_FILE: b'{\n  "command": ',  # `hf-sft eval` or the training run that evaluated its final folder
     REPORT_FILE: _PAGE[: _PAGE.index("</title>")].encode(),
 }
 

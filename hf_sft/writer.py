@@ -2,9 +2,13 @@
 
 Callers say what to write; this module says how, so that nothing is ever left half-written under a final name:
 
-- `check_destination` runs before any work. It refuses (exit 2) a destination that is one of the command's sources,
-  lies inside one or holds one, and an existing file or non-empty folder that is not this command's own earlier
-  output, unless the user asked to overwrite.
+- `check_destination` is the one rule for where a command may write; every command declares its sources and each
+  destination to it before any work (`check_cache` for caches). It refuses (exit 2, one line) a destination that is
+  one of the command's sources, lies inside one or holds one, whatever the flags and without naming one; a
+  destination that cannot exist (under a regular file, on a read-only file system, in a folder that may not be
+  written), in the system's words; a run folder for a saved dataset and the reverse, even with overwrite; and an
+  existing file or non-empty folder that is not this command's own earlier output (a folder's `OUTPUT_RECORD`, a
+  file's first bytes), unless the user asked to overwrite.
 - `new_folder` and `new_file` hand the caller a temporary sibling of the destination (same file system) to write
   into. When the block ends, every file and folder is fsynced and the sibling is renamed into place: a folder is
   always its complete old state or its complete new state. Replacing an existing folder swaps the two with
@@ -21,7 +25,8 @@ Callers say what to write; this module says how, so that nothing is ever left ha
   rather than silently mixed.
 
 Folder outputs carry `OUTPUT_RECORD`, naming the command that wrote them: the same command may write there again
-without `--overwrite`; anything else may not.
+without `--overwrite`; anything else may not. Temporary names carry the writer's pid, so that the next write to the
+same destination removes what a killed writer left (`remove_stale_siblings`) and leaves a live one's alone.
 """
 
 from __future__ import annotations

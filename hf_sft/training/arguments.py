@@ -98,10 +98,11 @@ class ModelArguments:
         """The special-token overrides, as keyword arguments of `hf_sft.tokenizer.load_tokenizer`."""
         return {name: getattr(self, name) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
 
-    def input_paths(self) -> list[Path]:
+    def input_paths(self, weights: bool = True) -> list[Path]:
         """The local files and folders these arguments read (the base model, the tokenizer): a command's sources for
-        `hf_sft.writer.check_destination`. Hub ids are left out."""
-        given = (self.pretrained_ckpt_path, self.tokenizer_path)
+        `hf_sft.writer.check_destination`. Hub ids are left out; so is the base model when not `weights` (a resumed
+        run takes its weights from the checkpoint it continues, which may be a seed checkpoint in its out_dir)."""
+        given = (self.pretrained_ckpt_path if weights else None, self.tokenizer_path)
         return [Path(path) for path in given if path and Path(path).exists()]
 
 

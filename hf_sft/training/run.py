@@ -144,7 +144,7 @@ class TrainingRecipe:
     def setup(self) -> None:
         """Check the run folder (nothing is written yet), reach the Hub if the run pushes, set the seed."""
         args = self.args
-        sources = [*self.config.model.input_paths(), *self.config.data.input_paths()]
+        sources = [*self.config.model.input_paths(weights=not self.resume), *self.config.data.input_paths()]
         check_run_folder(
             self.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir, self.main_process, sources
         )
