@@ -114,11 +114,7 @@ def check_destination(
     dest = Path(dest)
     target = Path(os.path.abspath(dest))
     _check_overlap(dest, sources, flag)
-    blocked = cannot_write(target, inside=kind != "file")
-    if blocked is not None:
-        where, code = blocked
-        verb = "cannot create it under" if code == errno.ENOTDIR else "cannot write in"
-        raise UsageError(f"{flag} {dest}: {verb} {where}: {os.strerror(code).lower()}")
+    _check_writable(target, f"{flag} {dest}", inside=kind != "file")
     hint = "choose another path" + (f", or pass {overwrite_flag} to replace it" if overwrite_flag else "")
     if kind == "file":
         if dest.is_dir():
@@ -162,11 +158,7 @@ def check_cache(folder: str | Path, what: str, sources: Iterable[str | Path] = (
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{what} {folder}: cannot create it: {os.strerror(errno.ENOTDIR).lower()}")
-    blocked = cannot_write(folder, inside=True)
-    if blocked is not None:
-        where, code = blocked
-        verb = "cannot create it under" if code == errno.ENOTDIR else "cannot write in"
-        raise UsageError(f"{what} {folder}: {verb} {where}: {os.strerror(code).lower()}")
+    _check_writable(folder, f"{what} {folder}", inside=True)
     _check_overlap(folder, sources, what)
     return folder
 
@@ -204,6 +196,15 @@ def writable_error(folder: Path) -> int | None:
     if not os.access(folder, os.W_OK | os.X_OK):
         return errno.EACCES
     return None
+
+
+def _check_writable(path: Path, named: str, inside: bool) -> None:
+    """Refuse a path that `cannot_write` finds blocked, naming the cause as the system does (`os.strerror`)."""
+    blocked = cannot_write(path, inside=inside)
+    if blocked is not None:
+        where, code = blocked
+        verb = "cannot create it under" if code == errno.ENOTDIR else "cannot write in"
+        raise UsageError(f"{named}: {verb} {where}: {os.strerror(code).lower()}")
 
 
 def _check_overlap(dest: Path, sources: Iterable[str | Path], flag: str) -> None:
