@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from hf_sft.training.signals import handling_signals
 
-    command = next((arg for arg in argv if arg in COMMANDS), "")
+    command = next((arg for arg in argv if not arg.startswith("-")), "")  # the subcommand, for the stop line
     with handling_signals(exiting=entry_point, at_once=command) as stop:
 
         def parse_and_run() -> int:

@@ -343,7 +343,7 @@ def test_14_a_signal_stops_every_command_with_nothing_half_written(
     err = capsys.readouterr().err.strip()
     name = {15: "SIGTERM", 2: "SIGINT"}[signum]
     assert err.splitlines()[-1] == f"stopped by {name}: hf-sft {command.split()[0]} did not finish; " + (
-        "what it was writing was removed"
+        "nothing half-written is left"
     )
     assert len([line for line in err.splitlines() if "stopped by" in line or "error" in line]) == 1
     assert not dest.exists() and writer.leftovers(tmp_path) == []

@@ -176,8 +176,8 @@ def handling_signals(exiting: bool = False, at_once: str | None = None) -> Itera
 
 
 def stopped_at_once(signum: signal.Signals, command: str) -> str:
-    """The last line of a command other than `train` stopped by a signal: what it was writing was removed."""
-    return f"stopped by {signum.name}: hf-sft {command} did not finish; what it was writing was removed"
+    """The last line of a command other than `train` stopped by a signal: the writer removed what was in flight."""
+    return f"stopped by {signum.name}: hf-sft {command} did not finish; nothing half-written is left"
 
 
 def resume_command(checkpoint: str | Path, *flags: str) -> str:
