@@ -44,7 +44,9 @@ from typing import Any
 
 from hf_sft.errors import UsageError, WriteFailed
 
-OUTPUT_RECORD = ".hf_sft_output.json"
+# "_": Trainer's pushes of a run folder to the Hub leave `_*` out, as they do the run's lock.
+OUTPUT_RECORD = "_hf_sft_output.json"
+_OLDER_RECORD = ".hf_sft_output.json"  # its name in folders written by earlier versions, still read
 PENDING_RECORD = ".hf_sft-incomplete.json"
 # The errors a user can act on; anything else is a bug and keeps its traceback under --debug.
 _USER_ERRNOS = {
@@ -134,7 +136,7 @@ def check_destination(
         return dest
     if kind == "files":
         return dest  # its own files are checked by the command, which knows their names
-    ignored = {OUTPUT_RECORD, *keeps}
+    ignored = {OUTPUT_RECORD, _OLDER_RECORD, *keeps}
     if any(p.name not in ignored and not is_temporary(p) for p in dest.iterdir()):
         what = f"the output of `hf-sft {owner}`" if owner else "files this command did not write"
         raise UsageError(f"{flag} {dest} is not empty (it holds {what}): {hint}")
@@ -228,10 +230,12 @@ def _starts_with(path: Path, marker: bytes) -> bool:
 
 def written_by(folder: str | Path) -> str | None:
     """The command recorded in `folder`'s `OUTPUT_RECORD`, or None."""
-    try:
-        return json.loads((Path(folder) / OUTPUT_RECORD).read_text(encoding="utf-8")).get("command")
-    except (OSError, ValueError, AttributeError):
-        return None
+    for name in (OUTPUT_RECORD, _OLDER_RECORD):
+        try:
+            return json.loads((Path(folder) / name).read_text(encoding="utf-8")).get("command")
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
 
 
 @contextlib.contextmanager

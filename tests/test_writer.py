@@ -310,3 +310,12 @@ def test_the_next_write_removes_what_a_killed_writer_left_and_only_that(tmp_path
     assert sorted(p.name for p in leftovers(tmp_path)) == sorted([live.name, other.name])
     write_text(tmp_path / "outer", "x")
     assert leftovers(tmp_path) == [live]
+
+
+def test_a_folder_marked_under_the_records_earlier_name_is_still_recognised(tmp_path):
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / ".hf_sft_output.json").write_text('{"command": "convert"}')  # as versions before the rename wrote it
+    (dest / "config.json").write_text("{}")
+    assert written_by(dest) == "convert"
+    assert check_destination(dest, kind="folder", command="convert") == dest
