@@ -117,7 +117,10 @@ class SFTTrainingArguments(TrainingArguments):
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Replace the checkpoints and final model of a previous run in --out_dir (else refused)."},
+        metadata={
+            "help": "Replace the checkpoints and final model of a previous run in --out_dir, or use an --out_dir "
+            "holding files no run wrote (else refused). Never an input, nor a saved dataset."
+        },
     )
     discard_newer_checkpoints: bool = field(
         default=False,
