@@ -145,9 +145,9 @@ def check_destination(
 
 def check_cache(folder: str | Path, what: str, sources: Iterable[str | Path] = ()) -> Path:
     """Refuse, before any work, a cache folder that cannot be created or written (e.g. under a `HOME` that is a file),
-    or that is an input, lies inside one or holds one.
+    or that is an input or lies inside one (a folder of data shards would read the cache's files as data).
 
-    A cache only adds files under names of its own, so an existing folder of anyone's is fine otherwise.
+    A cache only adds files under names of its own, so any other folder will do, one that holds the data included.
 
     Args:
         folder: the cache folder (it need not exist yet).
@@ -160,8 +160,8 @@ def check_cache(folder: str | Path, what: str, sources: Iterable[str | Path] = (
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{what} {folder}: cannot create it: {os.strerror(errno.ENOTDIR).lower()}")
+    _check_overlap(folder, sources, what, holding=False)
     _check_writable(folder, f"{what} {folder}", inside=True)
-    _check_overlap(folder, sources, what)
     return folder
 
 
@@ -209,14 +209,15 @@ def _check_writable(path: Path, named: str, inside: bool) -> None:
         raise UsageError(f"{named}: {verb} {where}: {os.strerror(code).lower()}")
 
 
-def _check_overlap(dest: Path, sources: Iterable[str | Path], flag: str) -> None:
-    """Refuse a destination that is a source, lies inside one or holds one; the message names no flag to force it."""
+def _check_overlap(dest: Path, sources: Iterable[str | Path], flag: str, holding: bool = True) -> None:
+    """Refuse a destination that is a source, lies inside one or (`holding`) holds one; the message names no flag to
+    force it."""
     target = dest.resolve()
     for source in sources:
         source = Path(source).resolve()
         if target == source or source in target.parents:
             raise UsageError(f"{flag} {dest} is {'the input' if target == source else 'inside the input'} {source}")
-        if target in source.parents:
+        if holding and target in source.parents:
             raise UsageError(f"{flag} {dest} holds the input {source}: choose another destination")
 
 

@@ -109,8 +109,13 @@ FORBIDDEN = (
     "a path under a regular file",
     "a read-only file system",
 )
-# A cache only adds files under its own names: any user's folder may hold one (hf_sft.writer.check_cache).
-NOT_FORBIDDEN = {("data --cache_dir", "a folder holding a user's file"), ("data --cache_dir", "another kind's output")}
+# A cache only adds files under its own names: any other folder may hold one, the data's own folder included
+# (hf_sft.writer.check_cache).
+NOT_FORBIDDEN = {
+    ("data --cache_dir", "a folder holding an input"),
+    ("data --cache_dir", "a folder holding a user's file"),
+    ("data --cache_dir", "another kind's output"),
+}
 OWN_INPUT = {"convert": "ckpt", "export gpt2": "model", "export llama": "model", "export legacy-pt": "model"}
 
 
