@@ -1,15 +1,16 @@
 """The `hf-sft` command: one parser per subcommand, each living in `hf_sft.commands.<name>`.
 
 Every subcommand exits 0 on success, 2 on bad usage or bad input (`UsageError`, a bad flag included: one line on
-stderr), 130/143 when a training run received SIGINT/SIGTERM (`RunInterrupted`: its last line says where the work is
+stderr), 130/143 when a command received SIGINT/SIGTERM (`RunInterrupted`: its last line says where the work is
 and how to resume), and 1 on any other failure: a run stopped by a non-finite loss (`TrainingDiverged`), a write the
 system refused (`WriteFailed`, naming the path and the cause) or anything else (one line too, unless `--debug` asks
 for the traceback). Every message is printed on one line, whatever line breaks a library put in it.
 
-`train` installs the signal handler first (`hf_sft.training.signals`), the one place it is entered. Called as the
-process's entry point (no `argv`), it leaves SIGTERM/SIGINT ignored once the command has printed its last line, so
-that nothing that runs at interpreter exit is interrupted; called with `argv` (a test, an application), it restores
-the previous handlers.
+Every command installs the signal handler first (`hf_sft.training.signals`), the one place it is entered. `train`
+stops at its own safe points; every other command stops where it is at the first signal, its writes cleaned up by
+`hf_sft.writer`, and exits 143/130 with one line. Called as the process's entry point (no `argv`), it leaves
+SIGTERM/SIGINT ignored once the command has printed its last line, so that nothing that runs at interpreter exit is
+interrupted; called with `argv` (a test, an application), it restores the previous handlers.
 """
 
 from __future__ import annotations
@@ -59,11 +60,19 @@ def main(argv: list[str] | None = None) -> int:
             _end_launched_process(status)
         return status
 
-    def parse_and_run() -> int:
-        args = build_parser().parse_args(argv)
-        return args.run(args)
+    from hf_sft.training.signals import handling_signals
 
-    return _guarded(parse_and_run, debug="--debug" in argv)
+    command = next((arg for arg in argv if not arg.startswith("-")), "")  # the subcommand, for the stop line
+    with handling_signals(exiting=entry_point, at_once=command) as stop:
+
+        def parse_and_run() -> int:
+            try:
+                args = build_parser().parse_args(argv)
+                return args.run(args)
+            finally:
+                stop.at_once = None  # done (or failing): a signal from here on only ends the process as it is ending
+
+        return _guarded(parse_and_run, debug="--debug" in argv)
 
 
 def _guarded(action, debug: bool) -> int:

@@ -15,8 +15,11 @@ class UsageError(Exception):
     """Bad usage or bad input: the CLI prints the message and exits with status 2."""
 
 
-class RunInterrupted(Exception):
+class RunInterrupted(BaseException):
     """A run stopped by a signal after saving a checkpoint: the CLI prints the message last and exits `status`.
+
+    A `BaseException`, as `KeyboardInterrupt` is: raised where a command is (`hf_sft.training.signals`), it must pass
+    through the `except Exception` fallbacks of the code it interrupts.
 
     Attributes:
         status: 128 + the signal's number (130 for SIGINT, 143 for SIGTERM).

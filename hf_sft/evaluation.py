@@ -607,6 +607,13 @@ figure minus the base's. Hover a figure for its exact value.</p>
 {answers}
 </body></html>
 """
+# How the two files an evaluation writes begin: an existing file of that name that begins otherwise is not ours,
+# and `hf-sft eval` refuses to replace it (`hf_sft.writer.check_destination`).
+OUTPUT_MARKERS = {
+    RESULTS_FILE: b'{\n  "command": ',  # `hf-sft eval` or the training run that evaluated its final folder
+    REPORT_FILE: _PAGE[: _PAGE.index("</title>")].encode(),
+}
+
 _COLOURS = {"model": "#3b75af", "base": "#ef8636"}
 
 

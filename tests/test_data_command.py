@@ -155,7 +155,7 @@ def test_a_dump_cut_short_leaves_the_earlier_file_whole(tmp_path, capsys, monkey
     monkeypatch.setattr(summary, "json", SimpleNamespace(dumps=dumps))
     argv = ["data", "--data_path", str(FIXTURES / "tiny_sft.jsonl")]
     argv += ["--tokenizer_path", str(FIXTURES / "tiny_bpe.json")]
-    argv += ["--val_split", "0", "--cache_dir", str(tmp_path / "cache"), "--dump", str(dump)]
+    argv += ["--val_split", "0", "--cache_dir", str(tmp_path / "cache"), "--dump", str(dump), "--overwrite"]
     assert main(argv) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: cannot write {dump}: no space left on device"
     assert dump.read_text() == "the earlier dump\n"  # on main: opened for writing, two lines, then the error

@@ -8,7 +8,7 @@ from helpers.runs import snapshot, train
 from test_resume import last_error, same_weights
 
 from hf_sft.cli import main
-from hf_sft.writer import PENDING_RECORD, incomplete, leftovers
+from hf_sft.writer import OUTPUT_RECORD, PENDING_RECORD, incomplete, leftovers
 
 
 class Killed(BaseException):
@@ -27,7 +27,7 @@ def killed_at_rename(monkeypatch, out: Path, n: int) -> None:
     real, calls = os.replace, []
 
     def replace(src, dst):
-        if Path(dst).parent == out:
+        if Path(dst).parent == out and Path(dst).name != OUTPUT_RECORD:  # the claim's mark is not the final swap
             calls.append(dst)
             if len(calls) == n:
                 raise Killed

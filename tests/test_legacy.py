@@ -273,7 +273,7 @@ def test_convert_into_a_trained_run_folder_is_refused_unless_overwrite(shared_di
     code, _, err = convert_cli(capsys, checkpoint, tokenizer, run)
     assert_usage_error(code, err)
     assert err.strip() == (
-        f"error: --out {run} is not empty (it holds files this command did not write): choose another path, "
+        f"error: --out {run} is not empty (it holds the output of `hf-sft train`): choose another path, "
         "or pass --overwrite to replace it"
     )
     assert tree(run) == before

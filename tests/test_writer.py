@@ -293,3 +293,29 @@ def test_sigkill_at_random_moments_never_leaves_a_mixed_folder(tmp_path):
         for stale in leftovers(tmp_path):  # a killed writer's temporary sibling: never under the folder's name
             remove(stale)
     assert outcomes == {True, False}, "the kill points should fall both before and after the commit"
+
+
+def test_the_next_write_removes_what_a_killed_writer_left_and_only_that(tmp_path):
+    dest = tmp_path / "out"
+    dead = tmp_path / ".hf_sft-tmp-out-4194999-0123abcd"  # no process has this pid (above the kernel's pid_max)
+    live = tmp_path / f".hf_sft-tmp-out-{os.getppid()}-0123abcd"  # a live writer's staging
+    trash = tmp_path / ".hf_sft-old-out-4194999-89abcdef"
+    other = tmp_path / ".hf_sft-tmp-outer-4194999-0123abcd"  # another destination's
+    for path in (dead, live, trash):
+        path.mkdir()
+        (path / "part").write_text("half")
+    other.write_text("half")
+    with new_folder(dest, command="convert") as tmp:
+        (tmp / "a").write_text("a")
+    assert sorted(p.name for p in leftovers(tmp_path)) == sorted([live.name, other.name])
+    write_text(tmp_path / "outer", "x")
+    assert leftovers(tmp_path) == [live]
+
+
+def test_a_folder_marked_under_the_records_earlier_name_is_still_recognised(tmp_path):
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / ".hf_sft_output.json").write_text('{"command": "convert"}')  # as versions before the rename wrote it
+    (dest / "config.json").write_text("{}")
+    assert written_by(dest) == "convert"
+    assert check_destination(dest, kind="folder", command="convert") == dest

@@ -7,7 +7,8 @@ it contains, so the original training code does not need to be installed.
 The folder holds config.json, model.safetensors, generation_config.json, the tokenizer and the model code: it loads
 with `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` even where hf_sft is not installed.
 
---out may not be the checkpoint or the tokenizer, or hold them. A non-empty --out that an earlier conversion did not
+--out may not be the checkpoint or the tokenizer, or hold them, whatever the flags, nor lie under a regular file or on
+a read-only file system. A non-empty --out that an earlier conversion did not
 write (a training run's folder, say) is refused unless --overwrite, which replaces it whole: the folder then holds
 exactly the converted model. It is written beside --out and renamed into place, never half-written.
 

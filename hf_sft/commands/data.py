@@ -15,11 +15,15 @@ Examples:
 
 `--save_to DIR` writes the tokenised, masked splits and a manifest of how they were made (tokenizer, format, length
 limit and policy, split, sources, counts): `hf-sft train --data_path DIR` then trains on them without tokenising again,
-and refuses them, naming the difference, if its own tokenizer, format or length settings differ. `--overwrite`
-replaces an earlier `--save_to` output of another kind (this command's own earlier output is replaced without it).
+and refuses them, naming the difference, if its own tokenizer, format or length settings differ.
 
 `--dump FILE.jsonl` writes one line per kept example: {"index": position of the record in the input (0-based),
 "input_ids": [...], "labels": [...]} with labels unshifted and -100 where not supervised.
+
+Destinations (checked before anything is read): --save_to and --dump may not be an input (the data, the tokenizer,
+the model, a template file), lie inside one or hold one, whatever the flags. This command's own earlier output is
+replaced without --overwrite: a --save_to folder by its record, a --dump file by its first bytes (`{"index":`);
+anything else needs --overwrite, and a training run's folder is never a --save_to folder.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
 HELP = "validate and tokenise a dataset; show counts, lengths, padding waste and a masked preview"
 
@@ -49,9 +52,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     report.add_argument(
         "--save_to", default=None, metavar="DIR", help="write the tokenised splits for `hf-sft train --data_path DIR`"
     )
-    report.add_argument("--overwrite", action="store_true", help="let --save_to replace a folder it did not write")
+    report.add_argument(
+        "--overwrite", action="store_true", help="let --save_to or --dump replace what this command did not write"
+    )
     # Unset unless given: a data check names a new model only by giving its --block_size.
     parser.set_defaults(block_size=None)
+
+
+def _check_destinations(args: argparse.Namespace, model_args, data_args) -> None:
+    """Declare what this command reads and writes to the writer, before anything is loaded (exit 2 if refused)."""
+    from hf_sft.data.saved import SAVE_COMMAND
+    from hf_sft.data.summary import DUMP_COMMAND, DUMP_MARKER
+    from hf_sft.data.text_records import cache_root
+    from hf_sft.writer import check_cache, check_destination
+
+    sources = [*data_args.input_paths(), *model_args.input_paths()]
+    for dest, kind, command, flag, marker in (
+        (args.save_to, "folder", SAVE_COMMAND, "--save_to", None),
+        (args.dump, "file", DUMP_COMMAND, "--dump", DUMP_MARKER),
+    ):
+        if dest:
+            check_destination(
+                dest, kind=kind, command=command, sources=sources, overwrite=args.overwrite, flag=flag, marker=marker
+            )
+    check_cache(cache_root(args.cache_dir), "--cache_dir" if args.cache_dir else "the datasets cache", sources)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,20 +98,7 @@ def run(args: argparse.Namespace) -> int:
     data_args = dataclasses.replace(from_namespace(DataArguments, args), streaming=False)
     if not data_args.data_path:
         raise UsageError("--data_path is required")
-    if args.save_to:
-        from hf_sft.data.saved import SAVE_COMMAND
-        from hf_sft.writer import check_destination
-
-        given = (*data_args.data_paths(), data_args.eval_data_path)
-        sources = [path for path in given if path and Path(path).exists()]
-        check_destination(
-            args.save_to,
-            kind="folder",
-            command=SAVE_COMMAND,
-            sources=sources,
-            overwrite=args.overwrite,
-            flag="--save_to",
-        )
+    _check_destinations(args, model_args, data_args)
     template = get_format(data_args.template)
     tokenizer = load_run_tokenizer(model_args, data_args)
     config = base_config(model_args, tokenizer) if model_named else None

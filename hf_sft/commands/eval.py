@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if args.device is not None:
         check_device(args.device)
     out_dir = args.out or args.model_dir
+    _check_destinations(args, out_dir)
     for folder in {args.model_dir, out_dir}:
         if recover_interrupted_write(folder):
             print(f"{folder}: removed the results of an evaluation cut short while writing them", file=sys.stderr)
@@ -186,6 +187,29 @@ def run(args: argparse.Namespace) -> int:
     _print_summary(results)
     print("wrote " + ", ".join(str(path) for path in written))
     return 0
+
+
+def _check_destinations(args: argparse.Namespace, out_dir: str) -> None:
+    """Declare what this command reads and writes to the writer, before anything is loaded (exit 2 if refused).
+
+    The results go into a folder that holds other things (by default the model's own folder; the models are read,
+    never replaced): the folder may not be one of the data inputs or hold one, and each of its two files must be
+    absent or an earlier evaluation's (`OUTPUT_MARKERS`); this command has no flag to replace anything else.
+    """
+    from pathlib import Path
+
+    from hf_sft.data import cache_root
+    from hf_sft.evaluation import OUTPUT_MARKERS
+    from hf_sft.writer import check_cache, check_destination
+
+    given = [*args.data_path, args.eval_data_path, args.tokenizer_path, args.template]
+    sources = [Path(path) for path in given if path and Path(path).exists()]
+    flag = "--out" if args.out else "MODEL"
+    common = {"command": "eval", "sources": sources, "overwrite_flag": None}
+    check_destination(out_dir, kind="files", flag=flag, **common)
+    for name, marker in OUTPUT_MARKERS.items():
+        check_destination(Path(out_dir) / name, kind="file", flag=flag, marker=marker, **common)
+    check_cache(cache_root(args.cache_dir), "--cache_dir" if args.cache_dir else "the datasets cache", sources)
 
 
 def command_line(args: argparse.Namespace) -> str:

@@ -13,9 +13,10 @@ The stock folders hold the same weights (same logits), the generation config and
 and no auto_map: `AutoModelForCausalLM.from_pretrained(DIR)` and serving engines that know only stock architectures
 load them without trust_remote_code. A model the target cannot express is refused with the features that prevent it.
 
---out may not be the model folder, lie inside it or hold it. An existing --out is replaced only with --overwrite
-(an earlier export to the same target may be rewritten without it); the export is written beside it and renamed
-into place, so --out never holds half an export.
+--out may not be the model folder or the --check_data file, lie inside them or hold them, whatever the flags. An
+existing --out is replaced only with --overwrite (an earlier export to the same target may be rewritten without it,
+and so may a Modelfile an earlier GGUF export wrote); the export is written beside it and renamed into place, so
+--out never holds half an export, and a GGUF never appears without its Modelfile.
 
 example:
   hf-sft export models/sft --to gpt2 --out models/sft-gpt2

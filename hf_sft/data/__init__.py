@@ -42,6 +42,7 @@ from hf_sft.data.template import (
     install_chat_template,
     prompt_text,
 )
+from hf_sft.data.text_records import cache_root
 
 __all__ = [
     "DEFAULT_FORMAT",
@@ -62,6 +63,7 @@ __all__ = [
     "TokenizedSplit",
     "build_datasets",
     "build_run_datasets",
+    "cache_root",
     "encode_prompt",
     "folder_problem",
     "format_of",

@@ -7,6 +7,7 @@ Every default is stated once, in its `field(...)`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hf_sft.data.masking import LENGTH_POLICIES
 from hf_sft.data.sources import DEFAULT_SPLIT
@@ -71,3 +72,9 @@ class DataArguments:
         if not self.data_path:
             return []
         return [self.data_path] if isinstance(self.data_path, str) else list(self.data_path)
+
+    def input_paths(self) -> list[Path]:
+        """The local files and folders these arguments read (data, eval data, a Jinja template): what a command
+        declares to `hf_sft.writer.check_destination` as its sources. Hub ids and format names are left out."""
+        given = (*self.data_paths(), self.eval_data_path, self.template)
+        return [Path(path) for path in given if path and Path(path).exists()]

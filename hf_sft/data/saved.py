@@ -29,10 +29,11 @@ import numpy as np
 from hf_sft.data.masking import MODEL_COLUMNS
 from hf_sft.data.splits import SFTData, TokenizedSplit
 from hf_sft.errors import UsageError, bad_input
+from hf_sft.writer import SAVED_DATASET
 
 MANIFEST = "hf_sft_tokenized.json"
 MANIFEST_VERSION = 1
-SAVE_COMMAND = "data --save_to"
+SAVE_COMMAND = SAVED_DATASET  # the writer's mark of a saved dataset
 # setting -> how the difference is named in the refusal
 SETTING_NAMES = {
     "tokenizer": "the tokenizer (fingerprint)",

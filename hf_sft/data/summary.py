@@ -130,6 +130,12 @@ def render_preview(tokenizer, input_ids: Sequence[int], labels: Sequence[int], c
     return ["".join(parts), f"tokens at the boundary (prompt | supervised): {boundary}"]
 
 
+DUMP_COMMAND = "data --dump"
+# How every dump begins (`write_dump`'s first key, compact): an existing file that begins so is an earlier dump,
+# rewritten without --overwrite (`hf_sft.writer.check_destination`); any other file needs it.
+DUMP_MARKER = b'{"index":'
+
+
 def write_dump(path: str | Path, *splits: TokenizedSplit) -> int:
     """Write `{"index", "input_ids", "labels"}` per kept example of `splits`, in input order.
 

@@ -42,7 +42,7 @@ def load_text_records(
     """
     import datasets
 
-    root = Path(cache_dir) if cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
+    root = cache_root(cache_dir)
     target = root / COPY_FOLDER / f"records-{_key(source, fields)}.jsonl"
     summary_path = target.with_suffix(".summary.json")
     summary = _verified_summary(target, summary_path, source)
@@ -59,6 +59,13 @@ def load_text_records(
         cache_dir=str(root),
     )
     return found
+
+
+def cache_root(cache_dir: str | Path | None) -> Path:
+    """The folder the records' copies (and `datasets`' own cache files) go to: `cache_dir`, else `datasets`' cache."""
+    import datasets
+
+    return Path(cache_dir) if cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
 
 
 def located_rows(source: Source) -> Iterator[tuple[Path, int, Any]]:

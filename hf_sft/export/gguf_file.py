@@ -4,7 +4,8 @@ Everything that can be refused is refused before anything is written (exit 2): a
 cannot express (`gguf_model.gguf_architecture`), a tokenizer component it cannot reproduce (`gguf_vocab`), a
 destination the writer refuses. The file is then written with the `gguf` package into a temporary sibling, the
 tokenizer self-check runs on that file (`gguf_check`), and only a file that passed (or `--allow_tokenizer_mismatch`)
-is renamed into place; the Ollama Modelfile follows beside it (`NAME.Modelfile`).
+is renamed into place, together with the Ollama Modelfile beside it (`NAME.Modelfile`): the Modelfile is renamed
+in first, so a GGUF never appears without it.
 """
 
 from __future__ import annotations
@@ -87,15 +88,19 @@ def export_gguf(
     from hf_sft.export.gguf_check import check_file, format_texts, probes, records_for_check
     from hf_sft.export.gguf_model import OUTTYPES, gguf_architecture, write_hparams, write_tensors
     from hf_sft.export.gguf_vocab import build_vocab, check_prefix_space
-    from hf_sft.export.ollama import modelfile, modelfile_path
+    from hf_sft.export.ollama import MODELFILE_MARKER, modelfile, modelfile_path
     from hf_sft.tokenizer import load_tokenizer
-    from hf_sft.writer import new_file, write_text
+    from hf_sft.writer import new_files
 
     if outtype not in OUTTYPES:
         raise UsageError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
     out = Path(out)
     if out.suffix != ".gguf":
         raise UsageError(f"--out {out}: --to gguf writes a .gguf file (e.g. {out.with_suffix('.gguf').name})")
+    sidecar = modelfile_path(out)
+    inputs = [check_data] if check_data is not None else []
+    check_export_destination(model_dir, "gguf", out, overwrite, inputs=inputs)
+    check_export_destination(model_dir, "gguf", sidecar, overwrite, inputs=inputs, marker=MODELFILE_MARKER)
     folder = read_hfsft_folder(model_dir)  # a GGUF carries its tokenizer
     model_dir, config = folder.path, folder.config
     arch = gguf_architecture(config, str(model_dir))
@@ -104,12 +109,11 @@ def export_gguf(
     vocab = build_vocab(tokenizer, config.vocab_size, template.chat_template())
     check_prefix_space(vocab, format_texts(tokenizer, template), _added_tokens(tokenizer), template.name)
     records = records_for_check(check_data) if check_data is not None else []
-    sidecar = modelfile_path(out)
-    for dest in (out, sidecar):
-        check_export_destination(model_dir, "gguf", dest, overwrite)
 
     model = load_hfsft_model(folder)
-    with new_file(out) as staging:
+    # The Modelfile is renamed in first and the GGUF last: a GGUF is never seen without its Modelfile, and a Modelfile
+    # left alone by a kill between the two renames is recognised as ours (`MODELFILE_MARKER`) and rewritten.
+    with new_files(sidecar, out) as (sidecar_staging, staging):
         writer = gguf.GGUFWriter(staging, arch)
         writer.add_name(model_dir.resolve().name)
         write_hparams(writer, config, arch, outtype)
@@ -125,8 +129,9 @@ def export_gguf(
                 f"{report.summary()}; first: {report.first_mismatch()}; nothing written "
                 "(--allow_tokenizer_mismatch writes the file anyway)"
             )
-    bos = tokenizer.bos_token if template.bos and not vocab.add_bos else ""  # else llama.cpp adds it
-    write_text(sidecar, modelfile(out.name, template, bos, tokenizer.eos_token, config.max_position_embeddings))
+        bos = tokenizer.bos_token if template.bos and not vocab.add_bos else ""  # else llama.cpp adds it
+        text = modelfile(out.name, template, bos, tokenizer.eos_token, config.max_position_embeddings)
+        sidecar_staging.write_text(text, encoding="utf-8")
     return GGUFExport(out, sidecar, arch, outtype, report.summary(), _notes(vocab))
 
 

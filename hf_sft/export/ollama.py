@@ -21,6 +21,10 @@ from pathlib import Path
 
 from hf_sft.data import PromptFormat
 
+# How every Modelfile written here begins: an existing file that begins so is an earlier export's, rewritten without
+# --overwrite (`hf_sft.writer.check_destination`).
+MODELFILE_MARKER = b"# Ollama Modelfile written by hf-sft export --to gguf."
+
 
 def modelfile_path(gguf_path: str | Path) -> Path:
     """Where the Modelfile of a GGUF goes: `NAME.Modelfile` beside `NAME.gguf` (several exports share a folder)."""
@@ -43,7 +47,7 @@ def modelfile(gguf_name: str, template, bos_token: str, eos_token: str, context_
         The Modelfile text.
     """
     lines = [
-        "# Ollama Modelfile written by hf-sft export --to gguf.",
+        MODELFILE_MARKER.decode(),
         f"# Use: ollama create NAME -f {modelfile_path(gguf_name).name} && ollama run NAME",
         f"FROM ./{gguf_name}",
     ]

@@ -104,11 +104,22 @@ def export_command(target: str) -> str:
     return f"export --to {target}"
 
 
-def check_export_destination(model_dir: str | Path, target: str, out: str | Path, overwrite: bool = False) -> Path:
+def check_export_destination(
+    model_dir: str | Path,
+    target: str,
+    out: str | Path,
+    overwrite: bool = False,
+    *,
+    inputs: list[str | Path] = (),
+    marker: bytes | None = None,
+) -> Path:
     """Refuse, before anything is read, an `--out` that exporting `model_dir` to `target` may not write.
 
-    The sources are the model folder and, for a `checkpoint-STEP` folder without a tokenizer, the run folder's
-    tokenizer files: `--out` may be none of them, lie inside them or hold them.
+    The sources are the model folder, `inputs` (e.g. `--check_data`) and, for a `checkpoint-STEP` folder without a
+    tokenizer, the run folder's tokenizer files: `--out` may be none of them, lie inside them or hold them.
+
+    Args:
+        marker: how an earlier export's file begins (see `hf_sft.writer.check_destination`).
 
     Raises:
         UsageError: see `hf_sft.writer.check_destination`; also an unknown target.
@@ -116,9 +127,11 @@ def check_export_destination(model_dir: str | Path, target: str, out: str | Path
     if target not in TARGETS:
         raise UsageError(f"--to must be one of {', '.join(TARGETS)}, got {target!r}")
     model_dir = Path(model_dir)
-    sources = [model_dir]
+    sources = [model_dir, *(path for path in inputs if Path(path).exists())]
     tokenizer = tokenizer_dir(model_dir) if model_dir.is_dir() else None
     if tokenizer is not None and tokenizer != model_dir:
         sources += [path for path in tokenizer.iterdir() if path.is_file()]
     kind = TARGETS[target]
-    return check_destination(out, kind=kind, command=export_command(target), sources=sources, overwrite=overwrite)
+    return check_destination(
+        out, kind=kind, command=export_command(target), sources=sources, overwrite=overwrite, marker=marker
+    )

@@ -98,6 +98,13 @@ class ModelArguments:
         """The special-token overrides, as keyword arguments of `hf_sft.tokenizer.load_tokenizer`."""
         return {name: getattr(self, name) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
 
+    def input_paths(self, weights: bool = True) -> list[Path]:
+        """The local files and folders these arguments read (the base model, the tokenizer): a command's sources for
+        `hf_sft.writer.check_destination`. Hub ids are left out; so is the base model when not `weights` (a resumed
+        run takes its weights from the checkpoint it continues, which may be a seed checkpoint in its out_dir)."""
+        given = (self.pretrained_ckpt_path if weights else None, self.tokenizer_path)
+        return [Path(path) for path in given if path and Path(path).exists()]
+
 
 @dataclass
 class SFTTrainingArguments(TrainingArguments):
@@ -110,7 +117,10 @@ class SFTTrainingArguments(TrainingArguments):
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Replace the checkpoints and final model of a previous run in --out_dir (else refused)."},
+        metadata={
+            "help": "Replace the checkpoints and final model of a previous run in --out_dir, or use an --out_dir "
+            "holding files no run wrote (else refused). Never an input, nor a saved dataset."
+        },
     )
     discard_newer_checkpoints: bool = field(
         default=False,

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, set_seed
 
-from hf_sft.data import build_run_datasets, get_format
+from hf_sft.data import build_run_datasets, cache_root, get_format
 from hf_sft.errors import UsageError, bad_input
 from hf_sft.training import engines
 from hf_sft.training.arguments import DataArguments, ModelArguments, SFTTrainingArguments
@@ -66,6 +66,7 @@ from hf_sft.training.signals import (
     stopped_in_training,
 )
 from hf_sft.training.trainer import RunTrainer
+from hf_sft.writer import check_cache
 
 logger = logging.getLogger("hf_sft.train")
 
@@ -143,7 +144,11 @@ class TrainingRecipe:
     def setup(self) -> None:
         """Check the run folder (nothing is written yet), reach the Hub if the run pushes, set the seed."""
         args = self.args
-        check_run_folder(self.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir, self.main_process)
+        sources = [*self.config.model.input_paths(weights=not self.resume), *self.config.data.input_paths()]
+        check_run_folder(
+            self.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir, self.main_process, sources
+        )
+        check_cache(cache_root(None), "the datasets cache", sources)
         self._prepare_hub()
         logger.info("world size %d | device %s | precision %s", args.world_size, args.device, _precision_name(args))
         self.check_stop()

@@ -1,10 +1,12 @@
 """The run folder: a run owns its `--out_dir` (claim), holds a lock on it while it lives, and logs into it.
 
 **Claim.** Two steps, so that a failed run leaves nothing behind: `check_run_folder` (read-only, before any work)
-refuses a folder that is a file, is locked by a live run, or holds another run's checkpoints or final model;
-`claim_run_folder` (once the inputs are validated) creates the folder, takes the lock, removes what a killed run's
-writes left (staging folders), and clears the old run's work if asked to. `discard_newer` removes the checkpoints
-past the one a run resumes from, with the final model they lead to, when the user asks for it.
+applies the writer's rule for every destination (`hf_sft.writer.check_destination`: not an input, not a saved
+dataset, nothing a run did not write unless `--overwrite_output_dir`, a folder that can be written), then refuses a
+folder locked by a live run or holding another run's checkpoints or final model; `claim_run_folder` (once the inputs
+are validated) creates the folder, takes the lock, marks it as a run's (`hf_sft.writer.OUTPUT_RECORD`), removes what
+a killed run's writes left (staging folders), and clears the old run's work if asked to. `discard_newer` removes the
+checkpoints past the one a run resumes from, with the final model they lead to, when the user asks for it.
 
 **Lock.** `_run.lock` with pid and host, under an exclusive `flock` (`RunLock`). The kernel drops a `flock` when its
 process dies, however it dies (SIGKILL too), so a lock file whose `flock` can be taken is stale and is taken over. A
@@ -27,6 +29,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterable
 from logging.handlers import MemoryHandler
 from pathlib import Path
 
@@ -36,7 +39,17 @@ from hf_sft import MODEL_CODE_FILES
 from hf_sft.errors import UsageError
 from hf_sft.evaluation import REPORT_FILE, RESULTS_FILE
 from hf_sft.training.checkpoints import folder_step, list_checkpoints
-from hf_sft.writer import PENDING_RECORD, incomplete, leftovers, remove, replace_files
+from hf_sft.writer import (
+    PENDING_RECORD,
+    RUN_FOLDER,
+    check_destination,
+    incomplete,
+    leftovers,
+    record_output,
+    remove,
+    replace_files,
+    written_by,
+)
 
 logger = logging.getLogger("hf_sft.train")
 
@@ -70,25 +83,46 @@ OVERWRITE_FLAG = "--overwrite_output_dir"
 _HELD: list[RunLock] = []
 
 
-def check_run_folder(out_dir: str | Path, resume: str | None, overwrite: bool, main_process: bool = True) -> None:
+def check_run_folder(
+    out_dir: str | Path,
+    resume: str | None,
+    overwrite: bool,
+    main_process: bool = True,
+    sources: Iterable[str | Path] = (),
+) -> None:
     """Refuse, before any work, an out_dir this run may not use; reads only.
+
+    The writer's rule first (`hf_sft.writer.check_destination`, the same for every command): an out_dir that cannot
+    be created, that is one of the run's inputs, lies inside one or holds one (whatever the flags), that is a saved
+    dataset, or that holds anything a run did not write (unless `--overwrite_output_dir`). Then what only a run
+    folder has: a live run's lock, and another run's checkpoints or final model.
 
     Args:
         out_dir: the run's `--out_dir`.
         resume: `--resume_from_ckpt_path` as given (`latest`, a checkpoint folder, or None).
         overwrite: `--overwrite_output_dir`.
         main_process: False on the other ranks of a multi-process run: rank 0's own lock is no reason to stop.
+        sources: the files and folders the run reads (base model, tokenizer, data, template).
 
     Raises:
-        UsageError: the path is a file, a live run holds its lock, or it holds another run's work.
+        UsageError: as above, naming the folder and the way out (never a flag that would destroy an input).
     """
     out_dir = Path(out_dir)
     if resume and overwrite:
         raise UsageError(f"pass either --resume_from_ckpt_path or {OVERWRITE_FLAG}, not both")
+    check_destination(
+        out_dir,
+        kind="folder",
+        command=RUN_FOLDER,
+        sources=sources,
+        overwrite=overwrite,
+        flag="--out_dir",
+        overwrite_flag=OVERWRITE_FLAG,
+        keeps=(LOCK_FILE, RUN_LOG),
+        continuing=bool(resume),
+    )
     if not out_dir.exists():
         return
-    if not out_dir.is_dir():
-        raise UsageError(f"--out_dir {out_dir} exists and is not a folder")
     holder = live_holder(out_dir) if main_process else None
     if holder:
         raise UsageError(in_use_message(out_dir, holder))
@@ -113,6 +147,8 @@ def claim_run_folder(out_dir: str | Path, resume: str | None, overwrite: bool) -
                 remove(path)
         if overwrite:
             _clear_previous_work(out_dir)
+        if written_by(out_dir) != RUN_FOLDER:  # the writer's mark: what makes the folder a run's, to every command
+            record_output(out_dir, RUN_FOLDER)
     except BaseException:
         lock.release()
         raise

@@ -49,6 +49,7 @@ class StopRequests:
 
     def reset(self) -> None:
         self._first: int | None = None
+        self.at_once: str | None = None  # a command stopped by raising at the first signal (`handling_signals`)
         self.count = 0
         self.echo = True  # the handler's one immediate line; off once the run has printed its last line
         self._logged = 0
@@ -87,6 +88,9 @@ class StopRequests:
         if self._first is not None:
             return
         self._first = signum
+        if self.at_once is not None:
+            command, self.at_once = self.at_once, None  # once: the clean-up this raise starts is never interrupted
+            raise RunInterrupted(stopped_at_once(self.first, command), self.status)
         if self.echo and os.environ.get("RANK", "0") == "0":
             # A raw write, not logging or print: those may be in the middle of a write to the same stream.
             line = f"{self.first.name} received: stopping at the next safe point (further signals change nothing)\n"
@@ -131,10 +135,15 @@ STOP = StopRequests()
 
 
 @contextlib.contextmanager
-def handling_signals(exiting: bool = False) -> Iterator[StopRequests]:
+def handling_signals(exiting: bool = False, at_once: str | None = None) -> Iterator[StopRequests]:
     """SIGTERM and SIGINT go to `STOP` inside the block, entered once per command (`hf_sft.cli.main`).
 
     Args:
+        at_once: the name of a command that has no safe points of its own (every command but `train`): the first
+            signal then raises `RunInterrupted` where the command is, so that the writer removes whatever it was
+            writing (`hf_sft.writer`: an output appears whole or not at all), and the command exits 143/130 with one
+            line. Further signals are only counted, so the clean-up is never interrupted. Clear `STOP.at_once` once
+            the command's work is done.
         exiting: the process ends after the block (the command line's entry point). Signals are then ignored from
             the block's end on instead of getting their previous handlers back: the run has printed its last line
             and decided its status, and at interpreter exit a default SIGINT handler would raise inside atexit
@@ -150,6 +159,7 @@ def handling_signals(exiting: bool = False) -> Iterator[StopRequests]:
     if STOP._previous:
         raise RuntimeError("SIGTERM/SIGINT are handled already: enter handling_signals once per command")
     STOP.reset()
+    STOP.at_once = at_once
     installed = False
     try:
         STOP._install()
@@ -163,6 +173,11 @@ def handling_signals(exiting: bool = False) -> Iterator[StopRequests]:
             STOP.echo = False
             STOP._uninstall(ignore=exiting)
         STOP.reset()  # read inside the block only: a run started outside one (in code) sees no stale signal
+
+
+def stopped_at_once(signum: signal.Signals, command: str) -> str:
+    """The last line of a command other than `train` stopped by a signal: the writer removed what was in flight."""
+    return f"stopped by {signum.name}: hf-sft {command} did not finish; nothing half-written is left"
 
 
 def resume_command(checkpoint: str | Path, *flags: str) -> str:

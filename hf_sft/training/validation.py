@@ -140,9 +140,7 @@ def _check_scheduler_floor(values: dict[str, Any]) -> None:
 
 
 def _check_paths(values: dict[str, Any]) -> None:
-    out_dir = Path(values["output_dir"]) if values.get("output_dir") else None
-    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"{flag('output_dir')} {out_dir} exists and is not a folder")
+    # The out_dir is the writer's to judge (`hf_sft.training.run_folder.check_run_folder`), knowing the inputs.
     for name in ("data_path", "eval_data_path"):
         paths = values.get(name) or []
         for path in [paths] if isinstance(paths, str) else paths:
