@@ -119,6 +119,14 @@ class SFTTrainingArguments(TrainingArguments):
             "model before training (else refused)."
         },
     )
+    accept_changed_data: bool = field(
+        default=False,
+        metadata={
+            "help": "Resuming after the data changed (its files' sizes or contents differ from the checkpoint's "
+            "fingerprint): continue on the data as they are (else refused). The order, the examples skipped and "
+            "the result then differ from an uninterrupted run's."
+        },
+    )
     min_lr: float | None = field(default=None, metadata={"help": "Floor of the cosine schedule (default lr / 10)."})
     # Padding-free packing (attention per example, exact losses): no compute spent on pad tokens; on Dolly it
     # trains faster than dynamic padding on CPU (scripts/benchmark_throughput.py, docs/benchmarks.md).
@@ -322,15 +330,68 @@ def load_yaml(path: str | Path, parser: HfArgumentParser) -> dict:
         raise UsageError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(values, dict):
         raise UsageError(f"{path} must hold a mapping of flag names to values")
+    spelled = {LEGACY_NAMES.get(key, key): key for key in values}
     values = {LEGACY_NAMES.get(key, key): value for key, value in values.items()}
     actions = {action.dest: action for action in parser._actions}
     unknown = sorted(set(values) - set(actions))
     if unknown:
         raise UsageError(f"{path}: unknown keys {', '.join(unknown)} (see --help for the flag names)")
     for key, value in values.items():
+        expected = yaml_type_problem(value, actions[key])
+        if expected:
+            shown = json.dumps(value, default=str, ensure_ascii=False)
+            raise UsageError(f"{path}: {spelled[key]}: expected {expected}, got {shown}")
+    for key, value in values.items():
         if getattr(actions[key].type, "__name__", None) == "float" and isinstance(value, int | float):
             values[key] = repr(value)
     return values
+
+
+def yaml_type_problem(value: object, action: argparse.Action) -> str | None:
+    """What a YAML value for `action`'s flag should have been, or None when it fits the flag's type.
+
+    YAML values become the parser's defaults, which argparse does not convert or check (a string is converted as the
+    command line's text is): each is checked here against the field's type before anything is loaded or created.
+    """
+    if value is None:
+        return None if action.default is None else _expected(action)
+    if action.dest in getattr(TrainingArguments, "_VALID_DICT_FIELDS", ()) and isinstance(value, dict):
+        return None
+    if action.nargs in ("+", "*"):
+        items = value if isinstance(value, list) else [value]
+        return f"a list, each {_expected(action)}" if any(_scalar_problem(item, action) for item in items) else None
+    return _expected(action) if _scalar_problem(value, action) else None
+
+
+def _scalar_problem(value: object, action: argparse.Action) -> bool:
+    if isinstance(value, list | dict):
+        return True
+    if action.nargs == 0:  # a bare switch (`store_true`)
+        return not isinstance(value, bool)
+    convert, kind = action.type, getattr(action.type, "__name__", "")
+    if isinstance(value, str) and callable(convert):  # converted and checked as the command line's text is
+        try:
+            value = convert(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError, UsageError):
+            return True
+    elif kind == "int":
+        return isinstance(value, bool) or not isinstance(value, int)
+    elif kind == "float":  # float flags are wrapped to refuse non-finite numbers (`hf_sft.flags`)
+        return isinstance(value, bool) or not isinstance(value, int | float)
+    elif kind == "str":
+        return True  # a number or a boolean where text is wanted (`output_dir: 5`)
+    elif kind == "string_to_bool":
+        return not isinstance(value, bool)
+    if action.choices is not None:
+        return value not in action.choices and str(getattr(value, "value", value)) not in map(str, action.choices)
+    return False
+
+
+def _expected(action: argparse.Action) -> str:
+    if action.choices is not None:
+        return "one of " + ", ".join(str(getattr(c, "value", c)) for c in action.choices)
+    names = {"int": "an integer", "float": "a number", "str": "a string", "string_to_bool": "true or false"}
+    return "true or false" if action.nargs == 0 else names.get(getattr(action.type, "__name__", ""), "another value")
 
 
 def _rename_legacy_flags(argv: list[str]) -> list[str]:

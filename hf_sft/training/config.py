@@ -7,7 +7,8 @@ stage of the run after it only reads them. In order:
 2. hold the run's log records from here on (`hf_sft.training.run_folder.start_logging`): the warnings of the steps
    below reach the console and, once the folder is claimed, `train.log`;
 3. resolve the checkpoint resumed, once (`--resume_from_ckpt_path latest` logs each checkpoint it skips, once), and
-   fill the flags not given from what it recorded (`hf_sft.training.resume.resume_arguments`);
+   fill the flags not given from what it recorded (`hf_sft.training.resume.resume_arguments`); the data sources
+   are fingerprinted once, compared with the checkpoint's (`check_resumed_data`) and recorded;
 4. validate every flag (`hf_sft.training.validation.validate_arguments`), then, for a `finetune_gpt.py` checkpoint,
    write the checkpoint folder that continues it (`hf_sft.training.resume.continue_seed_run`);
 5. record what `run_args.json` will hold; the demo's data; the device and precision this machine gives; the number of
@@ -33,7 +34,15 @@ from hf_sft.errors import UsageError
 from hf_sft.training import engines
 from hf_sft.training.arguments import DataArguments, ModelArguments, SFTTrainingArguments, parse_args
 from hf_sft.training.checkpoints import resolve_resume_path
-from hf_sft.training.resume import SeedRun, continue_seed_run, record_arguments, resume_arguments
+from hf_sft.training.resume import (
+    DATA_RECORD,
+    SeedRun,
+    check_resumed_data,
+    continue_seed_run,
+    data_fingerprints,
+    record_arguments,
+    resume_arguments,
+)
 from hf_sft.training.run_folder import start_logging
 from hf_sft.training.validation import validate_arguments
 
@@ -99,7 +108,8 @@ def resolve_run(argv: list[str] | None = None, parsed: tuple | None = None) -> R
         args = parsed[2]
         resume = resolve_resume_path(args.resume_from_checkpoint, args.output_dir, args.discard_newer_checkpoints)
     validate_arguments(*parsed)
-    if isinstance(resume, SeedRun):
+    continued = isinstance(resume, SeedRun)
+    if continued:
         parsed, resume = continue_seed_run(resume, parsed)
     model_args, data_args, args = parsed
     if data_args.streaming:
@@ -111,6 +121,10 @@ def resolve_run(argv: list[str] | None = None, parsed: tuple | None = None) -> R
         data_args = dataclasses.replace(data_args, data_path=str(DEMO_DATA))
     if not data_args.data_path:
         raise UsageError("--data_path is required (or --demo, or no arguments at all, for the built-in demo)")
+    fingerprints = data_fingerprints(data_args)
+    if resume is not None and not continued:  # a finetune_gpt.py checkpoint records no data
+        check_resumed_data(resume, fingerprints, args.accept_changed_data)
+    record = record | {DATA_RECORD: fingerprints}
     args = resolve_device_and_precision(model_args, args)
     check_world_size(args)
     engine = engines.check_request(args, args.use_lora)
