@@ -106,7 +106,7 @@ def export_gguf(
     template = format_of(tokenizer)
     vocab = build_vocab(tokenizer, config.vocab_size, template.chat_template())
     check_prefix_space(vocab, format_texts(tokenizer, template), _added_tokens(tokenizer), template.name)
-    records = records_for_check(check_data) if check_data is not None else []
+    records, skipped = records_for_check(check_data) if check_data is not None else ([], None)
     sidecar = modelfile_path(out)
     for dest in (out, sidecar):
         check_export_destination(model_dir, "gguf", dest, overwrite)
@@ -130,7 +130,7 @@ def export_gguf(
             )
     bos = tokenizer.bos_token if template.bos and not vocab.add_bos else ""  # else llama.cpp adds it
     write_text(sidecar, modelfile(out.name, template, bos, tokenizer.eos_token, config.max_position_embeddings))
-    return GGUFExport(out, sidecar, arch, outtype, report.summary(), _notes(vocab))
+    return GGUFExport(out, sidecar, arch, outtype, report.summary(), (*_notes(vocab), *filter(None, [skipped])))
 
 
 def _added_tokens(tokenizer) -> list[str]:
