@@ -16,6 +16,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,11 +46,31 @@ LEGACY_NAMES = {
     "beta2": "adam_beta2",
 }
 _SEED_NAMES = {new: old for old, new in LEGACY_NAMES.items()}
+# field -> the name the command line (or its YAML) gave it, for the fields it gives: messages use the user's spelling.
+# Filled by each parse of a command line (`_prepared`).
+_SPELLED: dict[str, str] = {}
 
 
 def flag(name: str) -> str:
-    """How a field is spelled on the command line, with the seed script's name where it has one."""
-    return f"--{_SEED_NAMES[name]}" if name in _SEED_NAMES else f"--{name}"
+    """How a field is named in messages: as the command line (or its YAML) spelled it, else with the seed script's
+    name where it has one (`--grad_clip`), else its own."""
+    return f"--{_SPELLED.get(name) or _SEED_NAMES.get(name, name)}"
+
+
+def spelled_as_given(message: str) -> str:
+    """`message` (from argparse or TrainingArguments) with each flag the user gave under another name renamed to the
+    spelling given (`--max_grad_norm`, not `--grad_clip`; `--log_interval`, not `--logging_steps`)."""
+    for name, given in _SPELLED.items():
+        for other in {name, _SEED_NAMES.get(name, name)} - {given}:
+            message = re.sub(rf"--{re.escape(other)}\b", f"--{given}", message)
+    return message
+
+
+def _remember_spellings(argv: list[str]) -> None:
+    _SPELLED.clear()
+    for spelled in (arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")):
+        field_name = spelled.replace("-", "_")
+        _SPELLED[LEGACY_NAMES.get(field_name, field_name)] = spelled
 
 
 @dataclass
@@ -223,7 +244,11 @@ DEMO_OVERRIDES = {
 
 
 class TrainingParser(OneLineErrors, HfArgumentParser):
-    """`HfArgumentParser` over `ARGUMENT_CLASSES` whose errors are one line (`UsageError`)."""
+    """`HfArgumentParser` over `ARGUMENT_CLASSES` whose errors are one line (`UsageError`), naming each flag as the
+    user spelled it."""
+
+    def error(self, message: str):
+        super().error(spelled_as_given(message))
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, SFTTrainingArguments]:
@@ -235,8 +260,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         )
     except json.JSONDecodeError as err:  # TrainingArguments.__post_init__ reads its dict flags as JSON
         raise UsageError(f"{_json_flag(parser, argv)} is not valid JSON: {err}") from None
-    except ValueError as err:  # TrainingArguments.__post_init__ rejects inconsistent combinations
-        raise UsageError(str(err)) from None
+    except (ValueError, UsageError) as err:  # TrainingArguments.__post_init__ rejects inconsistent combinations
+        raise UsageError(spelled_as_given(str(err))) from None
     if leftover:
         raise UsageError(f"unknown arguments: {' '.join(leftover)} (see --help)")
     if training_args.include_num_input_tokens_seen == "no":
@@ -286,11 +311,13 @@ def _prepared(argv: list[str]) -> tuple[TrainingParser, list[str], set[str]]:
     """The parser with its defaults for this command line (the demo's, then the YAML's), the command line with
     seed names renamed, and the YAML's keys."""
     parser = build_parser()
+    given = list(argv)
     argv = _rename_legacy_flags(argv)
     defaults = {}
     if not argv or "--demo" in argv:
         defaults.update(DEMO_OVERRIDES)
     config_path = _peek_config(argv)
+    _remember_spellings(given)
     values = load_yaml(config_path, parser) if config_path else {}
     defaults.update(values)
     parser.set_defaults(**defaults)
@@ -331,6 +358,8 @@ def load_yaml(path: str | Path, parser: HfArgumentParser) -> dict:
     if not isinstance(values, dict):
         raise UsageError(f"{path} must hold a mapping of flag names to values")
     spelled = {LEGACY_NAMES.get(key, key): key for key in values}
+    for name, key in spelled.items():
+        _SPELLED.setdefault(name, key)  # the command line's spelling wins, as its value does
     values = {LEGACY_NAMES.get(key, key): value for key, value in values.items()}
     actions = {action.dest: action for action in parser._actions}
     unknown = sorted(set(values) - set(actions))
