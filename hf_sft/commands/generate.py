@@ -6,6 +6,7 @@ generation stops at the EOS token or after --max_new_tokens tokens.
 
 With --interactive, each line read from standard input is an instruction and its answer is printed; an empty line is
 skipped, `exit`, `quit` or end of input (Ctrl-D) stops. --input, if given, is the context of every instruction.
+Text that is not valid UTF-8 (in --instruction, --input or a line of stdin) is refused with one line (exit 2).
 
 example:
   hf-sft generate models/sft --instruction "Name three colours."
