@@ -39,6 +39,7 @@ SUFFIXES = (*(f".{kind}{gz}" for kind in TEXT_KINDS for gz in ("", *COMPRESSIONS
 # A Hub id as `owner/name`: the one pattern of it (a local path that does not exist is taken for one).
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _CHUNK = 1 << 20
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 @dataclass(frozen=True)
@@ -160,8 +161,10 @@ def fingerprint_changes(recorded: list[dict[str, Any]], current: list[dict[str, 
         if after is None:
             changes.append(f"{name} is no longer a source of the run")
         elif "revision" in before or "revision" in after:
-            if before.get("revision") != after.get("revision"):
-                changes.append(f"{name}: revision {before.get('revision')} is now {after.get('revision')}")
+            # Only two commits compare: a revision the Hub could not resolve (offline) says nothing of the content.
+            revisions = before.get("revision"), after.get("revision")
+            if all(_COMMIT.match(str(r)) for r in revisions) and revisions[0] != revisions[1]:
+                changes.append(f"{name}: revision {revisions[0]} is now {revisions[1]}")
         else:
             changes += _file_changes(name, before["files"], after["files"])
     known = {entry["path"] for entry in recorded}

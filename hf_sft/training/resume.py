@@ -71,7 +71,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from hf_sft.data.sources import HUB_ID, fingerprint_changes, source_fingerprint
+from hf_sft.data.sources import fingerprint_changes, source_fingerprint
 from hf_sft.data.template import FORMATS
 from hf_sft.errors import UsageError, bad_input
 from hf_sft.legacy import LegacyCheckpoint, fields_of, legacy_checkpoint_of
@@ -201,18 +201,15 @@ def record_arguments(parsed: tuple, parse: Callable[[list[str]], tuple]) -> dict
 
 
 def resolved_path(name: str, value: Any) -> Any:
-    """A path flag's value with each local path made absolute; a Hub id, a built-in format name or another flag's
-    value as it is."""
+    """A path flag's value with each existing local path made absolute; a Hub id, a built-in format name, a path
+    that does not exist (validation names it) or another flag's value as it is."""
     if name not in PATH_FIELDS or not value:
         return value
     if isinstance(value, list | tuple):
         return [resolved_path(name, item) for item in value]
     if not isinstance(value, str | Path) or (name == "template" and value in FORMATS):
         return value
-    path = Path(value)
-    if path.exists() or not HUB_ID.match(str(value)):
-        return str(path.resolve())
-    return value
+    return str(Path(value).resolve()) if Path(value).exists() else value
 
 
 def data_fingerprints(data_args: Any) -> list[dict[str, Any]]:
