@@ -301,13 +301,13 @@ def prepare_data(
 
 def data_fingerprint(sources: Iterable[str | Path]) -> list[dict]:
     """Path, size and sha256 of every local file of `sources` (a folder's files each); a Hub id has none."""
+    from hf_sft.data.sources import file_fingerprint
+
     files = []
     for source in sources:
         path = Path(source)
         members = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        files += [
-            {"path": str(p.resolve()), "size": p.stat().st_size, "sha256": _sha256(p)} for p in members if p.is_file()
-        ]
+        files += [{"path": str(p.resolve()), **file_fingerprint(p)} for p in members if p.is_file()]
     return files
 
 

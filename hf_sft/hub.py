@@ -109,6 +109,18 @@ def resolve_token() -> str:
     return token
 
 
+def offline_variable() -> str:
+    """The variable that puts `huggingface_hub` offline: `HF_HUB_OFFLINE` when it is set (it wins), else
+    `TRANSFORMERS_OFFLINE`, which huggingface_hub also reads."""
+    import os
+
+    return (
+        "TRANSFORMERS_OFFLINE"
+        if not os.environ.get("HF_HUB_OFFLINE") and os.environ.get("TRANSFORMERS_OFFLINE")
+        else "HF_HUB_OFFLINE"
+    )
+
+
 def check_hub(endpoint: str | None = None, token: str | None = None, timeout: float = PREFLIGHT_TIMEOUT_S) -> str:
     """Ask the Hub who owns `token` within `timeout` seconds; returns the user name.
 
@@ -133,7 +145,7 @@ def check_hub(endpoint: str | None = None, token: str | None = None, timeout: fl
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
     token = token or resolve_token()
     if constants.HF_HUB_OFFLINE:
-        raise HubError("HF_HUB_OFFLINE is set: unset it to push to the Hub")
+        raise HubError(f"{offline_variable()} is set: unset it to push to the Hub")
     # The standard library, not huggingface_hub's session: its HTTP client changed between releases (httpx, httpx2)
     # and this check only needs one GET with a hard timeout.
     request = urllib.request.Request(f"{endpoint}/api/whoami-v2", headers=build_hf_headers(token=token))

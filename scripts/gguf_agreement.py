@@ -48,7 +48,8 @@ def main() -> None:
     tokenizer = load_tokenizer(args.model_dir)
     template, limit = format_of(tokenizer), model.config.max_position_embeddings
     prompts = []
-    for record in records_for_check(args.data_path):
+    records, _ = records_for_check(args.data_path)
+    for record in records:
         if "instruction" in record:
             ids = encode_prompt(tokenizer, record["instruction"], record["input"], template=template)
             if len(ids) + args.new_tokens <= limit:

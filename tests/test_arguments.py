@@ -90,3 +90,36 @@ def test_bare_hub_private_repo_flag_means_true():
 @pytest.mark.parametrize("policy", LENGTH_POLICIES)
 def test_training_takes_every_length_policy_of_the_data_pipeline(policy):
     assert parse_args(["--data_path", "d", "--length_policy", policy])[1].length_policy == policy
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("batch_size: 2.5", "batch_size: expected an integer, got 2.5"),
+        ("max_iters: [1, 2]", "max_iters: expected an integer, got [1, 2]"),
+        ("output_dir: 5", "output_dir: expected a string, got 5"),
+        ("out_dir: 5", "out_dir: expected a string, got 5"),  # the key as the YAML spells it
+        ("learning_rate: fast", 'learning_rate: expected a number, got "fast"'),
+        ("packing: maybe", 'packing: expected true or false, got "maybe"'),
+        ("lr_scheduler_type: steep", "lr_scheduler_type: expected one of linear, cosine"),
+        ("data_path: [a.jsonl, 3]", 'data_path: expected a list, each a string, got ["a.jsonl", 3]'),
+        ("save_interval: true", "save_interval: expected a number, got true"),
+    ],
+)
+def test_a_yaml_value_of_the_wrong_type_is_refused_by_key_before_any_work(tmp_path, capsys, line, message):
+    from hf_sft.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"device: cpu\n{line}\n")
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(config), "--out_dir", str(out), "--demo"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {config}: {message}"), err
+    assert not out.exists()
+
+
+def test_yaml_values_of_the_right_type_still_parse(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("batch_size: '3'\nwarmup_steps: 0.03\nlr_scheduler_kwargs: {min_lr: 1.0e-5}\nmax_seq_len: ~\n")
+    _, data_args, args = parse_args(["--config", str(config)])
+    assert args.per_device_train_batch_size == 3 and args.lr_scheduler_kwargs == {"min_lr": 1.0e-5}

@@ -47,3 +47,25 @@ def test_a_resumed_run_is_resolved_from_its_checkpoint(tmp_path):
     assert resolve_run(["--resume_from_ckpt_path", "latest", "--out_dir", str(out)]).resume == str(
         out / "checkpoint-2"
     )
+
+
+@pytest.mark.parametrize(
+    ("flags", "examples", "warned"),
+    [
+        (["--batch_size", "2", "--gradient_accumulation_steps", "8", "--warmup_steps", "0"], 8, ["4 batch(es)"]),
+        (["--batch_size", "2", "--gradient_accumulation_steps", "4", "--warmup_steps", "0"], 8, []),
+        (["--max_iters", "5", "--warmup_steps", "20"], 100, ["run's 5 optimizer"]),
+        (["--num_epochs", "2", "--batch_size", "4", "--warmup_steps", "11"], 20, ["5 batch(es)", "run's 2 optimizer"]),
+        (["--max_iters", "5", "--warmup_steps", "5", "--gradient_accumulation_steps", "1"], 100, []),
+        (["--max_iters", "5", "--warmup_steps", "0.5", "--gradient_accumulation_steps", "1"], 100, []),  # a ratio
+    ],
+)
+def test_one_line_warns_when_accumulation_or_warmup_outlasts_the_data(tmp_path, caplog, flags, examples, warned):
+    from hf_sft.training.arguments import parse_args
+    from hf_sft.training.config import warn_about_the_schedule
+
+    args = parse_args(["--out_dir", str(tmp_path), "--device", "cpu", *flags])[2]
+    with caplog.at_level("WARNING", logger="hf_sft.train"):
+        warn_about_the_schedule(args, examples)
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == len(warned) and all(part in line for part, line in zip(warned, lines, strict=True)), lines

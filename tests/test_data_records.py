@@ -24,6 +24,9 @@ BAD_LINES = {
     "empty_instruction": (b'{"instruction": "  ", "output": "y"}', "field 'instruction' is empty"),
     "empty_response": (b'{"instruction": "x", "response": ""}', "field 'response' is empty"),
     "not_utf8": (b'{"instruction": "caf\xe9", "output": "y"}', "not UTF-8 (byte 0xe9"),
+    # JSON escapes of half a surrogate pair: valid JSON, no text (no UTF-8 form)
+    "lone_surrogate": (b'{"instruction": "x \\ud800", "output": "y"}', "'instruction' holds a lone surrogate U+D800"),
+    "lone_low_surrogate": (b'{"instruction": "x", "output": "\\udc80"}', "'output' holds a lone surrogate U+DC80"),
 }
 
 
@@ -46,7 +49,7 @@ def test_bad_record_names_file_line_and_reason(tmp_path, capsys, case):
     assert "--skip_bad_records" in err and "Traceback" not in err + out and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("case", ["invalid_json", "missing_response", "not_utf8"])
+@pytest.mark.parametrize("case", ["invalid_json", "missing_response", "not_utf8", "lone_surrogate"])
 def test_skip_bad_records_reports_how_many(tmp_path, capsys, case):
     path = tmp_path / "data.jsonl"
     path.write_bytes(b"\n".join([GOOD, BAD_LINES[case][0], GOOD]) + b"\n")
@@ -248,3 +251,34 @@ def test_a_records_cache_that_does_not_verify_is_rebuilt_from_the_source(tmp_pat
     assert again == first
     assert copy.read_bytes() == whole
     assert f"the records cache {copy} does not verify" in caplog.text
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_lone_surrogate_under_streaming_never_reaches_training(tmp_path, capsys, skip):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\n".join([GOOD, BAD_LINES["lone_surrogate"][0], GOOD, GOOD]) + b"\n")
+    out = tmp_path / "out"
+    argv = ["train", "--data_path", str(path), "--tokenizer_path", TOKENIZER, "--streaming", "--device", "cpu"]
+    argv += ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "64", "--val_split", "0"]
+    argv += ["--max_iters", "1", "--batch_size", "2", "--gradient_accumulation_steps", "1", "--out_dir", str(out)]
+    status = main([*argv, *(["--skip_bad_records"] if skip else [])])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if skip:
+        assert status == 0 and (out / "model.safetensors").is_file()
+    else:
+        assert status == 2 and err.strip().splitlines()[-1].startswith(f"error: {path}:2: field 'instruction' holds")
+        assert not out.exists()
+
+
+def test_export_check_data_leaves_a_bad_record_out_with_a_note(tmp_path):
+    from hf_sft.export.gguf_check import records_for_check
+
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\n".join([GOOD, BAD_LINES["lone_surrogate"][0], GOOD]) + b"\n")
+    records, note = records_for_check(path)
+    assert len(records) == 2 and records[0]["instruction"] == "Name a fish."
+    assert note.startswith(f"--check_data {path}: 1 bad record left out of the check (first: {path}:2: field")
+    assert "--skip_bad_records" not in note  # export takes no such flag
+    path.write_bytes(GOOD + b"\n")
+    assert records_for_check(path) == ([{"instruction": "Name a fish.", "input": "", "output": "Tope"}], None)

@@ -10,7 +10,7 @@ import pytest
 
 from hf_sft.cli import main
 from hf_sft.data import load_records, resolve_fields
-from hf_sft.data.sources import resolve_source
+from hf_sft.data.sources import fingerprint_changes, resolve_source, source_fingerprint
 from hf_sft.data.text_records import load_text_records
 from hf_sft.errors import UsageError
 
@@ -364,3 +364,25 @@ def test_lines_pyarrow_reads_differently_are_judged_line_by_line(tmp_path, capsy
     path.write_bytes(b"\n".join([good, line, good]) + b"\n")
     status, _, err = run_data(capsys, "--data_path", str(path), "--cache_dir", str(tmp_path / "c"))
     assert status == 2 and err.startswith(f"error: {path}:2: {reason}"), err
+
+
+def test_a_folder_of_shards_is_fingerprinted_file_by_file(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"instruction": "x", "output": "y"}\n')
+    (folder / "README.md").write_text("not data")
+    before = [source_fingerprint(folder)]
+    assert before[0]["path"] == str(folder.resolve()) and list(before[0]["files"]) == ["a.jsonl"]
+    (folder / "README.md").write_text("edited: still not data")
+    assert fingerprint_changes(before, [source_fingerprint(folder)]) == []
+    (folder / "b.jsonl").write_text('{"instruction": "z", "output": "w"}\n')
+    assert fingerprint_changes(before, [source_fingerprint(folder)]) == [f"{folder.resolve()}/b.jsonl was added"]
+
+
+def test_hub_revisions_compare_only_as_commits():
+    old, new = "a" * 40, "b" * 40
+    hub = [{"path": "owner/data", "revision": old}]
+    assert fingerprint_changes(hub, [{"path": "owner/data", "revision": new}]) == [
+        f"owner/data: revision {old} is now {new}"
+    ]
+    assert fingerprint_changes(hub, [{"path": "owner/data", "revision": None}]) == []  # offline: nothing to compare

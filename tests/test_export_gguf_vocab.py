@@ -28,7 +28,7 @@ def export(folder: Path, out: Path, *flags: str) -> int:
 def check_dolly(folder: Path, path: Path, shared: Path):
     tokenizer = load_tokenizer(folder)
     vocab = build_vocab(tokenizer, tokenizer.backend_tokenizer.get_vocab_size())
-    records = records_for_check(dolly(shared))
+    records, _ = records_for_check(dolly(shared))
     return tokenizer, check_file(
         path, probes(tokenizer, format_of(tokenizer), records, vocab.prefix_space), tokenizer, vocab.pre
     )

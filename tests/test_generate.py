@@ -1,5 +1,6 @@
 """`hf-sft generate`: the training prompt, greedy output equal to `model.generate`, cache-independent, interactive."""
 
+import io
 import json
 import subprocess
 import sys
@@ -168,6 +169,9 @@ def test_interactive_answers_each_line_of_stdin(trained):
         ("empty", [], "--instruction"),
         ("empty", ["--instruction", "x", "--top_p", "1.5"], "--top_p"),
         ("empty", ["--instruction", "x", "--max_new_tokens", "0"], "--max_new_tokens"),
+        # undecodable bytes of argv reach Python as lone surrogates (surrogateescape)
+        ("empty", ["--instruction", "bad \udcff text"], "--instruction is not valid UTF-8 text (byte 0xff at"),
+        ("empty", ["--instruction", "x", "--input", "\udcfe"], "--input is not valid UTF-8 text (byte 0xfe at"),
     ],
 )
 def test_bad_model_dir_or_options_exit_2(tmp_path, capsys, setup, argv, message):
@@ -181,3 +185,13 @@ def test_bad_model_dir_or_options_exit_2(tmp_path, capsys, setup, argv, message)
     code, out, err = generate_cli(capsys, target, *argv)
     assert code == 2 and out == ""
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_interactive_refuses_a_line_of_stdin_that_is_not_utf8(tmp_path, capsys, monkeypatch):
+    folder = random_model(tmp_path / "model")
+    capsys.readouterr()
+    lines = io.TextIOWrapper(io.BytesIO(b"Name three colours.\nbad \xfe line\n"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", lines)
+    code, out, err = generate_cli(capsys, folder, "--interactive", "--max_new_tokens", "2", "--device", "cpu")
+    assert code == 2 and out.endswith("\n")  # the first line was answered before
+    assert err.strip() == "error: standard input line 2 is not valid UTF-8 text (byte 0xfe at character 4)"

@@ -213,12 +213,16 @@ def test_push_without_network_fails_fast_with_status_1(trained, tmp_path):
     assert TOKEN not in result.stderr + result.stdout
 
 
-def test_push_in_offline_mode_fails_with_status_1(trained, in_process, capsys, monkeypatch):
+@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
+def test_push_in_offline_mode_fails_with_status_1(trained, in_process, capsys, monkeypatch, variable):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, "1")  # the message names the variable that is set
     assert in_process(["push", str(trained.out), "--repo_id", "tester/x"], "http://127.0.0.1:9", TOKEN) == 1
-    assert capsys.readouterr().err.startswith("error: HF_HUB_OFFLINE is set: unset it to push")
+    assert capsys.readouterr().err.startswith(f"error: {variable} is set: unset it to push")
 
 
 def test_check_hub_gives_up_on_a_server_that_never_answers(monkeypatch):

@@ -34,7 +34,13 @@ def refused(capsys, out: Path, *flags: str) -> str:
         (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
         (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
         (["--batch_size", "-1"], "--batch_size must be at least 1, got -1"),
-        (["--per_device_train_batch_size", "-1"], "--batch_size must be at least 1, got -1"),
+        # each flag named as the command line spells it (the seed name or the TrainingArguments one)
+        (["--per_device_train_batch_size", "-1"], "--per_device_train_batch_size must be at least 1, got -1"),
+        (["--max_grad_norm", "-1"], "--max_grad_norm must not be negative, got -1.0"),
+        (["--grad_clip", "-1"], "--grad_clip must not be negative, got -1.0"),
+        (["--max-grad-norm", "nan"], "--max-grad-norm must be a finite number, got nan"),
+        (["--log_interval", "1.5"], "--log_interval must be an integer if bigger than 1: 1.5"),
+        (["--logging_steps", "1.5"], "--logging_steps must be an integer if bigger than 1: 1.5"),
         (["--learning_rate", "0"], "--learning_rate must be greater than 0, got 0.0"),
         (["--max_iters", "0"], "--max_iters must be -1 (train for --num_epochs) or at least 1, got 0"),
         (["--val_split", "1"], "--val_split must be in [0, 1), got 1.0"),
@@ -141,7 +147,7 @@ def test_a_yaml_float_that_is_not_finite_is_refused_too(tmp_path, capsys):
             "--lr_scheduler_kwargs min_lr_rate must be in [0, 1], got 2",
         ),
         (["--seed", "4294967296"], "--seed must be in [0, 4294967295], got 4294967296"),
-        (["--save_steps", "inf"], "--save_interval must be a finite number, got inf"),  # OverflowError on main
+        (["--save_steps", "inf"], "--save_steps must be a finite number, got inf"),  # OverflowError on main
         (["--batch_size", str(2**63)], f"--batch_size must fit in 64 bits (at most {2**63 - 1}), got {2**63}"),
         (  # Trainer's own SIGTERM handler would replace the run's one handler
             ["--enable_jit_checkpoint"],

@@ -6,6 +6,7 @@ generation stops at the EOS token or after --max_new_tokens tokens.
 
 With --interactive, each line read from standard input is an instruction and its answer is printed; an empty line is
 skipped, `exit`, `quit` or end of input (Ctrl-D) stops. --input, if given, is the context of every instruction.
+Text that is not valid UTF-8 (in --instruction, --input or a line of stdin) is refused with one line (exit 2).
 
 example:
   hf-sft generate models/sft --instruction "Name three colours."
@@ -43,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("give --instruction TEXT, or --interactive to read instructions from stdin")
     if args.max_new_tokens < 1:
         raise UsageError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    for name in ("instruction", "input"):
+        check_text(getattr(args, name), f"--{name}")
 
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
@@ -99,15 +102,39 @@ def check_device(name: str) -> None:
         )
 
 
+def check_text(value: str | None, where: str) -> None:
+    """Refuse text that is not valid UTF-8: Python hands undecodable bytes of the command line (or of a stream read
+    with `surrogateescape`) on as lone surrogates, which no tokenizer takes.
+
+    Raises:
+        UsageError: naming where the text came from and the first undecodable byte.
+    """
+    try:
+        (value or "").encode("utf-8")
+    except UnicodeEncodeError as err:
+        point = ord(value[err.start])
+        what = f"byte 0x{point - 0xDC00:02x}" if 0xDC80 <= point <= 0xDCFF else f"lone surrogate U+{point:04X}"
+        raise UsageError(f"{where} is not valid UTF-8 text ({what} at character {err.start})") from None
+
+
 def _instructions(stream):
-    """Non-empty lines of `stream` until `exit`/`quit` or its end; shows a prompt when a person is typing."""
+    """Non-empty lines of `stream` until `exit`/`quit` or its end; shows a prompt when a person is typing.
+
+    Raises:
+        UsageError: a line that is not valid UTF-8 (named by its number).
+    """
     tty = stream.isatty()
+    if hasattr(stream, "reconfigure"):  # undecodable bytes reach `check_text`, which names their line
+        stream.reconfigure(errors="surrogateescape")
+    number = 0
     while True:
         if tty:
             print("instruction> ", end="", file=sys.stderr, flush=True)
+        number += 1
         line = stream.readline()
         if not line:
             return
+        check_text(line, f"standard input line {number}")
         line = line.strip()
         if line in ("exit", "quit"):
             return

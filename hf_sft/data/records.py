@@ -108,10 +108,25 @@ def validate_record(obj: Any, fields: Mapping[str, tuple[str, ...]], shape: str 
             raise BadRecord("missing_field", f"missing field {label}")
         if not isinstance(value, str):
             raise BadRecord("wrong_type", f"field {name!r} must be a string, got {_json_type(value)}")
+        check_text(value, f"field {name!r}")
         if column != "input" and not value.strip():
             raise BadRecord("empty_field", f"field {name!r} is empty")
         record[column] = value
     return record
+
+
+def check_text(value: str, where: str) -> None:
+    """Refuse a string that is not text: a lone surrogate (a JSON `"\\ud800"` escape) has no UTF-8 form, so no
+    tokenizer, Arrow column or file can take it.
+
+    Raises:
+        BadRecord: `invalid_text`, naming the field and the code point.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        point = ord(value[err.start])
+        raise BadRecord("invalid_text", f"{where} holds a lone surrogate U+{point:04X} (not text)") from None
 
 
 def _validate_messages(turns: Any) -> list[dict[str, str]]:
@@ -123,6 +138,7 @@ def _validate_messages(turns: Any) -> list[dict[str, str]]:
             raise BadRecord("bad_turn", f"messages[{number}] needs a role in {', '.join(ROLES)}")
         if not isinstance(turn.get("content"), str):
             raise BadRecord("wrong_type", f"messages[{number}].content must be a string")
+        check_text(turn["content"], f"messages[{number}].content")
         clean.append({"role": turn["role"], "content": turn["content"]})
     if not any(turn["role"] == "assistant" and turn["content"].strip() for turn in clean):
         raise BadRecord("no_assistant_turn", "no assistant turn with content: nothing to learn")

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from hf_sft.data.masking import MODEL_COLUMNS
+from hf_sft.data.sources import file_fingerprint
 from hf_sft.data.splits import SFTData, TokenizedSplit
 from hf_sft.errors import UsageError, bad_input
 from hf_sft.writer import SAVED_DATASET
@@ -90,9 +91,8 @@ def source_fingerprints(*paths: str | Path | None) -> list[dict[str, Any]]:
             continue
         entry: dict[str, Any] = {"path": str(path)}
         if Path(path).is_file():
-            with Path(path).open("rb") as handle:
-                entry["sha256"] = hashlib.file_digest(handle, "sha256").hexdigest()
-            entry["bytes"] = Path(path).stat().st_size
+            fingerprint = file_fingerprint(path)
+            entry |= {"sha256": fingerprint["sha256"], "bytes": fingerprint["size"]}
         found.append(entry)
     return found
 

@@ -12,6 +12,10 @@ A `--data_path` entry is one of:
 
 Records of the text kinds are located as `FILE:LINE` in messages (the line where a record starts), those of
 parquet files and `datasets` objects as `SOURCE row N` (0-based).
+
+What a source holds is fingerprinted here too (`source_fingerprint`): a local source by the size and sha256 of each of
+its files, its path resolved; a Hub dataset by its resolved revision. A checkpoint records the fingerprints of its
+run's sources and a resume compares them (`fingerprint_changes`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from hf_sft.errors import UsageError
 
@@ -35,6 +39,7 @@ SUFFIXES = (*(f".{kind}{gz}" for kind in TEXT_KINDS for gz in ("", *COMPRESSIONS
 # A Hub id as `owner/name`: the one pattern of it (a local path that does not exist is taken for one).
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _CHUNK = 1 << 20
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,80 @@ def content_key(files: tuple[Path, ...]) -> str:
             while chunk := stream.read(_CHUNK):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_fingerprint(path: str | Path) -> dict[str, Any]:
+    """A file's size and the sha256 of its bytes, read in blocks (memory stays flat whatever its size)."""
+    path = Path(path)
+    with path.open("rb") as handle:
+        sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+    return {"size": path.stat().st_size, "sha256": sha256}
+
+
+def source_fingerprint(data: str | Path, revision: str | None = None) -> dict[str, Any]:
+    """What identifies the content of one `--data_path` entry.
+
+    A local source: `path` resolved (absolute) and `files`, each file's size and sha256 by its path relative to the
+    source (a file: its name; a folder of shards: its data files; a `save_to_disk` folder: every file). A Hub
+    dataset: `path` as given and `revision`, the commit `revision` resolves to (as given where the Hub cannot be
+    reached).
+    """
+    source = resolve_source(data)
+    if source.kind == "hub":
+        return {"path": source.name, "revision": _hub_revision(source.name, revision)}
+    path = Path(data).resolve()
+    if source.kind == "saved":
+        members = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        members = [Path(f).resolve() for f in source.files]
+    root = path if path.is_dir() else path.parent
+    return {"path": str(path), "files": {p.relative_to(root).as_posix(): file_fingerprint(p) for p in members}}
+
+
+def fingerprint_changes(recorded: list[dict[str, Any]], current: list[dict[str, Any]]) -> list[str]:
+    """What differs between two runs' source fingerprints (`source_fingerprint` of each source), one phrase each."""
+    changes = []
+    now = {entry["path"]: entry for entry in current}
+    for before in recorded:
+        name, after = before["path"], now.get(before["path"])
+        if after is None:
+            changes.append(f"{name} is no longer a source of the run")
+        elif "revision" in before or "revision" in after:
+            # Only two commits compare: a revision the Hub could not resolve (offline) says nothing of the content.
+            revisions = before.get("revision"), after.get("revision")
+            if all(_COMMIT.match(str(r)) for r in revisions) and revisions[0] != revisions[1]:
+                changes.append(f"{name}: revision {revisions[0]} is now {revisions[1]}")
+        else:
+            changes += _file_changes(name, before["files"], after["files"])
+    known = {entry["path"] for entry in recorded}
+    changes += [f"{entry['path']} is a new source" for entry in current if entry["path"] not in known]
+    return changes
+
+
+def _file_changes(source: str, before: dict[str, dict], after: dict[str, dict]) -> list[str]:
+    changes = []
+    for name in sorted(before.keys() | after.keys()):
+        where = source if Path(source).name == name and not Path(source).is_dir() else f"{source}/{name}"
+        old, new = before.get(name), after.get(name)
+        if new is None:
+            changes.append(f"{where} was removed")
+        elif old is None:
+            changes.append(f"{where} was added")
+        elif old["size"] != new["size"]:
+            changes.append(f"{where}: {old['size']} bytes, now {new['size']} (content differs)")
+        elif old["sha256"] != new["sha256"]:
+            changes.append(f"{where}: same size ({new['size']} bytes), content differs (sha256)")
+    return changes
+
+
+def _hub_revision(repo_id: str, revision: str | None) -> str | None:
+    """The commit a Hub dataset's revision resolves to, or the revision as given where the Hub cannot say."""
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(repo_id, revision=revision).sha or revision
+    except Exception:  # offline, no such repo, no network: the load that follows reports it
+        return revision
 
 
 def _shards(folder: Path) -> Source:

@@ -195,10 +195,25 @@ def _record_probes(what: str, record: dict, tokenizer, encoder: Encoder, templat
     return [Probe(f"{what} prompt", prompt, prompt_ids), Probe(f"{what} training text", full, full_ids)]
 
 
-def records_for_check(path: str | Path) -> list[dict]:
-    """The normalised records of `--check_data PATH`, read and validated as training reads them."""
+def records_for_check(path: str | Path) -> tuple[list[dict], str | None]:
+    """The valid records of `--check_data PATH`, read and validated as training reads them.
+
+    Bad records are left out of the check (a run never trains on them: it refuses them, or skips them with
+    `--skip_bad_records`), so export takes no flag for them.
+
+    Returns:
+        `(records, note)`: the normalised records, and a note naming the bad records left out (None if none).
+    """
     from hf_sft.data import load_records
 
-    dataset = load_records(path).dataset
+    loaded = load_records(path, skip_bad_records=True)
+    dataset = loaded.dataset
     columns = [c for c in ("messages", "instruction", "input", "output") if c in dataset.column_names]
-    return [{c: row[c] for c in columns} for row in dataset]
+    note = None
+    if loaded.skipped:
+        count = sum(loaded.skipped.values())
+        note = (
+            f"--check_data {path}: {count} bad record{'s' if count > 1 else ''} left out of the check (first: "
+            f"{loaded.skipped_messages[0]}); a run refuses {'them' if count > 1 else 'it'} unless it skips bad records"
+        )
+    return [{c: row[c] for c in columns} for row in dataset], note

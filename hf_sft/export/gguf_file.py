@@ -108,7 +108,7 @@ def export_gguf(
     template = format_of(tokenizer)
     vocab = build_vocab(tokenizer, config.vocab_size, template.chat_template())
     check_prefix_space(vocab, format_texts(tokenizer, template), _added_tokens(tokenizer), template.name)
-    records = records_for_check(check_data) if check_data is not None else []
+    records, skipped = records_for_check(check_data) if check_data is not None else ([], None)
 
     model = load_hfsft_model(folder)
     # The Modelfile is renamed in first and the GGUF last: a GGUF is never seen without its Modelfile, and a Modelfile
@@ -132,7 +132,7 @@ def export_gguf(
         bos = tokenizer.bos_token if template.bos and not vocab.add_bos else ""  # else llama.cpp adds it
         text = modelfile(out.name, template, bos, tokenizer.eos_token, config.max_position_embeddings)
         sidecar_staging.write_text(text, encoding="utf-8")
-    return GGUFExport(out, sidecar, arch, outtype, report.summary(), _notes(vocab))
+    return GGUFExport(out, sidecar, arch, outtype, report.summary(), (*_notes(vocab), *filter(None, [skipped])))
 
 
 def _added_tokens(tokenizer) -> list[str]:

@@ -16,6 +16,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,11 +46,31 @@ LEGACY_NAMES = {
     "beta2": "adam_beta2",
 }
 _SEED_NAMES = {new: old for old, new in LEGACY_NAMES.items()}
+# field -> the name the command line (or its YAML) gave it, for the fields it gives: messages use the user's spelling.
+# Filled by each parse of a command line (`_prepared`).
+_SPELLED: dict[str, str] = {}
 
 
 def flag(name: str) -> str:
-    """How a field is spelled on the command line, with the seed script's name where it has one."""
-    return f"--{_SEED_NAMES[name]}" if name in _SEED_NAMES else f"--{name}"
+    """How a field is named in messages: as the command line (or its YAML) spelled it, else with the seed script's
+    name where it has one (`--grad_clip`), else its own."""
+    return f"--{_SPELLED.get(name) or _SEED_NAMES.get(name, name)}"
+
+
+def spelled_as_given(message: str) -> str:
+    """`message` (from argparse or TrainingArguments) with each flag the user gave under another name renamed to the
+    spelling given (`--max_grad_norm`, not `--grad_clip`; `--log_interval`, not `--logging_steps`)."""
+    for name, given in _SPELLED.items():
+        for other in {name, _SEED_NAMES.get(name, name)} - {given}:
+            message = re.sub(rf"--{re.escape(other)}\b", f"--{given}", message)
+    return message
+
+
+def _remember_spellings(argv: list[str]) -> None:
+    _SPELLED.clear()
+    for spelled in (arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")):
+        field_name = spelled.replace("-", "_")
+        _SPELLED[LEGACY_NAMES.get(field_name, field_name)] = spelled
 
 
 @dataclass
@@ -127,6 +148,14 @@ class SFTTrainingArguments(TrainingArguments):
         metadata={
             "help": "Resuming from a checkpoint older than others in --out_dir: delete the newer ones and the final "
             "model before training (else refused)."
+        },
+    )
+    accept_changed_data: bool = field(
+        default=False,
+        metadata={
+            "help": "Resuming after the data changed (its files' sizes or contents differ from the checkpoint's "
+            "fingerprint): continue on the data as they are (else refused). The order, the examples skipped and "
+            "the result then differ from an uninterrupted run's."
         },
     )
     min_lr: float | None = field(default=None, metadata={"help": "Floor of the cosine schedule (default lr / 10)."})
@@ -225,7 +254,11 @@ DEMO_OVERRIDES = {
 
 
 class TrainingParser(OneLineErrors, HfArgumentParser):
-    """`HfArgumentParser` over `ARGUMENT_CLASSES` whose errors are one line (`UsageError`)."""
+    """`HfArgumentParser` over `ARGUMENT_CLASSES` whose errors are one line (`UsageError`), naming each flag as the
+    user spelled it."""
+
+    def error(self, message: str):
+        super().error(spelled_as_given(message))
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, SFTTrainingArguments]:
@@ -237,8 +270,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         )
     except json.JSONDecodeError as err:  # TrainingArguments.__post_init__ reads its dict flags as JSON
         raise UsageError(f"{_json_flag(parser, argv)} is not valid JSON: {err}") from None
-    except ValueError as err:  # TrainingArguments.__post_init__ rejects inconsistent combinations
-        raise UsageError(str(err)) from None
+    except (ValueError, UsageError) as err:  # TrainingArguments.__post_init__ rejects inconsistent combinations
+        raise UsageError(spelled_as_given(str(err))) from None
     if leftover:
         raise UsageError(f"unknown arguments: {' '.join(leftover)} (see --help)")
     if training_args.include_num_input_tokens_seen == "no":
@@ -288,11 +321,13 @@ def _prepared(argv: list[str]) -> tuple[TrainingParser, list[str], set[str]]:
     """The parser with its defaults for this command line (the demo's, then the YAML's), the command line with
     seed names renamed, and the YAML's keys."""
     parser = build_parser()
+    given = list(argv)
     argv = _rename_legacy_flags(argv)
     defaults = {}
     if not argv or "--demo" in argv:
         defaults.update(DEMO_OVERRIDES)
     config_path = _peek_config(argv)
+    _remember_spellings(given)
     values = load_yaml(config_path, parser) if config_path else {}
     defaults.update(values)
     parser.set_defaults(**defaults)
@@ -332,15 +367,70 @@ def load_yaml(path: str | Path, parser: HfArgumentParser) -> dict:
         raise UsageError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(values, dict):
         raise UsageError(f"{path} must hold a mapping of flag names to values")
+    spelled = {LEGACY_NAMES.get(key, key): key for key in values}
+    for name, key in spelled.items():
+        _SPELLED.setdefault(name, key)  # the command line's spelling wins, as its value does
     values = {LEGACY_NAMES.get(key, key): value for key, value in values.items()}
     actions = {action.dest: action for action in parser._actions}
     unknown = sorted(set(values) - set(actions))
     if unknown:
         raise UsageError(f"{path}: unknown keys {', '.join(unknown)} (see --help for the flag names)")
     for key, value in values.items():
+        expected = yaml_type_problem(value, actions[key])
+        if expected:
+            shown = json.dumps(value, default=str, ensure_ascii=False)
+            raise UsageError(f"{path}: {spelled[key]}: expected {expected}, got {shown}")
+    for key, value in values.items():
         if getattr(actions[key].type, "__name__", None) == "float" and isinstance(value, int | float):
             values[key] = repr(value)
     return values
+
+
+def yaml_type_problem(value: object, action: argparse.Action) -> str | None:
+    """What a YAML value for `action`'s flag should have been, or None when it fits the flag's type.
+
+    YAML values become the parser's defaults, which argparse does not convert or check (a string is converted as the
+    command line's text is): each is checked here against the field's type before anything is loaded or created.
+    """
+    if value is None:
+        return None if action.default is None else _expected(action)
+    if action.dest in getattr(TrainingArguments, "_VALID_DICT_FIELDS", ()) and isinstance(value, dict):
+        return None
+    if action.nargs in ("+", "*"):
+        items = value if isinstance(value, list) else [value]
+        return f"a list, each {_expected(action)}" if any(_scalar_problem(item, action) for item in items) else None
+    return _expected(action) if _scalar_problem(value, action) else None
+
+
+def _scalar_problem(value: object, action: argparse.Action) -> bool:
+    if isinstance(value, list | dict):
+        return True
+    if action.nargs == 0:  # a bare switch (`store_true`)
+        return not isinstance(value, bool)
+    convert, kind = action.type, getattr(action.type, "__name__", "")
+    if isinstance(value, str) and callable(convert):  # converted and checked as the command line's text is
+        try:
+            value = convert(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError, UsageError):
+            return True
+    elif kind == "int":
+        return isinstance(value, bool) or not isinstance(value, int)
+    elif kind == "float":  # float flags are wrapped to refuse non-finite numbers (`hf_sft.flags`)
+        return isinstance(value, bool) or not isinstance(value, int | float)
+    elif kind == "str":
+        return True  # a number or a boolean where text is wanted (`output_dir: 5`)
+    elif kind == "string_to_bool":
+        return not isinstance(value, bool)
+    if action.choices is not None:
+        return value not in action.choices and str(getattr(value, "value", value)) not in map(str, action.choices)
+    return False
+
+
+def _expected(action: argparse.Action) -> str:
+    if action.choices is not None:
+        return "one of " + ", ".join(str(getattr(c, "value", c)) for c in action.choices)
+    names = {"int": "an integer", "float": "a number", "str": "a string", "string_to_bool": "true or false"}
+    return "true or false" if action.nargs == 0 else names.get(getattr(action.type, "__name__", ""), "another value")
 
 
 def _rename_legacy_flags(argv: list[str]) -> list[str]:

@@ -7,7 +7,8 @@ stage of the run after it only reads them. In order:
 2. hold the run's log records from here on (`hf_sft.training.run_folder.start_logging`): the warnings of the steps
    below reach the console and, once the folder is claimed, `train.log`;
 3. resolve the checkpoint resumed, once (`--resume_from_ckpt_path latest` logs each checkpoint it skips, once), and
-   fill the flags not given from what it recorded (`hf_sft.training.resume.resume_arguments`);
+   fill the flags not given from what it recorded (`hf_sft.training.resume.resume_arguments`); the data sources
+   are fingerprinted once, compared with the checkpoint's (`check_resumed_data`) and recorded;
 4. validate every flag (`hf_sft.training.validation.validate_arguments`), then, for a `finetune_gpt.py` checkpoint,
    write the checkpoint folder that continues it (`hf_sft.training.resume.continue_seed_run`);
 5. record what `run_args.json` will hold; the demo's data; the device and precision this machine gives; the number of
@@ -16,7 +17,8 @@ stage of the run after it only reads them. In order:
    rotates once a new checkpoint is in place).
 
 Two values depend on the data and are finished once the data is read (`fit_to_data`): a run without an evaluation
-split does not evaluate, and a `--streaming` run's step count follows from its number of records.
+split does not evaluate, and a `--streaming` run's step count follows from its number of records. Then one line
+warns when gradient accumulation exceeds an epoch's batches or warmup exceeds the run (`warn_about_the_schedule`).
 """
 
 from __future__ import annotations
@@ -31,9 +33,17 @@ import torch
 
 from hf_sft.errors import UsageError
 from hf_sft.training import engines
-from hf_sft.training.arguments import DataArguments, ModelArguments, SFTTrainingArguments, parse_args
+from hf_sft.training.arguments import DataArguments, ModelArguments, SFTTrainingArguments, flag, parse_args
 from hf_sft.training.checkpoints import resolve_resume_path
-from hf_sft.training.resume import SeedRun, continue_seed_run, record_arguments, resume_arguments
+from hf_sft.training.resume import (
+    DATA_RECORD,
+    SeedRun,
+    check_resumed_data,
+    continue_seed_run,
+    data_fingerprints,
+    record_arguments,
+    resume_arguments,
+)
 from hf_sft.training.run_folder import start_logging
 from hf_sft.training.validation import validate_arguments
 
@@ -99,7 +109,8 @@ def resolve_run(argv: list[str] | None = None, parsed: tuple | None = None) -> R
         args = parsed[2]
         resume = resolve_resume_path(args.resume_from_checkpoint, args.output_dir, args.discard_newer_checkpoints)
     validate_arguments(*parsed)
-    if isinstance(resume, SeedRun):
+    continued = isinstance(resume, SeedRun)
+    if continued:
         parsed, resume = continue_seed_run(resume, parsed)
     model_args, data_args, args = parsed
     if data_args.streaming:
@@ -111,6 +122,10 @@ def resolve_run(argv: list[str] | None = None, parsed: tuple | None = None) -> R
         data_args = dataclasses.replace(data_args, data_path=str(DEMO_DATA))
     if not data_args.data_path:
         raise UsageError("--data_path is required (or --demo, or no arguments at all, for the built-in demo)")
+    fingerprints = data_fingerprints(data_args)
+    if resume is not None and not continued:  # a finetune_gpt.py checkpoint records no data
+        check_resumed_data(resume, fingerprints, args.accept_changed_data)
+    record = record | {DATA_RECORD: fingerprints}
     args = resolve_device_and_precision(model_args, args)
     check_world_size(args)
     engine = engines.check_request(args, args.use_lora)
@@ -149,6 +164,42 @@ def fit_to_data(args: SFTTrainingArguments, has_eval: bool, stream: StreamedSpli
     if not has_eval:
         args = dataclasses.replace(args, eval_strategy="no")
     return streaming_arguments(args, stream) if stream is not None else args
+
+
+def warn_about_the_schedule(args: SFTTrainingArguments, examples: int) -> None:
+    """One line each when an optimizer step takes more batches than an epoch holds (per process), or when warmup
+    lasts longer than the run: legal, but rarely what was meant.
+
+    Args:
+        args: the run's arguments, fitted to the data (`fit_to_data`).
+        examples: the training examples of an epoch (a stream's records).
+    """
+    per_process = math.ceil(examples / args.world_size)
+    batches = max(math.ceil(per_process / args.per_device_train_batch_size), 1)
+    accumulation = args.gradient_accumulation_steps
+    if accumulation > batches:
+        logger.warning(
+            "%s %d is more than the %d batch(es) of an epoch (%d examples per process, %s %d): each optimizer step "
+            "ends with the epoch, on fewer examples than asked",
+            flag("gradient_accumulation_steps"),
+            accumulation,
+            batches,
+            per_process,
+            flag("per_device_train_batch_size"),
+            args.per_device_train_batch_size,
+        )
+    # Trainer's own count: optimizer steps per epoch, then epochs (or --max_iters).
+    per_epoch = max(batches // accumulation + int(batches % accumulation > 0), 1)
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
+    if args.warmup_steps >= 1 and args.warmup_steps > steps:
+        logger.warning(
+            "%s %g is more than the run's %d optimizer steps: the learning rate never reaches %s %g",
+            flag("warmup_steps"),
+            args.warmup_steps,
+            steps,
+            flag("learning_rate"),
+            args.learning_rate,
+        )
 
 
 def resolve_device_and_precision(model_args: ModelArguments, args: SFTTrainingArguments) -> SFTTrainingArguments:

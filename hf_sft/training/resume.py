@@ -5,8 +5,18 @@
 **What a checkpoint records.** Each checkpoint holds `run_args.json` (`RUN_ARGS_FILE`, written by
 `hf_sft.training.checkpoints.CheckpointFiles`): the run's arguments that differ from the defaults of a plain or a
 `--demo` invocation, plus the values that fix the run's shape (model, max_seq_len, batch layout, number of
-processes). JSON rather than Trainer's pickled `training_args.bin`, which nothing here unpickles. A `--streaming`
-run's checkpoint also records the stream's position (`recorded_position`).
+processes). JSON rather than Trainer's pickled `training_args.bin`, which nothing here unpickles. Paths are recorded
+resolved (absolute), so a run resumes from any working directory, and a path given again on resume counts as the
+same whether it is spelled absolutely or relatively. A `--streaming` run's checkpoint also records the stream's
+position (`recorded_position`).
+
+**What a checkpoint knows of its data.** `run_args.json` also holds `data`, the fingerprint of every source
+(`data_fingerprints`: each local file's size and sha256, a Hub dataset's resolved revision). A resume whose sources
+differ (lines appended, cut or edited; a shard added) is refused, naming each source and what changed
+(`check_resumed_data`), unless `--accept_changed_data` is given: then the run continues on the data as they are now,
+and neither the order nor the examples skipped nor the final weights are those of an uninterrupted run. `latest`
+refuses the same way (the data changed, not the checkpoint). A checkpoint of an earlier version, without `data`,
+resumes with a log line saying its data cannot be checked.
 
 **What a resumed run may change** (`resume_arguments`). The recorded values fill every flag the command line (or its
 YAML) does not give. A flag given on resume, in any spelling the parser takes (`given_fields`), either takes effect
@@ -61,6 +71,8 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from hf_sft.data.sources import fingerprint_changes, source_fingerprint
+from hf_sft.data.template import FORMATS
 from hf_sft.errors import UsageError, bad_input
 from hf_sft.legacy import LegacyCheckpoint, fields_of, legacy_checkpoint_of
 from hf_sft.safe_pickle import load_checkpoint
@@ -147,6 +159,11 @@ KEPT_ON_RESUME = (
     "lr_scheduler_type",
 )
 KEPT = "its model, tokenizer, data, data order, batch layout, optimizer and schedule type"
+# Flags whose values are local paths (or a Hub id, or a built-in name): recorded and compared resolved.
+PATH_FIELDS = ("data_path", "eval_data_path", "tokenizer_path", "pretrained_ckpt_path", "template")
+# The key of `run_args.json` that holds the data fingerprint (`data_fingerprints`).
+DATA_RECORD = "data"
+ACCEPT_CHANGED_DATA = "--accept_changed_data"
 # Where the run is, what it resumes from and what it may delete, secrets, and the YAML file (its values are recorded
 # one by one).
 _NOT_RECORDED = {
@@ -157,6 +174,7 @@ _NOT_RECORDED = {
     "config",
     "overwrite_output_dir",
     "discard_newer_checkpoints",
+    "accept_changed_data",
 }
 
 
@@ -172,7 +190,7 @@ def record_arguments(parsed: tuple, parse: Callable[[list[str]], tuple]) -> dict
     defaults = _defaults(parse, values["output_dir"])
     recorded, shape = {}, {}
     for name, value in values.items():
-        value = _plain(value)
+        value = _plain(resolved_path(name, value))
         if name in _NOT_RECORDED or value is _UNRECORDABLE:
             continue
         if name in SHAPE_FIELDS:
@@ -180,6 +198,56 @@ def record_arguments(parsed: tuple, parse: Callable[[list[str]], tuple]) -> dict
         elif any(value != _plain(default.get(name)) for default in defaults):
             recorded[name] = value
     return {"values": recorded, "shape": shape, "world_size": launched_processes()}
+
+
+def resolved_path(name: str, value: Any) -> Any:
+    """A path flag's value with each existing local path made absolute; a Hub id, a built-in format name, a path
+    that does not exist (validation names it) or another flag's value as it is."""
+    if name not in PATH_FIELDS or not value:
+        return value
+    if isinstance(value, list | tuple):
+        return [resolved_path(name, item) for item in value]
+    if not isinstance(value, str | Path) or (name == "template" and value in FORMATS):
+        return value
+    return str(Path(value).resolve()) if Path(value).exists() else value
+
+
+def data_fingerprints(data_args: Any) -> list[dict[str, Any]]:
+    """The fingerprint of every source of the run (`--data_path`, `--eval_data_path`), as `run_args.json` records it.
+
+    Raises:
+        UsageError: a source does not exist or is of no known kind.
+    """
+    paths = [*data_args.data_paths(), *([data_args.eval_data_path] if data_args.eval_data_path else [])]
+    return [source_fingerprint(path, data_args.dataset_revision) for path in paths]
+
+
+def check_resumed_data(checkpoint: str | Path, current: list[dict[str, Any]], accept_changes: bool) -> None:
+    """Refuse to resume `checkpoint` on data that differ from those it recorded, unless the user accepts it.
+
+    Raises:
+        UsageError: a source changed (each named with what changed) and `--accept_changed_data` was not given.
+    """
+    record = read_record(checkpoint) or {}
+    if DATA_RECORD not in record:
+        logger.warning("%s records no fingerprint of its data (an earlier version wrote it): not checked", checkpoint)
+        return
+    changes = fingerprint_changes(record[DATA_RECORD], current)
+    if not changes:
+        return
+    if accept_changes:
+        logger.warning(
+            "%s: resuming on changed data (%s): the order, the examples skipped and the result are no longer those "
+            "of an uninterrupted run",
+            ACCEPT_CHANGED_DATA,
+            "; ".join(changes),
+        )
+        return
+    raise UsageError(
+        f"--resume_from_ckpt_path {checkpoint}: the data changed since the checkpoint was written: "
+        f"{'; '.join(changes)}. Restore them, or pass {ACCEPT_CHANGED_DATA} to continue on the data as they are "
+        "(the order, the examples skipped and the result then differ from an uninterrupted run's)"
+    )
 
 
 def resume_arguments(
@@ -228,10 +296,11 @@ def resume_arguments(
     plain = _defaults(parse, values["output_dir"])[0]
     # A field the run did not record had the value both invocations give by default.
     used = {name: saved[name] if name in saved else _plain(plain.get(name)) for name in values}
+    given = {name: _plain(resolved_path(name, values[name])) for name in explicit if name in values}
     differences = [
         f"{flag(name)} {_plain(values[name])} (the checkpoint's run: {used[name]})"
         for name in KEPT_ON_RESUME
-        if name in explicit and name in values and _plain(values[name]) != used[name]
+        if name in given and given[name] != resolved_path(name, used[name])
     ]
     if record.get("world_size", 1) != launched_processes():
         differences.append(f"{launched_processes()} processes (the checkpoint's run: {record['world_size']})")

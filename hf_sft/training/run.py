@@ -44,7 +44,7 @@ from hf_sft.training.callbacks import (
     register_callbacks,
 )
 from hf_sft.training.checkpoints import CheckpointFiles
-from hf_sft.training.config import RunConfig, examples_per_step, fit_to_data, resolve_run
+from hf_sft.training.config import RunConfig, examples_per_step, fit_to_data, resolve_run, warn_about_the_schedule
 from hf_sft.training.final_folder import push_final, save_final
 from hf_sft.training.model_and_data import (
     load_model_and_tokenizer,
@@ -186,6 +186,7 @@ class TrainingRecipe:
         eval_dataset = data.eval.dataset if data.eval is not None else None
         stream = data.train if data_args.streaming else None
         self.args = fit_to_data(args, has_eval=eval_dataset is not None, stream=stream)
+        warn_about_the_schedule(self.args, stream.records if stream is not None else len(train_dataset))
         if stream is not None and self.resume:
             train_dataset.resume_at(*recorded_position(self.resume))
         return train_dataset, eval_dataset, stream
