@@ -234,22 +234,52 @@ def test_document_mask_packed_attention_equals_examples_alone(name, monkeypatch)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("supervised_only", [True, False], ids=["supervised_only", "full_logits"])
 @pytest.mark.parametrize("name", CONFIGS)
-def test_packed_training_step_compiles_in_one_graph(name):
-    """fullgraph=True raises at the first graph break; aot_eager traces forward and backward without codegen."""
+def test_packed_training_step_compiles_in_one_graph(name, supervised_only):
+    """No graph break, the CPU stand-in for "no host sync" on an accelerator: fullgraph=True raises at the first one.
+
+    Both loss paths, the supervised-only head with the positions its batches carry; aot_eager traces forward and
+    backward without code generation. The compiled step gives eager's loss and gradients.
+    """
     model = make_model(name).train()
+    model.supervised_logits_only = supervised_only
     input_ids, position_ids, labels = packed_row()
+    positions = heads_hfsft_gpt.supervised_positions(heads_hfsft_gpt.next_token_labels(labels))
+    batch = {"position_ids": position_ids, "labels": labels, "supervised_positions": positions}
     num_items = torch.tensor(int((labels[:, 1:] != -100).sum()))
-    eager = model(input_ids, position_ids=position_ids, labels=labels, num_items_in_batch=num_items)
+    eager = model(input_ids, **batch, num_items_in_batch=num_items)
     eager.loss.backward()
     eager_grads = gradients(model)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    loss = compiled(input_ids, position_ids=position_ids, labels=labels, num_items_in_batch=num_items).loss
+    loss = compiled(input_ids, **batch, num_items_in_batch=num_items).loss
     loss.backward()
     torch.testing.assert_close(loss, eager.loss, atol=1e-5, rtol=1e-5)
     for name, grad in gradients(model).items():
         torch.testing.assert_close(eager_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_supervised_positions_given_or_found_give_the_same_loss_and_gradients(name):
+    """The positions a batch carries are the ones the head would find itself; without them it still works."""
+    model = make_model(name).train()
+    model.supervised_logits_only = True
+    input_ids, attention_mask, labels = right_padded_batch()
+    positions = heads_hfsft_gpt.supervised_positions(heads_hfsft_gpt.next_token_labels(labels))
+    assert positions.tolist() == (labels[:, 1:] != -100).nonzero().mul(torch.tensor([12, 1])).sum(-1).tolist()
+    found = model(input_ids, attention_mask=attention_mask, labels=labels)
+    found.loss.backward()
+    found_grads = gradients(model)
+    given = model(input_ids, attention_mask=attention_mask, labels=labels, supervised_positions=positions)
+    given.loss.backward()
+    torch.testing.assert_close(given.loss, found.loss, atol=0, rtol=0)
+    torch.testing.assert_close(given.logits, found.logits, atol=0, rtol=0)
+    for name, grad in gradients(model).items():
+        torch.testing.assert_close(found_grads[name], grad, atol=0, rtol=0, msg=name)
+    kept = model(input_ids, attention_mask=attention_mask, labels=labels, supervised_positions=positions[:1],
+                 logits_to_keep=6)  # fmt: skip
+    assert kept.logits.shape[0] == (labels[:, 7:] != -100).sum()  # positions of the whole row: ignored
 
 
 @pytest.mark.parametrize("chunked", [False, True])

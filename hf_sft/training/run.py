@@ -220,7 +220,10 @@ class TrainingRecipe:
             args=args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            data_collator=make_collator(tokenizer.pad_token_id, args.packing, args.pad_to_multiple_of),
+            # The supervised-only LM head (`setup_model`) takes its positions from the batch: no host sync in the step.
+            data_collator=make_collator(
+                tokenizer.pad_token_id, args.packing, args.pad_to_multiple_of, with_supervised_positions=True
+            ),
             processing_class=tokenizer,
         )
         engines.check_engine(config.engine, trainer.accelerator)
