@@ -47,3 +47,17 @@ def test_a_resumed_run_is_resolved_from_its_checkpoint(tmp_path):
     assert resolve_run(["--resume_from_ckpt_path", "latest", "--out_dir", str(out)]).resume == str(
         out / "checkpoint-2"
     )
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_precision_is_fp32_unless_bf16_is_asked_and_warns_where_the_cpu_lacks_it(
+    native, tmp_path, monkeypatch, caplog
+):
+    import torch
+
+    flags = {"avx512_bf16": native, "amx_bf16": False}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags)
+    assert not resolve_run([*TINY, "--out_dir", str(tmp_path / "a")]).training.bf16  # never chosen by itself
+    with caplog.at_level("WARNING", logger="hf_sft.train"):
+        assert resolve_run([*TINY, "--out_dir", str(tmp_path / "b"), "--dtype", "bfloat16"]).training.bf16
+    assert ("lacks native bf16" in caplog.text) is not native

@@ -260,6 +260,29 @@ def test_packed_training_step_compiles_in_one_graph(name, supervised_only):
         torch.testing.assert_close(eager_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_packed_rows_of_any_length_share_one_compiled_graph():
+    """Under `--torch_compile` the run asks for dynamic shapes: rows of new lengths and supervision reuse the graph."""
+    model = make_model("llama_gqa").train()
+    model.supervised_logits_only = True
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=counting_backend, fullgraph=True, dynamic=True)
+    torch.manual_seed(4)
+    for lengths in ([5, 9, 3], [7, 4], [12, 2, 6, 3]):
+        position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+        input_ids = torch.randint(3, 97, position_ids.shape)
+        labels = input_ids.masked_fill(torch.rand(position_ids.shape) < 0.4, -100)
+        positions = heads_hfsft_gpt.supervised_positions(heads_hfsft_gpt.next_token_labels(labels))
+        batch = {"position_ids": position_ids, "labels": labels, "supervised_positions": positions}
+        compiled(input_ids, **batch, num_items_in_batch=torch.tensor(positions.numel())).loss.backward()
+    assert len(graphs) == 1
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_supervised_positions_given_or_found_give_the_same_loss_and_gradients(name):
     """The positions a batch carries are the ones the head would find itself; without them it still works."""
@@ -347,5 +370,9 @@ def test_throughput_benchmark_tiny(tmp_path):
     last = out.strip().splitlines()[-1]
     assert last.startswith("ratio_vs_loop=") and " ratio_vs_trl=" in last and " mfu=" in last
     assert " bf16_of_peak=" in last and " mfu_bf16=" in last
+    assert " compile_vs_eager=" in last and " bf16_loss_gap=" in last
     assert "nan" not in last
     assert "micro-batch x accumulation 2x8" in out  # read back from the run itself
+    assert "d: " in out and " (1 graphs compiled in " in out  # one graph for every row length, no recompilation
+    for variant in ("float32 eager", "float32 compiled", "bfloat16 eager"):
+        assert variant in out

@@ -115,6 +115,13 @@ def test_token_budget_steps_give_the_same_losses_in_fewer_forwards(tmp_path):
     torch.testing.assert_close(torch.tensor(budget_losses), torch.tensor(losses), atol=1e-5, rtol=1e-5)
 
 
+def test_a_compiled_run_asks_for_one_graph_for_every_length(tmp_path):
+    config = HfSftGPTConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", torch_compile=True)
+    trainer = RunTrainer(model=HfSftGPTForCausalLM(config), args=args, data_collator=make_collator(0, packing=True))
+    assert trainer.accelerator.state.dynamo_plugin.dynamic is True
+
+
 def test_the_guard_sees_trainers_own_gradient_norm():
     # A private Trainer method carries the norm; if transformers renames it, the override would silently stop.
     assert hasattr(Trainer, "_get_grad_norm") and "_get_grad_norm" in RunTrainer.__dict__

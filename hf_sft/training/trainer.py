@@ -11,6 +11,8 @@ it.
   `save_total_limit=None`: its own rotation would run before the new checkpoint is in place.
 - **The numeric guard's view** (`training_step`, `_get_grad_norm`): each micro-step's loss and each optimizer step's
   gradient norm are shown to `hf_sft.training.callbacks.NumericGuard`, on the device.
+- **One compiled graph for every length** (`__init__`): under `--torch_compile`, accelerate's dynamo plugin is asked
+  for dynamic shapes, so that packed rows of any length reuse the first graph.
 - **Token-budget micro-batches** (`get_batch_samples`, `training_step`): with padding-free packing the examples of
   one optimizer step are repacked into as few rows as fit a budget.
 
@@ -131,6 +133,10 @@ class RunTrainer(Trainer):
         self.checkpoint_files = checkpoint_files
         self.keep_checkpoints = keep_checkpoints
         super().__init__(*args, **kwargs)
+        if self.args.torch_compile:
+            # Packed rows change length at every micro-batch: one graph for every length from the start. Left to
+            # dynamo, a static graph for the first length would be compiled, then replaced at the second.
+            self.accelerator.state.dynamo_plugin.dynamic = True
         self.token_budget = token_budget
         self.numeric_guard = numeric_guard
         if numeric_guard is not None:
