@@ -260,6 +260,15 @@ def test_packed_training_step_compiles_in_one_graph(name, supervised_only):
         torch.testing.assert_close(eager_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_the_causal_lm_declares_the_positions_a_run_gives_it():
+    """A run adds `supervised_positions` to its batches only for a model whose forward names them (not stock ones)."""
+    import inspect
+
+    from hf_sft.data import SUPERVISED_POSITIONS
+
+    assert SUPERVISED_POSITIONS in inspect.signature(make_model("nanogpt").forward).parameters
+
+
 def test_packed_rows_of_any_length_share_one_compiled_graph():
     """Under `--torch_compile` the run asks for dynamic shapes: rows of new lengths and supervision reuse the graph."""
     model = make_model("llama_gqa").train()
