@@ -9,6 +9,7 @@ users execute it beside `modeling_hfsft_gpt.py`.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import (
@@ -22,8 +23,32 @@ from transformers.modeling_outputs import (
 LOSS_CHUNK_ELEMENTS = 2**24
 
 
+def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) the token each position predicts: `labels` shifted left by one, -100 at the last position."""
+    return F.pad(labels, (0, 1), value=-100)[:, 1:]
+
+
+def supervised_positions(shift_labels: torch.Tensor) -> torch.Tensor:
+    """(N,) indices into the flattened (B * T) positions whose next token is supervised: what the LM head scores in
+    the supervised-only mode.
+
+    Where the batch is built (on the host, for free) and passed to the forward as `supervised_positions`, it spares
+    the forward a data-dependent shape: selecting by a boolean mask on the device (`nonzero`) waits for the device
+    and breaks a `torch.compile` graph.
+
+    >>> supervised_positions(next_token_labels(torch.tensor([[-100, -100, 8, 2], [-100, 9, 2, -100]])))
+    tensor([1, 2, 4, 5])
+    """
+    return (shift_labels != -100).flatten().nonzero().flatten()
+
+
 def lm_logits_and_loss(
-    model: nn.Module, hidden_states: torch.Tensor, shift_labels: torch.Tensor, num_items_in_batch=None, **kwargs
+    model: nn.Module,
+    hidden_states: torch.Tensor,
+    shift_labels: torch.Tensor,
+    num_items_in_batch=None,
+    positions: torch.Tensor | None = None,
+    **kwargs,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The causal LM's logits and `model.loss_function` on the positions kept: all of them, or the supervised ones.
 
@@ -32,6 +57,8 @@ def lm_logits_and_loss(
         hidden_states: (B, T, D) final hidden states.
         shift_labels: (B, T) the token each position predicts, -100 where none.
         num_items_in_batch: the supervised tokens of the whole optimizer step, when Trainer passes them.
+        positions: `supervised_positions(shift_labels)` computed by the caller, or None: computed here (a
+            data-dependent shape). Read only in the supervised-only mode.
 
     Returns:
         (B, T, V) logits and the loss; with `model.supervised_logits_only`, the (N, V) logits of the N supervised
@@ -39,8 +66,10 @@ def lm_logits_and_loss(
         whose losses (each its sum over `num_items_in_batch`, default N) add up to the loss.
     """
     if model.supervised_logits_only:
-        supervised = shift_labels != -100  # (B, T) boolean mask: the positions the loss reads
-        hidden_states, shift_labels = hidden_states[supervised], shift_labels[supervised]  # (N, D), (N,)
+        if positions is None:
+            positions = supervised_positions(shift_labels)
+        hidden_states = hidden_states.flatten(0, 1).index_select(0, positions)  # (N, D)
+        shift_labels = shift_labels.flatten().index_select(0, positions)  # (N,)
         rows = max(1, LOSS_CHUNK_ELEMENTS // model.config.vocab_size)
         if hidden_states.shape[0] > rows:
             denominator = shift_labels.shape[0] if num_items_in_batch is None else num_items_in_batch

@@ -34,6 +34,7 @@ from .heads_hfsft_gpt import (
     TokenClassificationHead,
     head_output,
     lm_logits_and_loss,
+    next_token_labels,
 )
 from .packing_hfsft_gpt import CACHE_FIELD, attention_inputs, packed_attention_interface
 
@@ -392,6 +393,7 @@ class HfSftGPTForCausalLM(HfSftGPTPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        supervised_positions: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         r"""
@@ -401,6 +403,10 @@ class HfSftGPTForCausalLM(HfSftGPTPreTrainedModel, GenerationMixin):
                 Trainer does, so that gradient accumulation equals one large batch).
             logits_to_keep: an int keeps the last N positions (0 keeps all); a 1-D tensor keeps those positions.
                 With `labels`, the loss covers the kept positions.
+            supervised_positions: (N,) indices into the flattened (B * T) positions whose next token is supervised
+                (`heads_hfsft_gpt.supervised_positions`), built with the batch on the host. Read only in the
+                supervised-only mode, with `labels` and every position kept; without them the forward selects the
+                positions itself, which waits for the device and breaks a `torch.compile` graph.
             shift_labels (keyword): the targets already shifted, (B, T) aligned with the positions that predict them;
                 they take precedence over `labels`. Context and sequence parallelism shift the labels on the whole
                 sequence before cutting it into shards, and pass them so.
@@ -415,9 +421,15 @@ class HfSftGPTForCausalLM(HfSftGPTPreTrainedModel, GenerationMixin):
         if labels is None and shift_labels is None:
             logits = self.lm_head(hidden_states)
         else:
+            keeps_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
+            if shift_labels is not None or not keeps_all:  # the positions index `labels` over the whole batch
+                supervised_positions = None
             if shift_labels is None:  # what each position predicts: the next token
-                shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
-            logits, loss = lm_logits_and_loss(self, hidden_states, shift_labels[:, keep].contiguous(), **kwargs)
+                shift_labels = next_token_labels(labels)
+            shift_labels = shift_labels[:, keep].contiguous()
+            logits, loss = lm_logits_and_loss(
+                self, hidden_states, shift_labels, positions=supervised_positions, **kwargs
+            )
 
         return head_output(self, CausalLMOutputWithPast, outputs, return_dict, loss=loss, logits=logits)
 

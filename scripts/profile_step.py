@@ -3,7 +3,8 @@
 The benchmark's nanoGPT-style model and data; each optimizer step is the seed's 2 x 8 examples, packed into
 token-budget rows of 2 x 512 tokens as `hf-sft train` does, forward + backward in fp32 or under bf16 autocast,
 clipping and AdamW.
-Prints the ops by self CPU time, and the step time of each precision.
+Prints the ops by self CPU time, the step time of each precision, and the share of the matmuls: what is not matmul
+bounds the speed-up that faster matmuls (bf16 on AMX, say) can give, by Amdahl's law.
 
     python scripts/profile_step.py                        # fp32 and bf16, 3 profiled steps each
     python scripts/profile_step.py --dtypes bfloat16 --rows 30
@@ -25,13 +26,16 @@ from hf_sft.modeling_hfsft_gpt import HfSftGPTForCausalLM
 from hf_sft.tokenizer import load_tokenizer
 from hf_sft.training.trainer import repack_micro_batches
 
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
 
 def optimizer_steps(work: Path, count: int, max_len: int) -> list[list[dict]]:
     """The packed micro-batches of the first `count` optimizer steps."""
     tokenizer = load_tokenizer(work / "model")
     install_chat_template(tokenizer)
     data = build_datasets(str(work / "train.jsonl"), tokenizer, max_seq_len=max_len).train.dataset
-    collate, per_step = make_collator(tokenizer.pad_token_id, packing=True), BATCH * ACCUM
+    collate = make_collator(tokenizer.pad_token_id, packing=True, with_supervised_positions=True)  # as a run does
+    per_step = BATCH * ACCUM
     steps = []
     for start in range(0, count * per_step, per_step):
         micro = [collate([data[i] for i in range(j, j + BATCH)]) for j in range(start, start + per_step, BATCH)]
@@ -73,7 +77,14 @@ def main() -> None:
             seconds = (time.perf_counter() - start) / options.steps
             tokens = sum(batch["input_ids"].numel() for step in steps[1:] for batch in step) / options.steps
             print(f"\n{dtype}: {seconds:.2f} s per optimizer step ({tokens:.0f} tokens, profiler on)")
-            print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=options.rows))
+            averages = profiler.key_averages()
+            print(averages.table(sort_by="self_cpu_time_total", row_limit=options.rows))
+            total = sum(event.self_cpu_time_total for event in averages)
+            share = sum(event.self_cpu_time_total for event in averages if event.key in MATMULS) / total
+            print(
+                f"{dtype}: matmuls ({', '.join(MATMULS)}) {share:.0%} of self CPU time: infinitely fast matmuls "
+                f"would make this step at most {1 / (1 - share):.2f}x faster"
+            )
 
 
 if __name__ == "__main__":

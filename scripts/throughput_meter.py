@@ -59,12 +59,16 @@ class Meter:
 def meter_callback(meter: Meter):
     """A Trainer callback: reads batch and accumulation from the run's arguments, counts the tokens and sums the token
     losses of every training forward with hooks, closes each step."""
+    import torch
     from transformers import TrainerCallback
 
+    # Hooks of a compiled model are traced with it unless told not to: the meter's counters would recompile them.
+    @torch.compiler.disable
     def before(module, args, kwargs):
         if module.training:
             meter.count(kwargs["input_ids"], kwargs.get("attention_mask"), kwargs["labels"])
 
+    @torch.compiler.disable
     def after(module, args, kwargs, output):
         if module.training:  # back to summed token losses: divided by num_items_in_batch if given, else a mean
             count = kwargs.get("num_items_in_batch")

@@ -1,8 +1,9 @@
-"""The three training stacks that `benchmark_throughput.py` compares, each run in a process of its own.
+"""The training stacks that `benchmark_throughput.py` compares, each run in a process of its own.
 
 (a) `hf-sft train` as users run it; (b) a hand-written loop in the style of the seed `finetune_gpt.py`;
-(c) TRL's `SFTTrainer` with prompt/completion records. All three take the same spec (model folder, data files,
-steps, precision) and the same optimisation settings below, and report through the same `Meter`.
+(c) TRL's `SFTTrainer` with prompt/completion records; (d) (a) with `--torch_compile true`. All take the same spec
+(model folder, data files, steps, precision) and the same optimisation settings below, and report through the same
+`Meter`.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ def response_text(record: dict) -> str:
     return DEFAULT_FORMAT.response_text(record["response"])
 
 
-def worker_hfsft(spec: dict, meter: Meter) -> dict:
-    """(a): `hf-sft train` in this process, as users run it, with a callback that measures."""
+def worker_hfsft(spec: dict, meter: Meter, compiled: bool = False) -> dict:
+    """(a): `hf-sft train` in this process, as users run it, with a callback that measures; (d): the same with
+    `--torch_compile true`, and the graphs and seconds it compiled."""
+    from hf_sft.training.callbacks import compile_time
     from hf_sft.training.run import run
 
     argv = [
@@ -44,12 +47,20 @@ def worker_hfsft(spec: dict, meter: Meter) -> dict:
         "--max_seq_len", str(spec["max_len"]), "--max_iters", str(spec["steps"]), "--val_split", "0",
         "--device", spec["device"], "--train_sampling_strategy", "sequential", "--disable_tqdm", "true",
         *(["--dtype", "bfloat16"] if spec["dtype"] == "bfloat16" else []),
+        *(["--torch_compile", "true"] if compiled else []),
+        *(["--torch_compile_backend", spec["compile_backend"]] if compiled and spec.get("compile_backend") else []),
         *spec.get("hf_sft_args", []),
     ]  # fmt: skip
     run(*parse_args(argv), callbacks=[meter_callback(meter)])
     result = meter.result()
+    if compiled:
+        result["compile_graphs"], result["compile_s"] = compile_time()
     result["eval_loss"] = eval_loss(spec["out_dir"], spec["eval"], spec["max_len"])
     return result
+
+
+def worker_hfsft_compiled(spec: dict, meter: Meter) -> dict:
+    return worker_hfsft(spec, meter, compiled=True)
 
 
 def worker_loop(spec: dict, meter: Meter) -> dict:
@@ -168,7 +179,7 @@ def worker_trl(spec: dict, meter: Meter) -> dict:
     return meter.result()
 
 
-WORKERS = {"a": worker_hfsft, "b": worker_loop, "c": worker_trl}
+WORKERS = {"a": worker_hfsft, "b": worker_loop, "c": worker_trl, "d": worker_hfsft_compiled}
 
 
 def run_worker(stack: str, spec_path: str) -> None:

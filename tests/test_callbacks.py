@@ -1,6 +1,7 @@
 """A non-finite loss, gradient norm or weights stop the run at that step: exit 1, one line, nothing saved from it."""
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,18 @@ def test_weights_that_overflow_in_one_step_are_never_saved_and_the_cli_exits_1(t
         "--max_grad_norm (it was 1) or check the data, and start again"
     )
     assert list_checkpoints(out, complete_only=False) == [] and not (out / "model.safetensors").exists()
+
+
+def test_a_compiled_run_logs_its_compile_time(caplog):
+    from types import SimpleNamespace
+
+    from hf_sft.training.callbacks import ThroughputCallback
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: (x * 2).sum(), backend="eager")
+    compiled(torch.ones(3))
+    with caplog.at_level("INFO", logger="hf_sft.train"):
+        ThroughputCallback().on_train_end(SimpleNamespace(torch_compile=False), None, None)
+        assert "torch.compile" not in caplog.text
+        ThroughputCallback().on_train_end(SimpleNamespace(torch_compile=True), None, None)
+    assert re.search(r"torch\.compile: [1-9]\d* graphs compiled in \d+\.\d s", caplog.text)

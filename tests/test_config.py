@@ -69,3 +69,17 @@ def test_one_line_warns_when_accumulation_or_warmup_outlasts_the_data(tmp_path, 
         warn_about_the_schedule(args, examples)
     lines = [record.getMessage() for record in caplog.records]
     assert len(lines) == len(warned) and all(part in line for part, line in zip(warned, lines, strict=True)), lines
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_precision_is_fp32_unless_bf16_is_asked_and_warns_where_the_cpu_lacks_it(
+    native, tmp_path, monkeypatch, caplog
+):
+    import torch
+
+    flags = {"avx512_bf16": native, "amx_bf16": False}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags)
+    assert not resolve_run([*TINY, "--out_dir", str(tmp_path / "a")]).training.bf16  # never chosen by itself
+    with caplog.at_level("WARNING", logger="hf_sft.train"):
+        assert resolve_run([*TINY, "--out_dir", str(tmp_path / "b"), "--dtype", "bfloat16"]).training.bf16
+    assert ("lacks native bf16" in caplog.text) is not native

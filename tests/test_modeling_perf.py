@@ -234,22 +234,84 @@ def test_document_mask_packed_attention_equals_examples_alone(name, monkeypatch)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("supervised_only", [True, False], ids=["supervised_only", "full_logits"])
 @pytest.mark.parametrize("name", CONFIGS)
-def test_packed_training_step_compiles_in_one_graph(name):
-    """fullgraph=True raises at the first graph break; aot_eager traces forward and backward without codegen."""
+def test_packed_training_step_compiles_in_one_graph(name, supervised_only):
+    """No graph break, the CPU stand-in for "no host sync" on an accelerator: fullgraph=True raises at the first one.
+
+    Both loss paths, the supervised-only head with the positions its batches carry; aot_eager traces forward and
+    backward without code generation. The compiled step gives eager's loss and gradients.
+    """
     model = make_model(name).train()
+    model.supervised_logits_only = supervised_only
     input_ids, position_ids, labels = packed_row()
+    positions = heads_hfsft_gpt.supervised_positions(heads_hfsft_gpt.next_token_labels(labels))
+    batch = {"position_ids": position_ids, "labels": labels, "supervised_positions": positions}
     num_items = torch.tensor(int((labels[:, 1:] != -100).sum()))
-    eager = model(input_ids, position_ids=position_ids, labels=labels, num_items_in_batch=num_items)
+    eager = model(input_ids, **batch, num_items_in_batch=num_items)
     eager.loss.backward()
     eager_grads = gradients(model)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    loss = compiled(input_ids, position_ids=position_ids, labels=labels, num_items_in_batch=num_items).loss
+    loss = compiled(input_ids, **batch, num_items_in_batch=num_items).loss
     loss.backward()
     torch.testing.assert_close(loss, eager.loss, atol=1e-5, rtol=1e-5)
     for name, grad in gradients(model).items():
         torch.testing.assert_close(eager_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_causal_lm_declares_the_positions_a_run_gives_it():
+    """A run adds `supervised_positions` to its batches only for a model whose forward names them (not stock ones)."""
+    import inspect
+
+    from hf_sft.data import SUPERVISED_POSITIONS
+
+    assert SUPERVISED_POSITIONS in inspect.signature(make_model("nanogpt").forward).parameters
+
+
+def test_packed_rows_of_any_length_share_one_compiled_graph():
+    """Under `--torch_compile` the run asks for dynamic shapes: rows of new lengths and supervision reuse the graph."""
+    model = make_model("llama_gqa").train()
+    model.supervised_logits_only = True
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=counting_backend, fullgraph=True, dynamic=True)
+    torch.manual_seed(4)
+    for lengths in ([5, 9, 3], [7, 4], [12, 2, 6, 3]):
+        position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+        input_ids = torch.randint(3, 97, position_ids.shape)
+        labels = input_ids.masked_fill(torch.rand(position_ids.shape) < 0.4, -100)
+        positions = heads_hfsft_gpt.supervised_positions(heads_hfsft_gpt.next_token_labels(labels))
+        batch = {"position_ids": position_ids, "labels": labels, "supervised_positions": positions}
+        compiled(input_ids, **batch, num_items_in_batch=torch.tensor(positions.numel())).loss.backward()
+    assert len(graphs) == 1
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_supervised_positions_given_or_found_give_the_same_loss_and_gradients(name):
+    """The positions a batch carries are the ones the head would find itself; without them it still works."""
+    model = make_model(name).train()
+    model.supervised_logits_only = True
+    input_ids, attention_mask, labels = right_padded_batch()
+    positions = heads_hfsft_gpt.supervised_positions(heads_hfsft_gpt.next_token_labels(labels))
+    assert positions.tolist() == (labels[:, 1:] != -100).nonzero().mul(torch.tensor([12, 1])).sum(-1).tolist()
+    found = model(input_ids, attention_mask=attention_mask, labels=labels)
+    found.loss.backward()
+    found_grads = gradients(model)
+    given = model(input_ids, attention_mask=attention_mask, labels=labels, supervised_positions=positions)
+    given.loss.backward()
+    torch.testing.assert_close(given.loss, found.loss, atol=0, rtol=0)
+    torch.testing.assert_close(given.logits, found.logits, atol=0, rtol=0)
+    for name, grad in gradients(model).items():
+        torch.testing.assert_close(found_grads[name], grad, atol=0, rtol=0, msg=name)
+    kept = model(input_ids, attention_mask=attention_mask, labels=labels, supervised_positions=positions[:1],
+                 logits_to_keep=6)  # fmt: skip
+    assert kept.logits.shape[0] == (labels[:, 7:] != -100).sum()  # positions of the whole row: ignored
 
 
 @pytest.mark.parametrize("chunked", [False, True])
@@ -317,5 +379,9 @@ def test_throughput_benchmark_tiny(tmp_path):
     last = out.strip().splitlines()[-1]
     assert last.startswith("ratio_vs_loop=") and " ratio_vs_trl=" in last and " mfu=" in last
     assert " bf16_of_peak=" in last and " mfu_bf16=" in last
+    assert " compile_vs_eager=" in last and " bf16_loss_gap=" in last
     assert "nan" not in last
     assert "micro-batch x accumulation 2x8" in out  # read back from the run itself
+    assert "d: " in out and " (1 graphs compiled in " in out  # one graph for every row length, no recompilation
+    for variant in ("float32 eager", "float32 compiled", "bfloat16 eager"):
+        assert variant in out

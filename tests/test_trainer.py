@@ -11,6 +11,7 @@ from transformers import Trainer, TrainingArguments
 import hf_sft.training.trainer as trainer_module
 from hf_sft.configuration_hfsft_gpt import HfSftGPTConfig
 from hf_sft.data.collator import make_collator
+from hf_sft.heads_hfsft_gpt import next_token_labels, supervised_positions
 from hf_sft.modeling_hfsft_gpt import HfSftGPTForCausalLM
 from hf_sft.training.trainer import RunTrainer, first_fit_rows, repack_micro_batches
 
@@ -42,8 +43,9 @@ def test_first_fit_never_needs_more_rows_than_micro_batches():
         assert all(sum(lengths[i] for i in row) <= BATCH * MAX_LEN for row in rows)
 
 
-def test_repacked_step_holds_the_same_examples():
-    collate = make_collator(0, packing=True)
+@pytest.mark.parametrize("with_positions", [False, True])
+def test_repacked_step_holds_the_same_examples(with_positions):
+    collate = make_collator(0, packing=True, with_supervised_positions=with_positions)
     features = examples(BATCH * ACCUM)
     micro = [collate(features[i : i + BATCH]) for i in range(0, len(features), BATCH)]
     repacked = repack_micro_batches(micro, BATCH * MAX_LEN)
@@ -62,16 +64,20 @@ def test_repacked_step_holds_the_same_examples():
         return sorted(out)
 
     assert split(repacked) == split(micro)
+    for batch in repacked if with_positions else ():  # counted again for each new row
+        expected = supervised_positions(next_token_labels(batch["labels"]))
+        assert torch.equal(batch["supervised_positions"], expected), batch["labels"]
     padded = [make_collator(0)(features[:BATCH])]
     assert repack_micro_batches(padded, BATCH * MAX_LEN) is padded  # only packed rows are repacked
 
 
-def train_losses(tmp_path, budget: int | None) -> tuple[list[float], int]:
+def train_losses(tmp_path, budget: int | None, supervised_only: bool = False) -> tuple[list[float], int]:
     torch.manual_seed(0)
     config = HfSftGPTConfig(
         family="llama", vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, multiple_of=16
     )
     model = HfSftGPTForCausalLM(config)
+    model.supervised_logits_only = supervised_only
     forwards = []
     model.model.register_forward_hook(lambda module, args, output: forwards.append(1))
     args = TrainingArguments(
@@ -93,7 +99,7 @@ def train_losses(tmp_path, budget: int | None) -> tuple[list[float], int]:
         model=model,
         args=args,
         train_dataset=Dataset.from_list(examples()),
-        data_collator=make_collator(0, packing=True),
+        data_collator=make_collator(0, packing=True, with_supervised_positions=supervised_only),
     )
     trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], len(forwards)
@@ -102,10 +108,18 @@ def train_losses(tmp_path, budget: int | None) -> tuple[list[float], int]:
 @pytest.mark.slow
 def test_token_budget_steps_give_the_same_losses_in_fewer_forwards(tmp_path):
     losses, forwards = train_losses(tmp_path, None)
-    budget_losses, budget_forwards = train_losses(tmp_path, BATCH * MAX_LEN)
+    # As a run trains: the supervised-only head, its positions carried by the batches and recounted per new row.
+    budget_losses, budget_forwards = train_losses(tmp_path, BATCH * MAX_LEN, supervised_only=True)
     assert len(losses) == 3 and forwards == 3 * ACCUM
     assert budget_forwards < forwards
     torch.testing.assert_close(torch.tensor(budget_losses), torch.tensor(losses), atol=1e-5, rtol=1e-5)
+
+
+def test_a_compiled_run_asks_for_one_graph_for_every_length(tmp_path):
+    config = HfSftGPTConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", torch_compile=True)
+    trainer = RunTrainer(model=HfSftGPTForCausalLM(config), args=args, data_collator=make_collator(0, packing=True))
+    assert trainer.accelerator.state.dynamo_plugin.dynamic is True
 
 
 def test_the_guard_sees_trainers_own_gradient_norm():

@@ -113,7 +113,8 @@ DEFAULT_SAMPLE_INSTRUCTIONS = (
 
 
 class ThroughputCallback(TrainerCallback):
-    """Adds `tokens_per_second` (real, non-padding tokens) to every training log entry.
+    """Adds `tokens_per_second` (real, non-padding tokens) to every training log entry; under `--torch_compile`, logs
+    the time spent compiling at the end of training (it is inside the first entries' tokens/s).
 
     First in the callback list (`register_callbacks`): the entries it extends are then shown by the progress bar
     and TensorBoard.
@@ -133,6 +134,21 @@ class ThroughputCallback(TrainerCallback):
         if elapsed > 0 and seen > self._last[1]:
             logs["tokens_per_second"] = round((seen - self._last[1]) / elapsed, 1)
         self._last = (now, seen)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if args.torch_compile:
+            graphs, seconds = compile_time()
+            logger.info("torch.compile: %d graphs compiled in %.1f s (forward and backward)", graphs, seconds)
+
+
+def compile_time() -> tuple[int, float]:
+    """Graphs `torch.compile` has compiled in this process, and the seconds spent compiling them (forward and
+    backward), from dynamo's own counters."""
+    from torch._dynamo.utils import calculate_time_spent, counters
+
+    spent = calculate_time_spent()
+    seconds = spent.get("entire_frame_compile", 0.0) + spent.get("entire_backward_compile", 0.0)
+    return counters["stats"]["unique_graphs"], seconds
 
 
 class LogFileCallback(TrainerCallback):

@@ -18,6 +18,7 @@ final save; the handler itself is installed once per command by `hf_sft.cli`.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import shlex
@@ -195,9 +196,11 @@ class TrainingRecipe:
         self, model: Any, tokenizer: Any, template: Any, train_dataset: Any, eval_dataset: Any, stream: Any, base: str
     ) -> RunTrainer:
         """Claim the run folder, then the run's Trainer over the model (LoRA adapters with `--use_lora`)."""
-        from hf_sft.data import make_collator
+        from hf_sft.data import SUPERVISED_POSITIONS, make_collator
 
         config, args = self.config, self.args
+        # Our causal LM takes the positions its supervised-only head scores from the batch (no host sync in the step).
+        with_positions = SUPERVISED_POSITIONS in inspect.signature(model.forward).parameters
         if args.use_lora:
             model = _wrap_lora(model, args)
         self.samples = SampleGenerationCallback(
@@ -226,7 +229,9 @@ class TrainingRecipe:
             args=args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            data_collator=make_collator(tokenizer.pad_token_id, args.packing, args.pad_to_multiple_of),
+            data_collator=make_collator(
+                tokenizer.pad_token_id, args.packing, args.pad_to_multiple_of, with_supervised_positions=with_positions
+            ),
             processing_class=tokenizer,
         )
         engines.check_engine(config.engine, trainer.accelerator)

@@ -11,6 +11,8 @@ it.
   `save_total_limit=None`: its own rotation would run before the new checkpoint is in place.
 - **The numeric guard's view** (`training_step`, `_get_grad_norm`): each micro-step's loss and each optimizer step's
   gradient norm are shown to `hf_sft.training.callbacks.NumericGuard`, on the device.
+- **One compiled graph for every length** (`__init__`): under `--torch_compile`, accelerate's dynamo plugin is asked
+  for dynamic shapes, so that packed rows of any length reuse the first graph.
 - **Token-budget micro-batches** (`get_batch_samples`, `training_step`): with padding-free packing the examples of
   one optimizer step are repacked into as few rows as fit a budget.
 
@@ -41,6 +43,8 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from hf_sft.data import SUPERVISED_POSITIONS
+from hf_sft.heads_hfsft_gpt import next_token_labels, supervised_positions
 from hf_sft.training.callbacks import NumericGuard
 from hf_sft.training.checkpoints import CheckpointFiles, rotate_checkpoints, staged_checkpoint
 
@@ -70,23 +74,35 @@ def repack_micro_batches(micro_batches: list[dict], budget: int) -> list[dict]:
     """The same examples as `micro_batches` (packed rows) in first-fit rows of at most `budget` tokens.
 
     Returns as many micro-batches as were given: the empty ones (zero tokens) first, then the rows. Batches that are
-    not single packed rows (padded batches, extra keys) are returned unchanged.
+    not single packed rows (padded batches, extra keys) are returned unchanged. Batches that carry
+    `supervised_positions` get them counted again for their new rows.
     """
-    packed = all(set(batch) == set(PACKED_KEYS) and len(batch["input_ids"]) == 1 for batch in micro_batches)
+    keys = set(PACKED_KEYS)
+    if micro_batches and SUPERVISED_POSITIONS in micro_batches[0]:
+        keys.add(SUPERVISED_POSITIONS)
+    packed = all(set(batch) == keys and len(batch["input_ids"]) == 1 for batch in micro_batches)
     if not micro_batches or not packed:
         return micro_batches
     step = {key: torch.cat([batch[key] for batch in micro_batches], dim=1) for key in PACKED_KEYS}  # (1, S)
-    positions = step["position_ids"][0].cpu()  # one host read per optimizer step
+    # One host read per optimizer step: the example boundaries, and the labels when the positions are recounted.
+    host = torch.cat([step["position_ids"], step["labels"]]).cpu()  # (2, S)
+    positions, labels = host[0], host[1:]
     starts = (positions == 0).nonzero().flatten().tolist()
     if not starts or starts[0] != 0:
         return micro_batches
     bounds = list(zip(starts, starts[1:] + [positions.shape[0]], strict=True))
     rows = first_fit_rows([end - start for start, end in bounds], budget)
+    device = step["input_ids"].device
     repacked = []
     for row in rows:
-        index = torch.cat([torch.arange(*bounds[example]) for example in row]).to(step["input_ids"].device)
-        repacked.append({key: value.index_select(1, index) for key, value in step.items()})
+        index = torch.cat([torch.arange(*bounds[example]) for example in row])
+        batch = {key: value.index_select(1, index.to(device)) for key, value in step.items()}
+        if SUPERVISED_POSITIONS in keys:
+            batch[SUPERVISED_POSITIONS] = supervised_positions(next_token_labels(labels[:, index])).to(device)
+        repacked.append(batch)
     empty = {key: value[:, :0] for key, value in step.items()}
+    if SUPERVISED_POSITIONS in keys:
+        empty[SUPERVISED_POSITIONS] = torch.zeros(0, dtype=torch.long, device=device)
     return [empty] * (len(micro_batches) - len(repacked)) + repacked
 
 
@@ -117,6 +133,10 @@ class RunTrainer(Trainer):
         self.checkpoint_files = checkpoint_files
         self.keep_checkpoints = keep_checkpoints
         super().__init__(*args, **kwargs)
+        if self.args.torch_compile:
+            # Packed rows change length at every micro-batch: one graph for every length from the start. Left to
+            # dynamo, a static graph for the first length would be compiled, then replaced at the second.
+            self.accelerator.state.dynamo_plugin.dynamic = True
         self.token_budget = token_budget
         self.numeric_guard = numeric_guard
         if numeric_guard is not None:
