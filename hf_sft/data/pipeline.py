@@ -42,6 +42,7 @@ from hf_sft.data import masking
 from hf_sft.data import template as formats
 from hf_sft.data.arrow_records import arrow_records, parsed_in_arrow
 from hf_sft.data.masking import (
+    IGNORE_INDEX,
     LOST_COLUMN,
     MODEL_COLUMNS,
     STATUS_COLUMN,
@@ -352,12 +353,14 @@ def tokenize_records(
         status=Counter({item["values"]: item["counts"] for item in pc.value_counts(outcome).to_pylist()}),
         lost_characters="".join(sorted(set("".join(pc.unique(pc.filter(lost, losing)).to_pylist())))),
         records_losing_characters=pc.sum(losing).as_py() or 0,
+        supervised_tokens=pc.sum(table.column(_SUPERVISED_COLUMN)).as_py() or 0,
     )
 
 
 # Columns of the tokenised dataset, with the types `datasets` itself gives them (its int optimisation for
 # `input_ids` and `attention_mask`).
 _TOKEN_COLUMNS = {"input_ids": np.int32, "attention_mask": np.int8, "labels": np.int64}
+_SUPERVISED_COLUMN = "supervised"  # labels that are not -100, per example
 
 
 def _tokenized_table(batch: dict[str, list], **options):
@@ -367,18 +370,21 @@ def _tokenized_table(batch: dict[str, list], **options):
 
     columns = tokenize_and_mask(batch, **options)
     table = {"index": pa.array(batch["index"], pa.int64())}
-    for name, dtype in _TOKEN_COLUMNS.items():
-        table[name] = _list_array(columns[name], dtype)
+    flat = {name: _flat(columns[name], dtype) for name, dtype in _TOKEN_COLUMNS.items()}
+    for name, (offsets, values) in flat.items():
+        table[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+    # Counted here, from the flat labels at hand, so that no report reads every label back from the cache file.
+    offsets, labels = flat["labels"]
+    counted = np.concatenate(([0], np.cumsum(labels != IGNORE_INDEX)))
+    table[_SUPERVISED_COLUMN] = pa.array(counted[offsets[1:]] - counted[offsets[:-1]], pa.int64())
     return pa.table(table | {name: pa.array(columns[name], pa.string()) for name in (STATUS_COLUMN, LOST_COLUMN)})
 
 
-def _list_array(rows: list[list[int]], dtype):
-    import pyarrow as pa
-
+def _flat(rows: list[list[int]], dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The offsets and the concatenated values of lists of ints: an Arrow list column's two buffers."""
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum(np.fromiter(map(len, rows), dtype=np.int32, count=len(rows)), out=offsets[1:])
-    values = np.fromiter(chain.from_iterable(rows), dtype=dtype, count=int(offsets[-1]))
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+    return offsets, np.fromiter(chain.from_iterable(rows), dtype=dtype, count=int(offsets[-1]))
 
 
 def _int_array(column) -> np.ndarray:
