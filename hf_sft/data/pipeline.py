@@ -1,8 +1,9 @@
 """From a data source to the datasets `Trainer` gets: one straight sequence of steps, streamed or not.
 
 1. The options are checked, once, for both branches.
-2. The records are loaded and validated (`load_records`); with `streaming` the training file is indexed instead
-   (`hf_sft.data.stream.index_records`: the same checks and messages, a byte offset kept per valid record).
+2. The records are loaded and validated (`load_records`); with `streaming` a `.jsonl` training file is indexed
+   instead (`hf_sft.data.stream.index_records`: the same checks and messages, a byte offset kept per valid record),
+   and any other source is loaded as without it and read back by row number (`hf_sft.data.stream.records_source`).
 3. The evaluation records are held out (`val_split`, as `Dataset.train_test_split` draws them in both branches) or
    loaded from `eval_data_path`.
 4. The records are tokenised and masked (`tokenize_records`), misfits dropped and counted; a streamed training split
@@ -55,7 +56,14 @@ from hf_sft.data.records import DEFAULT_FIELDS, Records, parse_field_map, resolv
 from hf_sft.data.saved import is_saved_dataset, load_saved
 from hf_sft.data.sources import resolve_source
 from hf_sft.data.splits import SFTData, StreamedSplit, TokenizedSplit
-from hf_sft.data.stream import StreamingExamples, held_out_records, index_records, split_offsets
+from hf_sft.data.stream import (
+    StreamingExamples,
+    held_out_records,
+    index_records,
+    records_source,
+    seekable,
+    split_offsets,
+)
 from hf_sft.data.template import DEFAULT_FORMAT, PromptFormat
 from hf_sft.data.text_records import load_text_records
 from hf_sft.errors import UsageError
@@ -109,7 +117,7 @@ def build_datasets(
         dataset_config: configuration of a Hub dataset.
         dataset_split: split of a Hub dataset or a saved `DatasetDict` (default `train`).
         dataset_revision: branch, tag or commit of a Hub dataset.
-        streaming: train from one `.jsonl` file read and tokenised as it is consumed (`hf_sft.data.stream`).
+        streaming: train from one source read and tokenised as it is consumed (`hf_sft.data.stream`).
         data_seed: the seed of a stream's training order (the run's `--data_seed`); `None`: `seed`.
 
     Returns:
@@ -125,7 +133,11 @@ def build_datasets(
     options = {"num_proc": num_proc, "seed": seed}
     hub = {"dataset_config": dataset_config, "dataset_split": dataset_split, "dataset_revision": dataset_revision}
     if streaming:
-        indexed = index_records(sources[0], fields, skip_bad_records)
+        if seekable(sources[0]):
+            indexed = index_records(sources[0], fields, skip_bad_records)
+        else:  # compressed, CSV, JSON arrays, parquet, saved, Hub: loaded as below, read back by row number
+            loaded = load_records(sources[0], fields, skip_bad_records, cache_dir, **options, **hub)
+            indexed = records_source(loaded, fields)
         train_offsets, held_offsets = split_offsets(indexed.offsets, val_split, seed)
         held_out = None
         if held_offsets is not None:
@@ -214,7 +226,7 @@ def _check_options(
 ) -> None:
     if streaming and (len(sources) > 1 or data_weights):
         raise UsageError(
-            f"--streaming reads one .jsonl file; --data_path names {len(sources)} sources: drop --streaming, or "
+            f"--streaming reads one source; --data_path names {len(sources)} sources: drop --streaming, or "
             "join them into one file"
         )
     check_length_policy(length_policy)
