@@ -18,11 +18,12 @@ hit):
   and masks (`completion_only_loss`, no packing), as `scripts/throughput_stacks.py` drives it.
 
 Measured per stack, size and `num_proc`, of the whole process from start to exit (imports and the tokenizer load
-included, for every stack alike): records/s (records ÷ wall seconds), and the peak RSS of the process tree, summed over
-the process and its worker processes by sampling `/proc` every 50 ms (`ru_maxrss` is the largest single process, which
-is what `/usr/bin/time` prints, and misses workers that run beside the main process; the sum counts the pages a forked
-worker shares with its parent once per process, so with workers it is an upper bound). Then the ratios of this one run:
-ours/plain, ours/TRL, and num_proc 2 / num_proc 1 per stack. Last comes the markdown table that
+included, for every stack alike): records/s (records ÷ wall seconds), the CPU seconds, and the peak RSS of the process
+tree, summed over the process and its worker processes by sampling `/proc` every 50 ms (`ru_maxrss` is the largest
+single process, which is what `/usr/bin/time` prints, and misses workers that run beside the main process; the sum
+counts the pages a forked worker shares with its parent once per process, so with workers it is an upper bound). Then
+the ratios of this one run: ours/plain and ours/TRL (records/s; ours/plain also per CPU second, the figure that holds
+when the machine is shared), and num_proc 2 / num_proc 1 per stack. Last comes the markdown table that
 `docs/benchmarks.md` shows. The tokenizers library's own threads are off (`TOKENIZERS_PARALLELISM=false`) for every
 stack, so `num_proc` is the parallelism.
 """
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                     results[stack, size, num_proc] = result
                     print(
                         f"  {stack:<6} {size:>9,} records  num_proc {num_proc}  {result['records_per_s']:>9,.0f} "
-                        f"records/s  {result['seconds']:8.1f} s  peak RSS {result['tree_mb']:>6,.0f} MB"
+                        f"records/s  {result['seconds']:8.1f} s ({result['cpu_s']:.1f} CPU s)  peak RSS "
+                        f"{result['tree_mb']:>6,.0f} MB"
                         f" (largest process {result['maxrss_mb']:,.0f} MB)  {result['examples']:,} examples",
                         flush=True,
                     )
@@ -143,17 +145,19 @@ def run_stack(stack: str, spec: dict, root: Path) -> dict:
     out, err = root / "stdout.txt", root / "stderr.txt"
     try:
         with out.open("w") as stdout, err.open("w") as stderr:
-            seconds, tree_mb, maxrss_mb = measured(command, env, stdout, stderr)
+            seconds, cpu_seconds, tree_mb, maxrss_mb = measured(command, env, stdout, stderr)
         found = EXAMPLES.search(out.read_text())
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    return {"seconds": seconds, "tree_mb": tree_mb, "maxrss_mb": maxrss_mb, "examples": int(found[1]) if found else 0}
+    examples = int(found[1]) if found else 0
+    return {"seconds": seconds, "cpu_s": cpu_seconds, "tree_mb": tree_mb, "maxrss_mb": maxrss_mb, "examples": examples}
 
 
-def measured(command: list[str], env: dict, stdout, stderr) -> tuple[float, float, float]:
-    """Run `command` to its end: wall seconds, the peak of its tree's summed RSS, its `ru_maxrss` (both MB).
+def measured(command: list[str], env: dict, stdout, stderr) -> tuple[float, float, float, float]:
+    """Run `command` to its end: wall and CPU seconds, the peak of its tree's summed RSS, its `ru_maxrss` (both MB).
 
-    `ru_maxrss` from `wait4` is what `/usr/bin/time` prints: the largest single process of the tree.
+    `ru_maxrss` from `wait4` is what `/usr/bin/time` prints: the largest single process of the tree. The CPU seconds
+    (user + system, workers included) do not grow when other work shares the machine, as wall seconds do.
     """
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr)
@@ -170,7 +174,8 @@ def measured(command: list[str], env: dict, stdout, stderr) -> tuple[float, floa
         stderr.flush()
         tail = Path(stderr.name).read_text()[-2000:]
         raise SystemExit(f"{' '.join(command)} failed with exit status {process.returncode}:\n{tail}")
-    return seconds, max(peak, usage.ru_maxrss) / 1024, usage.ru_maxrss / 1024
+    cpu_seconds = usage.ru_utime + usage.ru_stime
+    return seconds, cpu_seconds, max(peak, usage.ru_maxrss) / 1024, usage.ru_maxrss / 1024
 
 
 def tree_rss_kb(pid: int) -> int:
@@ -207,8 +212,9 @@ def print_ratios(results: dict, args: argparse.Namespace) -> None:
                 if ours and (other, size, num_proc) in results
             ]
             if ours and ("plain", size, num_proc) in results:
-                extra = ours["tree_mb"] - results["plain", size, num_proc]["tree_mb"]
-                parts.append(f"ours - plain peak RSS {extra:+,.0f} MB")
+                plain = results["plain", size, num_proc]
+                parts.append(f"ours/plain per CPU second {plain['cpu_s'] / ours['cpu_s']:.2f}x")
+                parts.append(f"ours - plain peak RSS {ours['tree_mb'] - plain['tree_mb']:+,.0f} MB")
             if parts:
                 print(f"  {size:>9,} records, num_proc {num_proc}: " + ", ".join(parts))
         for stack in args.stacks:
@@ -222,7 +228,7 @@ def table(results: dict, args: argparse.Namespace) -> list[str]:
     """The markdown table of `docs/benchmarks.md`: one row per size and num_proc."""
     stacks = [stack for stack in STACKS if stack in args.stacks]
     head = ["records", "num_proc", *(f"{stack} records/s" for stack in stacks)]
-    head += [f"{stack} peak RSS" for stack in stacks] + ["ours / plain", "ours - plain RSS"]
+    head += [f"{stack} peak RSS" for stack in stacks] + ["ours / plain", "ours / plain per CPU s", "ours - plain RSS"]
     rows = [f"| {' | '.join(head)} |", "|" + "---:|" * len(head)]
     for size in args.sizes:
         for num_proc in args.num_procs:
@@ -233,6 +239,7 @@ def table(results: dict, args: argparse.Namespace) -> list[str]:
             ours, plain = got.get("ours"), got.get("plain")
             both = ours and plain
             cells.append(f"{ours['records_per_s'] / plain['records_per_s']:.2f}x" if both else "")
+            cells.append(f"{plain['cpu_s'] / ours['cpu_s']:.2f}x" if both else "")
             cells.append(f"{ours['tree_mb'] - plain['tree_mb']:+,.0f} MB" if both else "")
             rows.append(f"| {' | '.join(cells)} |")
     return rows
