@@ -156,7 +156,8 @@ def read_records(source: StreamSource, handle, offsets: np.ndarray) -> dict[str,
     (None for a records dataset, whose rows are taken from its memory-mapped Arrow table)."""
     names = [name for name in normalised_features(source.shape) if name != "index"]
     if source.records is not None:
-        return source.records.select_columns(names)[offsets.tolist()]
+        rows = source.records[offsets.tolist()]
+        return {name: rows[name] for name in names}
     columns: dict[str, list] = {name: [] for name in names}
     for offset in offsets.tolist():
         obj = read_line_at(handle, offset)
