@@ -1,24 +1,31 @@
-"""Benchmark data preparation side by side: ours, a plain `datasets` map, and TRL's SFTTrainer preparation.
+"""Benchmark data preparation side by side, as `/usr/bin/time` sees it: ours, a plain `datasets` map, and TRL.
 
-    python scripts/benchmark_data.py                                  # 15k, 400k, 1M records; num_proc 1 and 2
-    python scripts/benchmark_data.py --sizes 3000 --num_procs 1       # a smoke run
-    python scripts/benchmark_data.py --stacks ours plain --sizes 400000 --num_procs 1 2
+    python scripts/benchmark_data.py                                  # 400k records; num_proc 1
+    python scripts/benchmark_data.py --sizes 400000 1000000 --stacks ours plain
+    python scripts/benchmark_data.py --sizes 3000 --num_procs 1 2     # a smoke run
 
 The shared Dolly sample is repeated to each size (a JSONL file of Dolly records, and the same records as TRL's
 prompt/completion pairs). Every stack prepares the records for training with the shared 4k tokenizer, max length
-`--max_seq_len` (2048), each run in a fresh process with a fresh `datasets` cache (nothing is a cache hit):
+`--max_seq_len` (2048), each run as a fresh process with fresh `datasets` and Hugging Face caches (nothing is a cache
+hit):
 
-- `ours`: `hf_sft.data.build_datasets` end to end (validation, the seed format, exact label masking, length policy,
-  counts), as `hf-sft train` calls it;
-- `plain`: `load_dataset("json")` and one batched `map` that formats each record in the seed format and tokenises it
-  with the fast tokenizer (`truncation`, no masking, no validation): the floor of doing it by hand;
+- `ours`: the command a user runs, `hf-sft data --data_path FILE --tokenizer_path TOK --max_seq_len 2048
+  --val_split 0` (validation, the seed format, exact label masking, length policy, the report and its preview);
+- `plain`: a process that does `load_dataset("json")` and one batched `map` that formats each record in the seed
+  format and tokenises it with the fast tokenizer (`truncation`, no masking, no validation): the floor of doing it by
+  hand;
 - `trl`: `load_dataset("json")` of the prompt/completion file and TRL's `SFTTrainer` construction, which tokenises
   and masks (`completion_only_loss`, no packing), as `scripts/throughput_stacks.py` drives it.
 
-Printed per stack, size and `num_proc`: records/s (records ÷ wall seconds of the preparation; imports, the
-tokenizer load and TRL's model excluded), the peak RSS of the process (`ru_maxrss`) and of its worker processes,
-then the ratios of this one run: ours/plain, ours/TRL, and num_proc 2 / num_proc 1 per stack. The tokenizers
-library's own threads are off (`TOKENIZERS_PARALLELISM=false`) for every stack, so `num_proc` is the parallelism.
+Measured per stack, size and `num_proc`, of the whole process from start to exit (imports and the tokenizer load
+included, for every stack alike): records/s (records ÷ wall seconds), the CPU seconds, and the peak RSS of the process
+tree, summed over the process and its worker processes by sampling `/proc` every 50 ms (`ru_maxrss` is the largest
+single process, which is what `/usr/bin/time` prints, and misses workers that run beside the main process; the sum
+counts the pages a forked worker shares with its parent once per process, so with workers it is an upper bound). Then
+the ratios of this one run: ours/plain and ours/TRL (records/s; ours/plain also per CPU second, the figure that holds
+when the machine is shared), and num_proc 2 / num_proc 1 per stack. Last comes the markdown table that
+`docs/benchmarks.md` shows. The tokenizers library's own threads are off (`TOKENIZERS_PARALLELISM=false`) for every
+stack, so `num_proc` is the parallelism.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import re
 import shutil
 import subprocess
 import sys
@@ -40,7 +47,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STACKS = ("ours", "plain", "trl")
-SIZES = (15000, 400000, 1000000)
+SIZES = (400000,)
+SAMPLE_S = 0.05
+EXAMPLES = re.compile(r"^examples: (\d+) kept", re.MULTILINE)  # the line `hf-sft data` prints, and the children
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared", type=Path, default=SHARED, help="the shared fixtures folder")
     parser.add_argument("--stacks", nargs="+", choices=STACKS, default=list(STACKS), help="stacks to run")
     parser.add_argument("--sizes", nargs="+", type=int, default=list(SIZES), help="records per run")
-    parser.add_argument("--num_procs", nargs="+", type=int, default=[1, 2], help="num_proc values")
+    parser.add_argument("--num_procs", nargs="+", type=int, default=[1], help="num_proc values")
     parser.add_argument("--max_seq_len", type=int, default=2048, help="length limit")
     parser.add_argument("--workdir", type=Path, default=None, help="where the files and caches go (default: tmp)")
     parser.add_argument("--child", nargs=2, metavar=("STACK", "SPEC"), help=argparse.SUPPRESS)
@@ -64,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = sample.read_text(encoding="utf-8").splitlines()
     root = Path(tempfile.mkdtemp(prefix="benchmark_data-", dir=args.workdir))
     print(
-        f"Dolly sample repeated, {tokenizer.name}, max_seq_len {args.max_seq_len}; each run in a fresh process and "
-        f"datasets cache (records/s; peak RSS of the process, and of its workers)"
+        f"Dolly sample repeated, {tokenizer.name}, max_seq_len {args.max_seq_len}; each run a fresh process with "
+        "fresh caches (records/s of the whole process; peak RSS of its process tree, and of its largest process)"
     )
     results: dict[tuple[str, int, int], dict] = {}
     try:
@@ -76,23 +85,24 @@ def main(argv: list[str] | None = None) -> int:
                     spec = {
                         "data": str(files["trl" if stack == "trl" else "dolly"]),
                         "tokenizer": str(tokenizer),
-                        "records": size,
                         "num_proc": num_proc,
                         "max_seq_len": args.max_seq_len,
-                        "cache": str(root / f"cache-{stack}-{size}-{num_proc}"),
-                        "result": str(root / "result.json"),
                     }
-                    result = run_child(stack, spec, root)
+                    result = run_stack(stack, spec, root)
+                    result["records_per_s"] = size / result["seconds"]
                     results[stack, size, num_proc] = result
                     print(
                         f"  {stack:<6} {size:>9,} records  num_proc {num_proc}  {result['records_per_s']:>9,.0f} "
-                        f"records/s  {result['seconds']:8.1f} s  peak RSS {result['rss_mb']:>6,.0f} MB"
-                        f" (workers {result['workers_rss_mb']:,.0f} MB)  {result['examples']:,} examples",
+                        f"records/s  {result['seconds']:8.1f} s ({result['cpu_s']:.1f} CPU s)  peak RSS "
+                        f"{result['tree_mb']:>6,.0f} MB"
+                        f" (largest process {result['maxrss_mb']:,.0f} MB)  {result['examples']:,} examples",
                         flush=True,
                     )
             for path in files.values():
                 path.unlink()
         print_ratios(results, args)
+        print()
+        print("\n".join(table(results, args)))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0
@@ -120,15 +130,75 @@ def write_inputs(root: Path, lines: list[str], size: int) -> dict[str, Path]:
     return {"dolly": dolly, "trl": trl}
 
 
-def run_child(stack: str, spec: dict, root: Path) -> dict:
-    spec_path = root / "spec.json"
-    spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "HF_DATASETS_CACHE": spec["cache"], "HF_HOME": str(root / "hf_home")}
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", stack, str(spec_path)]
-    subprocess.run(command, check=True, env=env)
-    result = json.loads(Path(spec["result"]).read_text())
-    shutil.rmtree(spec["cache"], ignore_errors=True)
-    return result
+def run_stack(stack: str, spec: dict, root: Path) -> dict:
+    """One stack as a fresh process with fresh caches: wall seconds, peak RSS of its tree, examples kept."""
+    cache = root / f"cache-{stack}"
+    env = {**os.environ, "HF_DATASETS_CACHE": str(cache / "datasets"), "HF_HOME": str(cache / "hf_home")}
+    if stack == "ours":
+        command = [sys.executable, "-m", "hf_sft.cli", "data", "--data_path", spec["data"], "--tokenizer_path"]
+        command += [spec["tokenizer"], "--max_seq_len", str(spec["max_seq_len"]), "--val_split", "0"]
+        command += ["--num_proc", str(spec["num_proc"])]
+    else:
+        spec_path = root / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        command = [sys.executable, str(Path(__file__).resolve()), "--child", stack, str(spec_path)]
+    out, err = root / "stdout.txt", root / "stderr.txt"
+    try:
+        with out.open("w") as stdout, err.open("w") as stderr:
+            seconds, cpu_seconds, tree_mb, maxrss_mb = measured(command, env, stdout, stderr)
+        found = EXAMPLES.search(out.read_text())
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    examples = int(found[1]) if found else 0
+    return {"seconds": seconds, "cpu_s": cpu_seconds, "tree_mb": tree_mb, "maxrss_mb": maxrss_mb, "examples": examples}
+
+
+def measured(command: list[str], env: dict, stdout, stderr) -> tuple[float, float, float, float]:
+    """Run `command` to its end: wall and CPU seconds, the peak of its tree's summed RSS, its `ru_maxrss` (both MB).
+
+    `ru_maxrss` from `wait4` is what `/usr/bin/time` prints: the largest single process of the tree. The CPU seconds
+    (user + system, workers included) do not grow when other work shares the machine, as wall seconds do.
+    """
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr)
+    peak = 0
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            break
+        peak = max(peak, tree_rss_kb(process.pid))
+        time.sleep(SAMPLE_S)
+    seconds = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    if process.returncode:
+        stderr.flush()
+        tail = Path(stderr.name).read_text()[-2000:]
+        raise SystemExit(f"{' '.join(command)} failed with exit status {process.returncode}:\n{tail}")
+    cpu_seconds = usage.ru_utime + usage.ru_stime
+    return seconds, cpu_seconds, max(peak, usage.ru_maxrss) / 1024, usage.ru_maxrss / 1024
+
+
+def tree_rss_kb(pid: int) -> int:
+    """Resident memory of `pid` and all its descendants, in kB (0 for processes that are gone)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        stack += children.get(current, [])
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
 
 
 def print_ratios(results: dict, args: argparse.Namespace) -> None:
@@ -141,6 +211,10 @@ def print_ratios(results: dict, args: argparse.Namespace) -> None:
                 for other in ("plain", "trl")
                 if ours and (other, size, num_proc) in results
             ]
+            if ours and ("plain", size, num_proc) in results:
+                plain = results["plain", size, num_proc]
+                parts.append(f"ours/plain per CPU second {plain['cpu_s'] / ours['cpu_s']:.2f}x")
+                parts.append(f"ours - plain peak RSS {ours['tree_mb'] - plain['tree_mb']:+,.0f} MB")
             if parts:
                 print(f"  {size:>9,} records, num_proc {num_proc}: " + ", ".join(parts))
         for stack in args.stacks:
@@ -150,8 +224,29 @@ def print_ratios(results: dict, args: argparse.Namespace) -> None:
                 print(f"  {size:>9,} records, {stack}: num_proc 2 / num_proc 1 {ratio:.2f}x")
 
 
+def table(results: dict, args: argparse.Namespace) -> list[str]:
+    """The markdown table of `docs/benchmarks.md`: one row per size and num_proc."""
+    stacks = [stack for stack in STACKS if stack in args.stacks]
+    head = ["records", "num_proc", *(f"{stack} records/s" for stack in stacks)]
+    head += [f"{stack} peak RSS" for stack in stacks] + ["ours / plain", "ours / plain per CPU s", "ours - plain RSS"]
+    rows = [f"| {' | '.join(head)} |", "|" + "---:|" * len(head)]
+    for size in args.sizes:
+        for num_proc in args.num_procs:
+            got = {stack: results.get((stack, size, num_proc)) for stack in stacks}
+            cells = [f"{size:,}", str(num_proc)]
+            cells += [f"{got[s]['records_per_s']:,.0f}" if got[s] else "" for s in stacks]
+            cells += [f"{got[s]['tree_mb']:,.0f} MB" if got[s] else "" for s in stacks]
+            ours, plain = got.get("ours"), got.get("plain")
+            both = ours and plain
+            cells.append(f"{ours['records_per_s'] / plain['records_per_s']:.2f}x" if both else "")
+            cells.append(f"{plain['cpu_s'] / ours['cpu_s']:.2f}x" if both else "")
+            cells.append(f"{ours['tree_mb'] - plain['tree_mb']:+,.0f} MB" if both else "")
+            rows.append(f"| {' | '.join(cells)} |")
+    return rows
+
+
 def child(stack: str, spec_path: str) -> int:
-    """One stack, one size: the imports, the tokenizer and (for TRL) the model before the clock starts."""
+    """One stack other than ours, its whole preparation; prints `examples: N kept` as `hf-sft data` does."""
     import datasets
 
     from hf_sft.tokenizer import load_tokenizer
@@ -159,36 +254,9 @@ def child(stack: str, spec_path: str) -> int:
     datasets.disable_progress_bars()
     spec = json.loads(Path(spec_path).read_text())
     tokenizer = load_tokenizer(spec["tokenizer"])
-    prepare = {"ours": setup_ours, "plain": setup_plain, "trl": setup_trl}[stack](spec, tokenizer)
-    start = time.perf_counter()
-    examples = prepare()
-    seconds = time.perf_counter() - start
-    result = {
-        "records_per_s": spec["records"] / seconds,
-        "seconds": seconds,
-        "examples": examples,
-        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "workers_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-    }
-    Path(spec["result"]).write_text(json.dumps(result))
+    prepare = {"plain": setup_plain, "trl": setup_trl}[stack](spec, tokenizer)
+    print(f"examples: {prepare()} kept")
     return 0
-
-
-def setup_ours(spec: dict, tokenizer):
-    from hf_sft.data import build_datasets
-
-    def prepare() -> int:
-        data = build_datasets(
-            spec["data"],
-            tokenizer,
-            max_seq_len=spec["max_seq_len"],
-            val_split=0.0,
-            num_proc=spec["num_proc"],
-            cache_dir=spec["cache"],
-        )
-        return len(data.train.dataset)
-
-    return prepare
 
 
 def setup_plain(spec: dict, tokenizer):
@@ -209,7 +277,7 @@ def setup_plain(spec: dict, tokenizer):
         return tokenizer([text + eos for text in texts], truncation=True, max_length=limit)
 
     def prepare() -> int:
-        loaded = datasets.load_dataset("json", data_files=spec["data"], split="train", cache_dir=spec["cache"])
+        loaded = datasets.load_dataset("json", data_files=spec["data"], split="train")
         return len(loaded.map(tokenize, batched=True, remove_columns=loaded.column_names, num_proc=num_proc))
 
     return prepare
@@ -235,7 +303,7 @@ def setup_trl(spec: dict, tokenizer):
     )
     model = HfSftGPTForCausalLM(config)
     args = SFTConfig(
-        output_dir=str(Path(spec["cache"]) / "trl_out"),
+        output_dir=str(Path(os.environ["HF_HOME"]) / "trl_out"),
         max_length=spec["max_seq_len"],
         completion_only_loss=True,
         packing=False,
@@ -247,7 +315,7 @@ def setup_trl(spec: dict, tokenizer):
     )
 
     def prepare() -> int:
-        loaded = datasets.load_dataset("json", data_files=spec["data"], split="train", cache_dir=spec["cache"])
+        loaded = datasets.load_dataset("json", data_files=spec["data"], split="train")
         trainer = SFTTrainer(model=model, args=args, train_dataset=loaded, processing_class=tokenizer)
         return len(trainer.train_dataset)
 

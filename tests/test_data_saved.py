@@ -1,6 +1,7 @@
 """Tokenise once: `hf-sft data --save_to` then `hf-sft train --data_path DIR` reuses it untokenised, or refuses it."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,7 @@ def forbid_tokenisation(monkeypatch) -> list[str]:
     return calls
 
 
-def test_the_saved_folder_holds_the_splits_and_their_counts(saved, capsys):
+def test_the_saved_folder_holds_the_splits_and_their_counts(saved, tmp_path, capsys):
     manifest = json.loads((saved / MANIFEST).read_text())
     assert manifest["settings"]["max_seq_len"] == 40 and manifest["settings"]["format"] == "seed"
     assert manifest["sources"][0]["path"] == DATA and len(manifest["sources"][0]["sha256"]) == 64
@@ -57,6 +58,13 @@ def test_the_saved_folder_holds_the_splits_and_their_counts(saved, capsys):
     from_saved = capsys.readouterr().out
     # The same report (counts, drops, lengths, padding, preview) from the folder as from the source.
     assert from_saved == from_source
+    # A folder saved before its manifest recorded the supervised tokens: counted from its labels, the same figure.
+    older = shutil.copytree(saved, tmp_path / "older")
+    for split in manifest["splits"].values():
+        split.pop("supervised_tokens")
+    (older / MANIFEST).write_text(json.dumps(manifest))
+    assert main(["data", "--data_path", str(older), *DATA_FLAGS]) == 0
+    assert capsys.readouterr().out == from_source.replace(str(saved), str(older))
 
 
 def test_training_reuses_the_saved_folder_without_tokenising(saved, tmp_path, monkeypatch):

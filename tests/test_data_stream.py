@@ -1,12 +1,15 @@
 """--streaming: the map-style run's examples, order and losses, bad records as map-style, resume without re-reading."""
 
 import dataclasses
+import gzip
 import json
 import shutil
 import time
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -48,10 +51,28 @@ def loader_batches(dataset, n: int, seed: int = 3, batch_size: int = 4) -> list[
     return [next(batches) for _ in range(n)]
 
 
-def test_the_stream_gives_the_map_style_examples_in_trainer_s_order():
+def converted(kind: str, folder: Path) -> str:
+    """`DATA` as a source of `kind`: the `.jsonl` itself, gzip-compressed, or three parquet shards in a folder."""
+    if kind == "jsonl":
+        return DATA
+    if kind == "jsonl.gz":
+        path = folder / "demo.jsonl.gz"
+        path.write_bytes(gzip.compress(Path(DATA).read_bytes()))
+        return str(path)
+    rows = [json.loads(line) for line in Path(DATA).read_text(encoding="utf-8").splitlines()]
+    shards = folder / "shards"
+    shards.mkdir()
+    for number, start in enumerate(range(0, len(rows), 120)):
+        pq.write_table(pa.Table.from_pylist(rows[start : start + 120]), shards / f"part-{number}.parquet")
+    return str(shards)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "jsonl.gz", "parquet"])
+def test_the_stream_gives_the_map_style_examples_in_trainer_s_order(tmp_path, kind):
     options = {"max_seq_len": 160, "val_split": 0.2, "seed": 5}
     mapped = build_datasets(DATA, TOKENIZER, **options)
-    streamed = build_datasets(DATA, TOKENIZER, data_seed=3, **options, streaming=True)
+    source = converted(kind, tmp_path)
+    streamed = build_datasets(source, TOKENIZER, data_seed=3, **options, streaming=True, cache_dir=tmp_path / "cache")
     assert mapped.train.dropped == {} and streamed.train.records == len(mapped.train.index) == 256
     # The held-out split is the map-style one, tokenised up front.
     assert streamed.eval.dataset[:] == mapped.eval.dataset[:]
@@ -116,7 +137,7 @@ def test_the_stream_index_refuses_a_source_as_map_style_does(tmp_path, first, la
 
 
 def test_streaming_takes_one_source_and_the_run_s_checks(tmp_path):
-    with pytest.raises(UsageError, match="--streaming reads one .jsonl file; --data_path names 2 sources"):
+    with pytest.raises(UsageError, match="--streaming reads one source; --data_path names 2 sources"):
         build_datasets([DATA, DATA], TOKENIZER, streaming=True)
     with pytest.raises(UsageError, match=r"--val_split must be in \[0, 1\)"):
         build_datasets(DATA, TOKENIZER, val_split=1.5, streaming=True)
@@ -125,10 +146,15 @@ def test_streaming_takes_one_source_and_the_run_s_checks(tmp_path):
 
 
 def test_streaming_refuses_what_it_cannot_stream(tmp_path, capsys):
-    arrays = tmp_path / "data.json"
-    arrays.write_text("[]")
-    assert main(["train", *TINY, "--streaming", "--data_path", str(arrays), "--out_dir", str(tmp_path / "a")]) == 2
-    assert "--streaming reads a .jsonl file" in capsys.readouterr().err
+    # What the map-style path cannot read, the stream refuses with the same line (zstd is not a supported compression).
+    for name, text in (("data.json", "[]"), ("data.jsonl.zst", "{}")):
+        (tmp_path / name).write_text(text)
+        flags = [*TINY, "--data_path", str(tmp_path / name)]
+        assert main(["train", *flags, "--streaming", "--out_dir", str(tmp_path / "a")]) == 2
+        streamed = capsys.readouterr().err.strip().splitlines()[-1]
+        assert main(["train", *flags, "--out_dir", str(tmp_path / "b")]) == 2
+        assert streamed == capsys.readouterr().err.strip().splitlines()[-1]
+        assert streamed.startswith("error: ") and str(tmp_path / name) in streamed
     grouped = ["--train_sampling_strategy", "group_by_length", "--out_dir", str(tmp_path / "b")]
     assert main(["train", *TINY, "--streaming", "--data_path", DATA, *grouped]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
@@ -200,6 +226,35 @@ def test_a_resumed_stream_is_bit_identical_and_reads_nothing_consumed(tmp_path, 
         print(
             f"\nstreaming: 8 steps from scratch {fresh_seconds:.1f} s; from step 4 to 8 resumed {resume_seconds:.1f} s"
         )
+
+
+@pytest.fixture(scope="module")
+def mapped_run(tmp_path_factory) -> Path:
+    """8 steps without --streaming, a checkpoint at 4: the run every stream is held against."""
+    out = tmp_path_factory.mktemp("mapped") / "run"
+    flags = [*TINY, "--data_path", DATA, "--val_split", "0", "--max_iters", "8", "--save_interval", "4"]
+    assert main(["train", *flags, "--out_dir", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("kind", ["jsonl.gz", "parquet"])
+def test_compressed_and_parquet_sources_stream_and_resume_bit_identically(tmp_path, mapped_run, kind):
+    source = converted(kind, tmp_path)
+    flags = [*TINY, "--data_path", source, "--val_split", "0", "--max_iters", "8", "--save_interval", "4"]
+    assert main(["train", *flags, "--streaming", "--out_dir", str(tmp_path / "full")]) == 0
+    assert losses(tmp_path / "full", 8) == pytest.approx(losses(mapped_run, 8), abs=1e-5, rel=0)
+    assert f"streaming 320 records from {source}" in (tmp_path / "full" / "train.log").read_text()
+
+    (tmp_path / "resumed").mkdir()  # a run that stopped after step 4
+    checkpoint = shutil.copytree(tmp_path / "full" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
+    assert main(["train", "--resume_from_ckpt_path", str(checkpoint), "--out_dir", str(tmp_path / "resumed")]) == 0
+    full, resumed = (
+        load_file(tmp_path / "full" / "model.safetensors"),
+        load_file(tmp_path / "resumed" / "model.safetensors"),
+    )
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+    assert losses(tmp_path / "resumed", 8) == losses(tmp_path / "full", 8)
 
 
 def test_two_processes_stream_the_one_process_batches(tmp_path):

@@ -55,6 +55,9 @@ def test_summary_and_dump(tmp_path):
     assert lines[1] == f"examples: {6 - n_dropped} kept, {n_dropped} dropped (max_seq_len 30, length policy drop)"
     assert any(line.startswith("tokens per example: min ") for line in lines)
     assert "padding waste at batch size 4:" in lines
+    supervised = sum(label != -100 for row in split.dataset["labels"] for label in row)
+    assert split.supervised_tokens == supervised > 0  # counted as the examples were tokenised
+    assert any(line.startswith(f"tokens: {sum(split.lengths)} in all, {supervised} supervised") for line in lines)
     path = tmp_path / "dump.jsonl"
     assert write_dump(path, split) == len(split.index)
     rows = [json.loads(line) for line in path.read_text().splitlines()]

@@ -54,8 +54,8 @@ class DataArguments:
     streaming: bool = field(
         default=False,
         metadata={
-            "help": "Train from the .jsonl file read and tokenised as consumed (constant memory; the map-style "
-            "order and losses; exact resume). See docs/data.md, 'Streaming'."
+            "help": "Train from the data read and tokenised as consumed (constant memory; the map-style order "
+            "and losses; exact resume). See docs/data.md, 'Streaming'."
         },
     )
     template: str = field(

@@ -1,8 +1,9 @@
 """From a data source to the datasets `Trainer` gets: one straight sequence of steps, streamed or not.
 
 1. The options are checked, once, for both branches.
-2. The records are loaded and validated (`load_records`); with `streaming` the training file is indexed instead
-   (`hf_sft.data.stream.index_records`: the same checks and messages, a byte offset kept per valid record).
+2. The records are loaded and validated (`load_records`); with `streaming` a `.jsonl` training file is indexed
+   instead (`hf_sft.data.stream.index_records`: the same checks and messages, a byte offset kept per valid record),
+   and any other source is loaded as without it and read back by row number (`hf_sft.data.stream.records_source`).
 3. The evaluation records are held out (`val_split`, as `Dataset.train_test_split` draws them in both branches) or
    loaded from `eval_data_path`.
 4. The records are tokenised and masked (`tokenize_records`), misfits dropped and counted; a streamed training split
@@ -42,6 +43,7 @@ from hf_sft.data import masking
 from hf_sft.data import template as formats
 from hf_sft.data.arrow_records import arrow_records, parsed_in_arrow
 from hf_sft.data.masking import (
+    IGNORE_INDEX,
     LOST_COLUMN,
     MODEL_COLUMNS,
     STATUS_COLUMN,
@@ -54,7 +56,14 @@ from hf_sft.data.records import DEFAULT_FIELDS, Records, parse_field_map, resolv
 from hf_sft.data.saved import is_saved_dataset, load_saved
 from hf_sft.data.sources import resolve_source
 from hf_sft.data.splits import SFTData, StreamedSplit, TokenizedSplit
-from hf_sft.data.stream import StreamingExamples, held_out_records, index_records, split_offsets
+from hf_sft.data.stream import (
+    StreamingExamples,
+    held_out_records,
+    index_records,
+    records_source,
+    seekable,
+    split_offsets,
+)
 from hf_sft.data.template import DEFAULT_FORMAT, PromptFormat
 from hf_sft.data.text_records import load_text_records
 from hf_sft.errors import UsageError
@@ -108,7 +117,7 @@ def build_datasets(
         dataset_config: configuration of a Hub dataset.
         dataset_split: split of a Hub dataset or a saved `DatasetDict` (default `train`).
         dataset_revision: branch, tag or commit of a Hub dataset.
-        streaming: train from one `.jsonl` file read and tokenised as it is consumed (`hf_sft.data.stream`).
+        streaming: train from one source read and tokenised as it is consumed (`hf_sft.data.stream`).
         data_seed: the seed of a stream's training order (the run's `--data_seed`); `None`: `seed`.
 
     Returns:
@@ -124,7 +133,11 @@ def build_datasets(
     options = {"num_proc": num_proc, "seed": seed}
     hub = {"dataset_config": dataset_config, "dataset_split": dataset_split, "dataset_revision": dataset_revision}
     if streaming:
-        indexed = index_records(sources[0], fields, skip_bad_records)
+        if seekable(sources[0]):
+            indexed = index_records(sources[0], fields, skip_bad_records)
+        else:  # compressed, CSV, JSON arrays, parquet, saved, Hub: loaded as below, read back by row number
+            loaded = load_records(sources[0], fields, skip_bad_records, cache_dir, **options, **hub)
+            indexed = records_source(loaded, fields)
         train_offsets, held_offsets = split_offsets(indexed.offsets, val_split, seed)
         held_out = None
         if held_offsets is not None:
@@ -213,7 +226,7 @@ def _check_options(
 ) -> None:
     if streaming and (len(sources) > 1 or data_weights):
         raise UsageError(
-            f"--streaming reads one .jsonl file; --data_path names {len(sources)} sources: drop --streaming, or "
+            f"--streaming reads one source; --data_path names {len(sources)} sources: drop --streaming, or "
             "join them into one file"
         )
     check_length_policy(length_policy)
@@ -352,12 +365,14 @@ def tokenize_records(
         status=Counter({item["values"]: item["counts"] for item in pc.value_counts(outcome).to_pylist()}),
         lost_characters="".join(sorted(set("".join(pc.unique(pc.filter(lost, losing)).to_pylist())))),
         records_losing_characters=pc.sum(losing).as_py() or 0,
+        supervised_tokens=pc.sum(table.column(_SUPERVISED_COLUMN)).as_py() or 0,
     )
 
 
 # Columns of the tokenised dataset, with the types `datasets` itself gives them (its int optimisation for
 # `input_ids` and `attention_mask`).
 _TOKEN_COLUMNS = {"input_ids": np.int32, "attention_mask": np.int8, "labels": np.int64}
+_SUPERVISED_COLUMN = "supervised"  # labels that are not -100, per example
 
 
 def _tokenized_table(batch: dict[str, list], **options):
@@ -367,18 +382,21 @@ def _tokenized_table(batch: dict[str, list], **options):
 
     columns = tokenize_and_mask(batch, **options)
     table = {"index": pa.array(batch["index"], pa.int64())}
-    for name, dtype in _TOKEN_COLUMNS.items():
-        table[name] = _list_array(columns[name], dtype)
+    flat = {name: _flat(columns[name], dtype) for name, dtype in _TOKEN_COLUMNS.items()}
+    for name, (offsets, values) in flat.items():
+        table[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+    # Counted here, from the flat labels at hand, so that no report reads every label back from the cache file.
+    offsets, labels = flat["labels"]
+    counted = np.concatenate(([0], np.cumsum(labels != IGNORE_INDEX)))
+    table[_SUPERVISED_COLUMN] = pa.array(counted[offsets[1:]] - counted[offsets[:-1]], pa.int64())
     return pa.table(table | {name: pa.array(columns[name], pa.string()) for name in (STATUS_COLUMN, LOST_COLUMN)})
 
 
-def _list_array(rows: list[list[int]], dtype):
-    import pyarrow as pa
-
+def _flat(rows: list[list[int]], dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The offsets and the concatenated values of lists of ints: an Arrow list column's two buffers."""
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum(np.fromiter(map(len, rows), dtype=np.int32, count=len(rows)), out=offsets[1:])
-    values = np.fromiter(chain.from_iterable(rows), dtype=dtype, count=int(offsets[-1]))
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+    return offsets, np.fromiter(chain.from_iterable(rows), dtype=dtype, count=int(offsets[-1]))
 
 
 def _int_array(column) -> np.ndarray:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from hf_sft.data.masking import MODEL_COLUMNS
+from hf_sft.data.masking import IGNORE_INDEX, MODEL_COLUMNS
 from hf_sft.data.sources import file_fingerprint
 from hf_sft.data.splits import SFTData, TokenizedSplit
 from hf_sft.errors import UsageError, bad_input
@@ -229,6 +229,7 @@ def _split_record(split: TokenizedSplit) -> dict[str, Any]:
         "skipped_messages": list(split.skipped_messages),
         "lost_characters": split.lost_characters,
         "records_losing_characters": split.records_losing_characters,
+        "supervised_tokens": split.supervised_tokens,
     }
 
 
@@ -247,4 +248,13 @@ def _split(dataset, record: dict[str, Any]) -> TokenizedSplit:
         source=record["source"],
         lost_characters=record["lost_characters"],
         records_losing_characters=record["records_losing_characters"],
+        supervised_tokens=record["supervised_tokens"] if "supervised_tokens" in record else _supervised(dataset),
     )
+
+
+def _supervised(dataset) -> int:
+    """Labels that are not -100, counted from the dataset (a folder saved before its manifest recorded them)."""
+    import pyarrow.compute as pc
+
+    labels = dataset.data.column("labels")
+    return pc.sum(pc.not_equal(pc.list_flatten(labels), IGNORE_INDEX)).as_py() or 0

@@ -33,6 +33,7 @@ class TokenizedSplit:
         source: path or Hub id.
         lost_characters: characters of the records that the tokenizer cannot represent (it drops them silently).
         records_losing_characters: how many records contain at least one of them.
+        supervised_tokens: labels that are not -100, over every row of `dataset`.
     """
 
     streamed: ClassVar[bool] = False
@@ -46,6 +47,7 @@ class TokenizedSplit:
     source: str = ""
     lost_characters: str = ""
     records_losing_characters: int = 0
+    supervised_tokens: int = 0
 
     @property
     def dropped(self) -> dict[str, int]:

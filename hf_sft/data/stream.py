@@ -1,13 +1,23 @@
-"""`--streaming`: train from a `.jsonl` source read record by record as it is consumed, at constant memory.
+"""`--streaming`: train from a source read record by record as it is consumed, at constant memory.
 
-One pass first reads the file line by line (`hf_sft.data.line_reader`) and validates every record (the checks, the
-`FILE:LINE: reason` errors and the skip counts of the map-style path: `hf_sft.data.records.RecordChecker`), keeping
-only the byte offset of each valid record: a numpy `int64` array, 8 bytes per record. Each epoch then draws the
-permutation the map-style run's sampler draws (`torch.randperm` seeded with the data seed plus the epoch, as
-accelerate's `SeedableRandomSampler` does; another 8 bytes per record), and `StreamingExamples` reads the records in
-that order by seeking to their offsets, `chunk_size` at a time, tokenises and masks each chunk (`tokenize_and_mask`,
-the map-style function) and applies the length policy as it goes. Nothing else per record is kept: no token ids, no
-texts.
+A plain `.jsonl` file is read back by byte offset. One pass first reads the file line by line
+(`hf_sft.data.line_reader`) and validates every record (the checks, the `FILE:LINE: reason` errors and the skip counts
+of the map-style path: `hf_sft.data.records.RecordChecker`), keeping only the byte offset of each valid record: a
+numpy `int64` array, 8 bytes per record.
+
+Every other source the map-style path reads (`.jsonl.gz`, `.json`, `.csv`, each maybe gzip-compressed, parquet files
+or a folder of shards, a `save_to_disk` folder, a Hub dataset) cannot be read back by byte offset: a compressed file
+cannot seek, and a parquet file is read by row group. Those records are loaded and validated exactly as without
+`--streaming` (`hf_sft.data.pipeline.load_records`: the same messages, counts and `index`), into the normalised,
+memory-mapped Arrow copy in the `datasets` cache that the map-style path tokenises, and the stream reads them back by
+row number (`records_source`): one pass over the source, disk rather than memory, and on resume the copy is a cache
+hit, so the source is not read again. Only the tokenisation is deferred.
+
+Each epoch then draws the permutation the map-style run's sampler draws (`torch.randperm` seeded with the data seed
+plus the epoch, as accelerate's `SeedableRandomSampler` does; another 8 bytes per record), and `StreamingExamples`
+reads the records in that order (`read_records`: by seeking to their offsets, or by row number), `chunk_size` at a
+time, tokenises and masks each chunk (`tokenize_and_mask`, the map-style function) and applies the length policy as it
+goes. Nothing else per record is kept: no token ids, no texts.
 
 What "the same order" means: with `--val_split` the held-out records are chosen exactly as `Dataset.train_test_split`
 chooses them, and the training records keep the order that split gives them; every epoch visits them in the
@@ -18,18 +28,20 @@ permutation of the records with the dropped ones left out. The stream runs on fr
 style run ends an epoch with a short batch instead). Length grouping needs every length before the first step and is
 refused.
 
-The records are read back by seeking to their offsets (`read_records`) and validated again there, cheaply, to
-normalise them. `hf_sft.data.pipeline.build_datasets(..., streaming=True)` is the entry point: the same steps as the
-map-style path, with the training split a branch of them.
+A `.jsonl` file's records are read back by offset and validated again there, cheaply, to normalise them.
+`hf_sft.data.pipeline.build_datasets(..., streaming=True)` is the entry point: the same steps as the map-style path,
+with the training split a branch of them.
 
 Resume: `hf_sft.training`'s `StreamPositionCallback` stores, in every checkpoint's `trainer_state.json`, the epoch
 and the position in that epoch's permutation of the first record not yet consumed. A resumed run starts the stream
 there (Trainer's own replay of the consumed batches is switched off with `ignore_data_skip`), so nothing consumed is
-read or tokenised again.
+read or tokenised again; the position names a record of the permutation, not a byte of the file, so it holds for
+every kind of source.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from array import array
@@ -37,6 +49,7 @@ from collections import Counter, deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,20 +62,22 @@ from hf_sft.errors import UsageError
 
 logger = logging.getLogger(__name__)
 CHUNK_SIZE = 256  # records tokenised per call: large enough for the batched tokenizer, small next to memory
-STREAM_EXTENSIONS = (".jsonl",)
+SEEKABLE_EXTENSION = ".jsonl"  # read back by byte offset; every other source by row number
 
 
 @dataclass
 class StreamSource:
-    """The valid records of a `.jsonl` file, as byte offsets.
+    """The valid records of a source: byte offsets in a `.jsonl` file, or row numbers in a records dataset.
 
     Attributes:
-        path: the file.
-        offsets: byte offset of each valid record's line (`int64`), in source order.
+        path: the file (the source as given, for a records dataset).
+        offsets: byte offset of each valid record's line (`int64`), in source order; or, with `records`, its row.
         shape: `"instruction"` or `"messages"`.
         fields: the source field names per column.
         skipped: bad records skipped, by kind.
         skipped_messages: the first few of them as `FILE:LINE: reason`.
+        records: the validated, normalised records (a memory-mapped `datasets.Dataset`) of a source that cannot be
+            read back by byte offset; None for a `.jsonl` file.
     """
 
     path: Path
@@ -71,6 +86,23 @@ class StreamSource:
     fields: Mapping[str, tuple[str, ...]]
     skipped: Counter = field(default_factory=Counter)
     skipped_messages: list[str] = field(default_factory=list)
+    records: Any = None
+
+
+def seekable(path: str | Path) -> bool:
+    """Whether the stream reads `path` back by byte offset: an uncompressed `.jsonl` file."""
+    path = Path(path)
+    return path.suffix.lower() == SEEKABLE_EXTENSION and path.is_file()
+
+
+def records_source(records: Records, fields: Mapping[str, tuple[str, ...]]) -> StreamSource:
+    """The stream of records loaded as the map-style path loads them (`hf_sft.data.pipeline.load_records`)."""
+    dataset = records.dataset
+    shape = "messages" if "messages" in dataset.column_names else "instruction"
+    rows = np.arange(len(dataset), dtype=np.int64)
+    return StreamSource(
+        Path(records.source), rows, shape, fields, records.skipped, records.skipped_messages, records=dataset
+    )
 
 
 def index_records(path: str | Path, fields: Mapping[str, tuple[str, ...]], skip_bad_records: bool) -> StreamSource:
@@ -81,13 +113,10 @@ def index_records(path: str | Path, fields: Mapping[str, tuple[str, ...]], skip_
             messages are the map-style path's.
     """
     path = Path(path)
-    if path.suffix.lower() not in STREAM_EXTENSIONS or path.is_dir():
-        raise UsageError(
-            f"--streaming reads a .jsonl file (one record per line, read back by byte offset); {path} is not one: "
-            "train without --streaming, or tokenise it once with `hf-sft data --save_to DIR`"
-        )
     if not path.exists():
         raise UsageError(f"data file not found: {path}")
+    if not seekable(path):
+        raise UsageError(f"{path} is not a .jsonl file, which a stream reads back by byte offset")
     offsets = array("q")
     checker = RecordChecker(fields)
     for number, offset, obj in iter_json_lines(path):
@@ -123,8 +152,13 @@ def split_offsets(offsets: np.ndarray, val_split: float, seed: int) -> tuple[np.
 
 
 def read_records(source: StreamSource, handle, offsets: np.ndarray) -> dict[str, list]:
-    """The normalised columns of the records at `offsets` (already validated), read from the open file `handle`."""
-    columns: dict[str, list] = {name: [] for name in normalised_features(source.shape) if name != "index"}
+    """The normalised columns of the records at `offsets` (already validated), read from the open file `handle`
+    (None for a records dataset, whose rows are taken from its memory-mapped Arrow table)."""
+    names = [name for name in normalised_features(source.shape) if name != "index"]
+    if source.records is not None:
+        rows = source.records[offsets.tolist()]
+        return {name: rows[name] for name in names}
+    columns: dict[str, list] = {name: [] for name in names}
     for offset in offsets.tolist():
         obj = read_line_at(handle, offset)
         for name, value in validate_record(obj, source.fields, source.shape).items():
@@ -200,7 +234,8 @@ class StreamingExamples(torch.utils.data.IterableDataset):
         epoch, position = self.start
         self.resume_at(epoch, position)
         handed_out = 0
-        with open(self.source.path, "rb") as handle:
+        seeks = self.source.records is None
+        with open(self.source.path, "rb") if seeks else contextlib.nullcontext() as handle:
             while True:
                 order = self.permutation(epoch)
                 while position < len(order):
@@ -221,6 +256,9 @@ class StreamingExamples(torch.utils.data.IterableDataset):
 def held_out_records(source: StreamSource, offsets: np.ndarray, cache_dir: str | Path | None = None):
     """The held-out records as a `datasets.Dataset` (map-style: evaluation reads them again at every evaluation)."""
     import datasets
+
+    if source.records is not None:
+        return source.records.select(offsets)
 
     def rows(path: str, offsets: np.ndarray):
         with open(path, "rb") as handle:
