@@ -412,8 +412,9 @@ def tokenization_fingerprint(
     for part in (encoder.prompt.to_str(), encoder.response.to_str(), encoder.bos_token, str(encoder.eos_token_id)):
         digest.update(part.encode())
     digest.update(repr((template, max_seq_len, length_policy)).encode())
-    for module in (masking, formats):  # a change to the masking code must not reuse stale cache files
-        digest.update(Path(module.__file__).read_bytes())
+    # A change to the masking code, or to the columns this module writes, must not reuse stale cache files.
+    for source in (masking.__file__, formats.__file__, __file__):
+        digest.update(Path(source).read_bytes())
     return digest.hexdigest()[:32]
 
 
