@@ -24,7 +24,7 @@ from throughput_stacks import ACCUM, BATCH, LR
 from hf_sft.data import build_datasets, install_chat_template, make_collator
 from hf_sft.modeling_hfsft_gpt import HfSftGPTForCausalLM
 from hf_sft.tokenizer import load_tokenizer
-from hf_sft.training.trainer import repack_micro_batches
+from hf_sft.training.trainer import WithSupervisedPositions, repack_micro_batches
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
@@ -34,7 +34,7 @@ def optimizer_steps(work: Path, count: int, max_len: int) -> list[list[dict]]:
     tokenizer = load_tokenizer(work / "model")
     install_chat_template(tokenizer)
     data = build_datasets(str(work / "train.jsonl"), tokenizer, max_seq_len=max_len).train.dataset
-    collate = make_collator(tokenizer.pad_token_id, packing=True, with_supervised_positions=True)  # as a run does
+    collate = WithSupervisedPositions(make_collator(tokenizer.pad_token_id, packing=True))  # as a run does
     per_step = BATCH * ACCUM
     steps = []
     for start in range(0, count * per_step, per_step):

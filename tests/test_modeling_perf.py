@@ -264,7 +264,7 @@ def test_the_causal_lm_declares_the_positions_a_run_gives_it():
     """A run adds `supervised_positions` to its batches only for a model whose forward names them (not stock ones)."""
     import inspect
 
-    from hf_sft.data import SUPERVISED_POSITIONS
+    from hf_sft.training.trainer import SUPERVISED_POSITIONS
 
     assert SUPERVISED_POSITIONS in inspect.signature(make_model("nanogpt").forward).parameters
 

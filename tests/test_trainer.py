@@ -13,7 +13,7 @@ from hf_sft.configuration_hfsft_gpt import HfSftGPTConfig
 from hf_sft.data.collator import make_collator
 from hf_sft.heads_hfsft_gpt import next_token_labels, supervised_positions
 from hf_sft.modeling_hfsft_gpt import HfSftGPTForCausalLM
-from hf_sft.training.trainer import RunTrainer, first_fit_rows, repack_micro_batches
+from hf_sft.training.trainer import RunTrainer, WithSupervisedPositions, first_fit_rows, repack_micro_batches
 
 BATCH, ACCUM, MAX_LEN = 2, 4, 32
 
@@ -45,7 +45,8 @@ def test_first_fit_never_needs_more_rows_than_micro_batches():
 
 @pytest.mark.parametrize("with_positions", [False, True])
 def test_repacked_step_holds_the_same_examples(with_positions):
-    collate = make_collator(0, packing=True, with_supervised_positions=with_positions)
+    collate = make_collator(0, packing=True)
+    collate = WithSupervisedPositions(collate) if with_positions else collate
     features = examples(BATCH * ACCUM)
     micro = [collate(features[i : i + BATCH]) for i in range(0, len(features), BATCH)]
     repacked = repack_micro_batches(micro, BATCH * MAX_LEN)
@@ -99,7 +100,9 @@ def train_losses(tmp_path, budget: int | None, supervised_only: bool = False) ->
         model=model,
         args=args,
         train_dataset=Dataset.from_list(examples()),
-        data_collator=make_collator(0, packing=True, with_supervised_positions=supervised_only),
+        data_collator=WithSupervisedPositions(make_collator(0, packing=True))
+        if supervised_only
+        else make_collator(0, packing=True),
     )
     trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], len(forwards)

@@ -14,7 +14,7 @@ Either kind of split says what it is (`split.streamed`) and gives its one-line a
 `data.describe()` gives both splits' lines, as training logs them and `hf-sft data` prints them).
 """
 
-from hf_sft.data.collator import SUPERVISED_POSITIONS, PackingCollator, PaddingCollator, make_collator
+from hf_sft.data.collator import PackingCollator, PaddingCollator, make_collator
 from hf_sft.data.data_arguments import DataArguments
 from hf_sft.data.masking import (
     IGNORE_INDEX,
@@ -60,7 +60,6 @@ __all__ = [
     "SFTData",
     "StreamedSplit",
     "StreamingExamples",
-    "SUPERVISED_POSITIONS",
     "TokenizedSplit",
     "build_datasets",
     "build_run_datasets",

@@ -1,8 +1,5 @@
 """Batching: dynamic padding, or padding-free packing. Collators only pad or concatenate; masking is done earlier.
 
-For a model that scores supervised positions only, a training run's batches also carry those positions as an index
-(`supervised_positions`), counted here on the host, so that the forward has no data-dependent shape to find.
-
 Length grouping is the Trainer's job in transformers 5: `TrainingArguments(train_sampling_strategy="group_by_length")`
 (the 4.x `group_by_length=True` is gone). Lengths come from a `length` column if the dataset has one, else from
 `input_ids`; our datasets carry only the model's columns, so the sampler measures `input_ids` once at start-up.
@@ -17,10 +14,6 @@ import torch
 from transformers import DataCollatorWithFlattening
 
 from hf_sft.data.masking import IGNORE_INDEX
-from hf_sft.heads_hfsft_gpt import next_token_labels, supervised_positions
-
-# The batch key, and the causal LM's forward argument, of the positions the LM head scores in supervised-only mode.
-SUPERVISED_POSITIONS = "supervised_positions"
 
 
 class PaddingCollator:
@@ -73,40 +66,17 @@ class PaddingCollator:
 PackingCollator = DataCollatorWithFlattening
 
 
-class WithSupervisedPositions:
-    """Another collator's batches with `supervised_positions`: the flat (B * T) indices of the positions whose next
-    token is supervised, what the LM head reads in supervised-only mode.
-
-    >>> collate = WithSupervisedPositions(PaddingCollator(pad_token_id=0))
-    >>> collate([
-    ...     {"input_ids": [1, 7, 8, 2], "labels": [-100, -100, 8, 2]},
-    ...     {"input_ids": [1, 9, 2], "labels": [-100, 9, 2]},
-    ... ])["supervised_positions"]
-    tensor([1, 2, 4, 5])
-    """
-
-    def __init__(self, collate: PaddingCollator | DataCollatorWithFlattening):
-        self.collate = collate
-
-    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = self.collate(features)
-        batch[SUPERVISED_POSITIONS] = supervised_positions(next_token_labels(batch["labels"]))
-        return batch
-
-
 def make_collator(
     pad_token_id: int,
     packing: bool = False,
     pad_to_multiple_of: int | None = None,
-    with_supervised_positions: bool = False,
-) -> PaddingCollator | DataCollatorWithFlattening | WithSupervisedPositions:
+) -> PaddingCollator | DataCollatorWithFlattening:
     """The collator for a training run.
 
     Args:
         pad_token_id: the tokenizer's pad id (used only without packing).
         packing: padding-free packing instead of padding.
         pad_to_multiple_of: padding granularity (ignored with packing, which has no padding).
-        with_supervised_positions: add `supervised_positions` to each batch (for a model in supervised-only mode).
 
     Returns:
         A callable turning a list of dataset rows into a batch of tensors.
@@ -124,12 +94,9 @@ def make_collator(
     >>> batch["labels"]
     tensor([[-100, -100,    8,    2, -100,    9,    2]])
     """
-    collate = (
-        DataCollatorWithFlattening(separator_id=IGNORE_INDEX)
-        if packing
-        else PaddingCollator(pad_token_id, pad_to_multiple_of)
-    )
-    return WithSupervisedPositions(collate) if with_supervised_positions else collate
+    if packing:
+        return DataCollatorWithFlattening(separator_id=IGNORE_INDEX)
+    return PaddingCollator(pad_token_id, pad_to_multiple_of)
 
 
 def padded_length(length: int, multiple: int | None) -> int:

@@ -66,7 +66,7 @@ from hf_sft.training.signals import (
     stopped_before_training,
     stopped_in_training,
 )
-from hf_sft.training.trainer import RunTrainer
+from hf_sft.training.trainer import SUPERVISED_POSITIONS, RunTrainer, WithSupervisedPositions
 from hf_sft.writer import check_cache
 
 logger = logging.getLogger("hf_sft.train")
@@ -196,7 +196,7 @@ class TrainingRecipe:
         self, model: Any, tokenizer: Any, template: Any, train_dataset: Any, eval_dataset: Any, stream: Any, base: str
     ) -> RunTrainer:
         """Claim the run folder, then the run's Trainer over the model (LoRA adapters with `--use_lora`)."""
-        from hf_sft.data import SUPERVISED_POSITIONS, make_collator
+        from hf_sft.data import make_collator
 
         config, args = self.config, self.args
         # Our causal LM takes the positions its supervised-only head scores from the batch (no host sync in the step).
@@ -220,6 +220,7 @@ class TrainingRecipe:
         budget = (
             args.per_device_train_batch_size * self.max_seq_len if args.packing and args.token_budget_batches else None
         )
+        collate = make_collator(tokenizer.pad_token_id, args.packing, args.pad_to_multiple_of)
         trainer = RunTrainer(
             checkpoint_files=CheckpointFiles({**config.record, "base_model": base}, tokenizer),
             keep_checkpoints=config.keep_checkpoints,
@@ -229,9 +230,7 @@ class TrainingRecipe:
             args=args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            data_collator=make_collator(
-                tokenizer.pad_token_id, args.packing, args.pad_to_multiple_of, with_supervised_positions=with_positions
-            ),
+            data_collator=WithSupervisedPositions(collate) if with_positions else collate,
             processing_class=tokenizer,
         )
         engines.check_engine(config.engine, trainer.accelerator)

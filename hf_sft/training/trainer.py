@@ -37,18 +37,44 @@ That loop structure is why this is an override and not a callback: callbacks can
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from hf_sft.data import SUPERVISED_POSITIONS
 from hf_sft.heads_hfsft_gpt import next_token_labels, supervised_positions
 from hf_sft.training.callbacks import NumericGuard
 from hf_sft.training.checkpoints import CheckpointFiles, rotate_checkpoints, staged_checkpoint
 
 PACKED_KEYS = ("input_ids", "labels", "position_ids")
+# The batch key, and the causal LM's forward argument, of the positions the LM head scores in supervised-only mode:
+# counted on the host where the batch is built, so that the forward has no data-dependent shape to find.
+SUPERVISED_POSITIONS = "supervised_positions"
+
+
+class WithSupervisedPositions:
+    """Another collator's batches with `supervised_positions`: the flat (B * T) indices of the positions whose next
+    token is supervised, what the LM head reads in supervised-only mode.
+
+    >>> from hf_sft.data import make_collator
+    >>> collate = WithSupervisedPositions(make_collator(pad_token_id=0))
+    >>> collate([
+    ...     {"input_ids": [1, 7, 8, 2], "labels": [-100, -100, 8, 2]},
+    ...     {"input_ids": [1, 9, 2], "labels": [-100, 9, 2]},
+    ... ])["supervised_positions"]
+    tensor([1, 2, 4, 5])
+    """
+
+    def __init__(self, collate: Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]]):
+        self.collate = collate
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.collate(features)
+        batch[SUPERVISED_POSITIONS] = supervised_positions(next_token_labels(batch["labels"]))
+        return batch
 
 
 def first_fit_rows(lengths: list[int], budget: int) -> list[list[int]]:
