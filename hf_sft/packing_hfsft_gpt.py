@@ -5,8 +5,8 @@ With SDPA, two training layouts skip `create_causal_mask`:
 - a right-padded training batch (CPU): plain causal attention gives real tokens the same outputs;
 - a padding-free packed row (`position_ids` restarting at 0 per example, no `attention_mask`): attention stays
   inside each example, through the kernel `packed_attention_kind` picks for the device: one causal SDPA call per
-  example ("segments", CPU), torch's variable-length flash kernel ("varlen", CUDA in half precision) or a
-  block-diagonal mask built on the device ("document_mask", anywhere, and under `torch.compile`).
+  example ("segments", CPU; under `torch.compile` inside one opaque operator), torch's variable-length flash kernel
+  ("varlen", CUDA in half precision) or a block-diagonal mask built on the device ("document_mask", anywhere).
 
 Off the CPU nothing here reads a device tensor on the host, so a training step never waits for the device to choose
 its kernel. This file imports only torch and transformers: Hub users execute it beside `modeling_hfsft_gpt.py`.
@@ -85,10 +85,12 @@ def fast_attention_layout(
     autocast = torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
     half = inputs_embeds.dtype in (torch.float16, torch.bfloat16) or autocast
     kind = packed_attention_kind(device, half, config.attention_dropout if training else 0.0)
-    if kind == "segments":
+    if kind == "segments" and not compiling():
         lengths = segment_lengths(position_ids[0])
         return None if lengths is None else (None, {"segment_lengths": lengths})
     document_ids = packed_document_ids(position_ids)
+    if kind == "segments":  # traced: the operator reads the lengths when it runs
+        return None, {"segment_document_ids": document_ids}
     if kind == "varlen":
         return None, {"cu_seq_lens": varlen_boundaries(document_ids), "max_length": position_ids.shape[1]}
     return document_causal_mask(document_ids), {}
@@ -104,6 +106,8 @@ def packed_attention_interface(attention_kwargs: dict) -> Callable | None:
         return None
     if attention_kwargs.get("segment_lengths") is not None:
         return segmented_sdpa_attention
+    if attention_kwargs.get("segment_document_ids") is not None:
+        return traced_segments_attention
     if attention_kwargs.get("cu_seq_lens") is not None:
         return varlen_attention
     return None
@@ -115,7 +119,7 @@ def is_right_padded(attention_mask: torch.Tensor, position_ids: torch.Tensor) ->
     Deciding reads the mask on the host: free on the CPU; elsewhere every forward would wait for the device, so there
     (and under `torch.compile`, which cannot trace the read) the answer is False: the batch keeps the masked path.
     """
-    if attention_mask.dim() != 2 or attention_mask.device.type != "cpu" or torch.compiler.is_compiling():
+    if attention_mask.dim() != 2 or attention_mask.device.type != "cpu" or compiling():
         return False
     real = attention_mask.bool()
     if not real[:, 0].all() or (real[:, 1:] & ~real[:, :-1]).any():
@@ -128,7 +132,8 @@ def packed_attention_kind(device: torch.device, half_precision: bool, dropout: f
     """How a padding-free packed row is attended on `device`.
 
     - "segments": one causal SDPA call per example (lengths read on the host). Fastest on CPU, where reading them
-      costs nothing, but not traceable: `torch.compile` would break the graph and recompile for each new layout.
+      costs nothing. The read is not traceable, so under `torch.compile` the calls run inside one custom operator
+      (`traced_segments_attention`), opaque to the graph; it has no dropout.
     - "varlen": torch's variable-length flash kernel on CUDA (half precision, no dropout): no host sync.
     - "document_mask": SDPA with a block-diagonal causal mask built on the device: no host sync, any device, dtype
       or dropout, traceable in one graph; it attends to every pair of positions, hence the CPU's eager default stays
@@ -136,9 +141,14 @@ def packed_attention_kind(device: torch.device, half_precision: bool, dropout: f
     """
     if device.type == "cuda" and varlen_attn is not None and half_precision and dropout == 0.0:
         return "varlen"
-    if device.type == "cpu" and not torch.compiler.is_compiling():
+    if device.type == "cpu" and (dropout == 0.0 or not compiling()):
         return "segments"
     return "document_mask"
+
+
+def compiling() -> bool:
+    """Whether this code is being traced by `torch.compile` (where no tensor can be read on the host)."""
+    return torch.compiler.is_compiling()
 
 
 def segment_lengths(positions: torch.Tensor) -> list[int] | None:
@@ -249,3 +259,101 @@ def varlen_attention(
         enable_gqa=module.num_key_value_groups > 1,
     )  # fmt: skip
     return output.view(batch, seq_len, -1, head_dim), None  # (B, T, nh, hs)
+
+
+# The causal flash kernel for CPU and its backward, per example. Private aten ops (torch >= 2.2): the public SDPA
+# cannot be differentiated inside a custom operator, which runs below autograd.
+_cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _example_lengths(document_ids: torch.Tensor) -> list[int]:
+    return torch.unique_consecutive(document_ids.flatten(), return_counts=True)[1].tolist()
+
+
+def _segments_forward(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, document_ids: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, nh, T, hs) output and (B, nh, T) float32 log-sum-exp of causal attention within each example."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    outputs, logsumexps = [], []
+    for q, k, v in zip(*(t.split(_example_lengths(document_ids), dim=2) for t in (query, key, value)), strict=True):
+        output, logsumexp = _cpu_flash(q, k, v, 0.0, True, scale=scale)
+        outputs.append(output)
+        logsumexps.append(logsumexp)
+    return torch.cat(outputs, dim=2).contiguous(), torch.cat(logsumexps, dim=2).contiguous()
+
+
+def _segments_backward(
+    grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
+    logsumexp: torch.Tensor, document_ids: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    groups = query.shape[1] // key.shape[1]
+    expanded = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    grads = []
+    tensors = (grad, query, *expanded, output, logsumexp)
+    for g, q, k, v, o, lse in zip(*(t.split(_example_lengths(document_ids), dim=2) for t in tensors), strict=True):
+        grads.append(_cpu_flash_backward(g, q, k, v, o, lse, 0.0, True, scale=scale))
+    d_query, d_key, d_value = (torch.cat(parts, dim=2).contiguous() for parts in zip(*grads, strict=True))
+    if groups > 1:  # each key/value head served `groups` query heads
+        batch, heads, length, head_dim = d_key.shape
+        d_key, d_value = (t.view(batch, heads // groups, groups, length, head_dim).sum(2) for t in (d_key, d_value))
+    return d_query, d_key, d_value
+
+
+def _register_segments_operator():
+    """`hf_sft::segments_attention`: packed causal attention, example by example, as one opaque graph node.
+
+    Registered once per process: this file may be imported twice (from the package and from a Hub folder).
+    """
+    if hasattr(torch.ops.hf_sft, "segments_attention"):
+        return torch.ops.hf_sft.segments_attention
+    forward = torch.library.custom_op("hf_sft::segments_attention", _segments_forward, mutates_args=())
+    backward = torch.library.custom_op("hf_sft::segments_attention_backward", _segments_backward, mutates_args=())
+
+    @forward.register_fake
+    def _(query, key, value, document_ids, scale):
+        return query.new_empty(query.shape), query.new_empty(query.shape[:3], dtype=torch.float32)
+
+    @backward.register_fake
+    def _(grad, query, key, value, output, logsumexp, document_ids, scale):
+        return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+
+    def save(ctx, inputs, output):
+        query, key, value, document_ids, ctx.scale = inputs
+        ctx.save_for_backward(query, key, value, *output, document_ids)
+
+    def differentiate(ctx, grad, _grad_logsumexp):
+        query, key, value, output, logsumexp, document_ids = ctx.saved_tensors
+        grads = backward(grad.contiguous(), query, key, value, output, logsumexp, document_ids, ctx.scale)
+        return *grads, None, None
+
+    forward.register_autograd(differentiate, setup_context=save)
+    return torch.ops.hf_sft.segments_attention
+
+
+segments_attention_operator = _register_segments_operator()
+
+
+def traced_segments_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    segment_document_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """ "segments" under `torch.compile` on CPU: the per-example flash calls of one packed row in a custom operator
+    that reads the example lengths when it runs, so the compiled graph has no break and serves every layout.
+
+    Autocast does not reach inside a custom operator: the inputs are cast to its dtype here, as SDPA's are.
+    """
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    output, _ = segments_attention_operator(query, key, value, segment_document_ids, scaling)
+    return output.transpose(1, 2).contiguous(), None  # (B, T, nh, hs)

@@ -183,6 +183,48 @@ def test_packed_attention_kind_follows_device_precision_and_dropout():
     assert kind(cuda, half_precision=True, dropout=0.1) == "document_mask"
 
 
+def test_under_compile_the_cpu_keeps_segments_unless_there_is_dropout(monkeypatch):
+    """Traced, the CPU's per-example calls run in the custom operator, which has no dropout: the mask takes those."""
+    monkeypatch.setattr(packing_hfsft_gpt, "compiling", lambda: True)
+    kind = packing_hfsft_gpt.packed_attention_kind
+    assert kind(torch.device("cpu"), half_precision=False, dropout=0.0) == "segments"
+    assert kind(torch.device("cpu"), half_precision=True, dropout=0.0) == "segments"
+    assert kind(torch.device("cpu"), half_precision=False, dropout=0.1) == "document_mask"
+    model = make_model("nanogpt").train()
+    _, position_ids, _ = packed_row()
+    mask, kwargs = fast_layout(model, None, position_ids)
+    assert mask is None and kwargs["segment_document_ids"].tolist() == [[0] * 5 + [1] * 9 + [2] * 3]
+    assert packing_hfsft_gpt.packed_attention_interface(kwargs) is packing_hfsft_gpt.traced_segments_attention
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_the_segments_operator_equals_the_per_example_calls(groups):
+    """Outputs and gradients of the custom operator (what a compiled CPU step runs) equal the eager per-example
+    calls', on rows of random layouts (seeded); `torch.library.opcheck` checks its fake and autograd registrations."""
+    module = torch.nn.Module()
+    module.num_key_value_groups = groups
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(6):
+        lengths = torch.randint(1, 12, (int(torch.randint(1, 5, (1,), generator=generator)),), generator=generator)
+        lengths = lengths.tolist()
+        total = sum(lengths)
+        query = torch.randn(1, 4, total, 8, generator=generator, requires_grad=True)
+        key, value = (torch.randn(1, 4 // groups, total, 8, generator=generator, requires_grad=True) for _ in "kv")
+        document_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+        eager, _ = packing_hfsft_gpt.segmented_sdpa_attention(module, query, key, value, None, 0.3, 0.0, lengths)
+        traced, _ = packing_hfsft_gpt.traced_segments_attention(
+            module, query, key, value, None, 0.3, segment_document_ids=document_ids
+        )
+        torch.testing.assert_close(traced, eager, atol=1e-5, rtol=1e-5)
+        weights = torch.randn(eager.shape, generator=generator)
+        expected = torch.autograd.grad((eager * weights).sum(), (query, key, value))
+        actual = torch.autograd.grad((traced * weights).sum(), (query, key, value))
+        for name, want, got in zip("qkv", expected, actual, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
+    operator = packing_hfsft_gpt.segments_attention_operator.default
+    torch.library.opcheck(operator, (query, key, value, document_ids, 0.3))
+
+
 def test_varlen_boundaries_have_a_fixed_size():
     _, position_ids, _ = packed_row()
     document_ids = packing_hfsft_gpt.packed_document_ids(position_ids)
@@ -234,14 +276,18 @@ def test_document_mask_packed_attention_equals_examples_alone(name, monkeypatch)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["segments", "document_mask"])
 @pytest.mark.parametrize("supervised_only", [True, False], ids=["supervised_only", "full_logits"])
 @pytest.mark.parametrize("name", CONFIGS)
-def test_packed_training_step_compiles_in_one_graph(name, supervised_only):
+def test_packed_training_step_compiles_in_one_graph(name, supervised_only, kind, monkeypatch):
     """No graph break, the CPU stand-in for "no host sync" on an accelerator: fullgraph=True raises at the first one.
 
-    Both loss paths, the supervised-only head with the positions its batches carry; aot_eager traces forward and
-    backward without code generation. The compiled step gives eager's loss and gradients.
+    Both loss paths, the supervised-only head with the positions its batches carry; the CPU's attention (the
+    segments operator) and the device-side mask that accelerators without the varlen kernel use. aot_eager traces
+    forward and backward without code generation. The compiled step gives eager's loss and gradients.
     """
+    if kind == "document_mask":
+        monkeypatch.setattr(packing_hfsft_gpt, "packed_attention_kind", lambda *args: "document_mask")
     model = make_model(name).train()
     model.supervised_logits_only = supervised_only
     input_ids, position_ids, labels = packed_row()
