@@ -206,7 +206,7 @@ def resolve_device_and_precision(model_args: ModelArguments, args: SFTTrainingAr
     """CUDA: bf16 where supported, else fp16 (with a grad scaler); CPU: fp32 unless bfloat16 is asked for.
 
     CPU runs stay in fp32 even where the CPU has native bf16 (`cpu_has_native_bf16`): measured on an AMX Xeon, bf16
-    autocast trained no faster than fp32 at 21M parameters (docs/training.md, Precision).
+    autocast trained 1.04x and 1.31x faster than fp32 at 21M parameters in two runs (docs/training.md, Precision).
     """
     use_cpu = args.use_cpu or model_args.device == "cpu"
     if not use_cpu and not torch.cuda.is_available():
