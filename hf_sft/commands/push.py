@@ -1,6 +1,6 @@
 """Upload a model folder to the Hugging Face Hub, ready for `from_pretrained(REPO, trust_remote_code=True)`.
 
-Uploaded: the safetensors weights, config.json (with auto_map), the two model code files, the tokenizer with its chat
+Uploaded: the safetensors weights, config.json (with auto_map), the four model code files, the tokenizer with its chat
 template, generation_config.json, the model card (README.md) and the loss plot it shows. Logs, training_args.bin
 and checkpoint-*/ stay local. The repository is created if needed (--private: created private).
 
